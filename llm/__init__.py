@@ -1,0 +1,1 @@
+"""The book\x27s LLM, chapters 2-7."""

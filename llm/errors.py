@@ -1,0 +1,17 @@
+"""One exception type for every problem a user can fix: the CLI prints it as one line."""
+
+
+class LLMError(Exception):
+    """Bad input, config, file or environment. The message names what is wrong and what is allowed."""
+
+
+class ConfigError(LLMError, ValueError):
+    """A model or training setting is missing, unknown or out of range."""
+
+
+class CheckpointError(LLMError):
+    """A checkpoint file is missing, truncated or does not match the model."""
+
+
+class TokenizerError(LLMError):
+    """The tokenizer cannot be loaded, or text cannot be encoded."""

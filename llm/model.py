@@ -1,0 +1,241 @@
+"""The book's GPT (chapter 4), with the book's module and parameter names.
+
+The structure and `state_dict` keys are the book's, so its checkpoints load here strictly and
+ours load into its code. Underneath, attention runs on `scaled_dot_product_attention` (fused,
+no T x T score matrix kept for backward), LayerNorm and GELU on their fused kernels, and the
+model accepts a `KVCache` so generation costs one position's work per new token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.config import model_config
+from llm.errors import LLMError
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm: biased variance, eps 1e-5, parameters named `scale`/`shift`."""
+
+    def __init__(self, emb_dim: int):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """The tanh approximation of GELU that GPT-2 and the book use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated once.
+
+    `GPTModel.forward(idx, kv_cache=cache)` appends the new positions and advances `pos`.
+    """
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.max_len = max_len or cfg["context_length"]
+        head_dim = cfg["emb_dim"] // cfg["n_heads"]
+        shape = (cfg["n_layers"], batch_size, cfg["n_heads"], self.max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def room(self) -> int:
+        return self.max_len - self.pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention with the book's `W_query`/`W_key`/`W_value`/`out_proj`.
+
+    The book keeps a `mask` buffer (an upper-triangular T x T matrix) in every layer's state
+    dict. Here it is not held in memory; `state_dict()` still emits it and `load_state_dict`
+    accepts (and checks) it, so checkpoints stay interchangeable with the book's code.
+    """
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads:
+            raise LLMError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)  # applied to attention weights, as in the book
+        self.layer_idx = 0  # set by GPTModel: which slot of a KVCache this layer uses
+
+    def book_mask(self) -> torch.Tensor:
+        return torch.triu(torch.ones(self.context_length, self.context_length), diagonal=1)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "mask"] = self.book_mask().to(self.W_query.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        mask = state_dict.pop(prefix + "mask", None)  # load_state_dict passes its own copy
+        expected = (self.context_length, self.context_length)
+        if mask is not None and tuple(mask.shape) != expected:
+            errors.append(
+                f"size mismatch for {prefix}mask: checkpoint has {tuple(mask.shape)}, "
+                f"model has {expected} (context_length {self.context_length})"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.W_query(x).view(shape).transpose(1, 2)
+        k = self.W_key(x).view(shape).transpose(1, 2)
+        v = self.W_value(x).view(shape).transpose(1, 2)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        dropout_p = self.dropout.p if self.training else 0.0
+        if past == 0:
+            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif t == 1:  # one new token attends to every cached position: no mask needed
+            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:  # several new tokens after a cached prefix: causal mask shifted by `past`
+            allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)
+        return self.out_proj(ctx)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"],
+            dropout=cfg["drop_rate"],
+            qkv_bias=cfg["qkv_bias"],
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """`GPTModel(cfg)` with the book's config keys; `forward(idx)` returns logits (B, T, vocab)."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        cfg = model_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        for i, block in enumerate(self.trf_blocks):
+            block.att.layer_idx = i
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        if in_idx.dim() != 2:
+            raise LLMError(f"token ids must have shape (batch, seq_len), got {tuple(in_idx.shape)}")
+        seq_len = in_idx.shape[1]
+        start = kv_cache.pos if kv_cache is not None else 0
+        if seq_len == 0:
+            raise LLMError("cannot run the model on an empty sequence of token ids")
+        if start + seq_len > self.cfg["context_length"]:
+            raise LLMError(
+                f"sequence of {start + seq_len} tokens exceeds context_length {self.cfg['context_length']}"
+            )
+        if kv_cache is not None and seq_len > kv_cache.room():
+            raise LLMError(f"KV cache has room for {kv_cache.room()} tokens, got {seq_len}")
+        lo, hi = torch.aminmax(in_idx)
+        if int(lo) < 0 or int(hi) >= self.cfg["vocab_size"]:
+            bad = int(hi) if int(hi) >= self.cfg["vocab_size"] else int(lo)
+            raise LLMError(f"token id {bad} is outside the vocabulary [0, {self.cfg['vocab_size']})")
+        positions = torch.arange(start, start + seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        for block in self.trf_blocks:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += seq_len
+        return self.out_head(self.final_norm(x))
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.out_head.weight
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def num_params(self, matmul_only: bool = False) -> int:
+        """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token)."""
+        if not matmul_only:
+            return sum(p.numel() for p in self.parameters())
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+
+def flops_per_token(model: GPTModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the matmul weights plus attention's 12·L·d·T."""
+    cfg = model.cfg
+    return 6.0 * model.num_params(matmul_only=True) + 12.0 * cfg["n_layers"] * cfg["emb_dim"] * seq_len
+
+
+__all__ = [
+    "FeedForward",
+    "GELU",
+    "GPTModel",
+    "KVCache",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "flops_per_token",
+]

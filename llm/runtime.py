@@ -1,0 +1,71 @@
+"""Process-level settings: device choice, precision, seeding, and glibc's allocator."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import random
+
+import numpy as np
+import torch
+
+from llm.errors import LLMError
+
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit name must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise LLMError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LLMError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """Context for the forward pass: fp32 as is, or bf16 autocast (weights stay fp32)."""
+    if precision not in PRECISIONS:
+        raise LLMError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from returning large freed blocks to the OS after every step.
+
+    By default each activation buffer above the mmap threshold is mmap'd, freed with munmap,
+    and faulted back in page by page on the next step (~0.5M minor faults per 124M step on
+    CPU). Serving them from the heap and never trimming it keeps the pages mapped. This is
+    process-wide: every model in the process benefits. Returns False where glibc is absent.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    ok = (mallopt(_M_TRIM_THRESHOLD, 2**30) == 1) and ok
+    return ok

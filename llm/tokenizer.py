@@ -1,0 +1,49 @@
+"""The GPT-2 BPE tokenizer (tiktoken `gpt2`) and the book's text <-> token-id helpers."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import tiktoken
+import torch
+
+from llm.errors import TokenizerError
+
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+VOCAB_SIZE = 50257
+
+
+@functools.cache
+def get_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's `gpt2` encoding; offline it reads the files cached in TIKTOKEN_CACHE_DIR."""
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # tiktoken raises requests/urllib/OS errors when it cannot fetch
+        where = os.environ.get("TIKTOKEN_CACHE_DIR")
+        hint = f"TIKTOKEN_CACHE_DIR={where} does not hold them" if where else "TIKTOKEN_CACHE_DIR is not set"
+        raise TokenizerError(
+            f"cannot load tiktoken's gpt2 files ({type(exc).__name__}): {hint}; point "
+            "TIKTOKEN_CACHE_DIR at a directory with tiktoken's cached gpt2 files, or go online"
+        ) from None
+    if enc.n_vocab != VOCAB_SIZE or enc.eot_token != EOT_ID:
+        raise TokenizerError(f"unexpected gpt2 encoding: n_vocab {enc.n_vocab}, eot {enc.eot_token}")
+    return enc
+
+
+def encode(text: str, tokenizer: tiktoken.Encoding | None = None) -> list[int]:
+    """Token ids of `text`, with `<|endoftext|>` allowed as the special token (as in pretraining)."""
+    tokenizer = tokenizer or get_tokenizer()
+    return tokenizer.encode(text, allowed_special={EOT_TOKEN})
+
+
+def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> torch.Tensor:
+    """The book's helper: a (1, T) tensor of token ids."""
+    return torch.tensor(encode(text, tokenizer)).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer: tiktoken.Encoding | None = None) -> str:
+    """The book's helper: decode a (1, T) or (T,) tensor of ids."""
+    tokenizer = tokenizer or get_tokenizer()
+    return tokenizer.decode(token_ids.squeeze(0).tolist())
