@@ -1,0 +1,71 @@
+"""Helpers shared by the bench/ scripts: the book's reference code, machine facts, Markdown tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = ROOT.parent / "shared" / "mirror"
+
+
+def load_book_reference() -> ModuleType:
+    """`tests/book_reference.py` (the book's verbatim code), loaded by path: tests/ is no package."""
+    path = ROOT / "tests" / "book_reference.py"
+    spec = importlib.util.spec_from_file_location("book_reference", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load the book's reference code from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["book_reference"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def use_mirrored_tiktoken() -> None:
+    """Point tiktoken at the mirrored gpt2 files unless the caller already chose a cache dir."""
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and (MIRROR / "tiktoken").is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(MIRROR / "tiktoken")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(threads: int) -> list[str]:
+    import transformers
+
+    return [
+        f"- CPU: {cpu_name()}, os.cpu_count() = {os.cpu_count()}, torch threads = {threads}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    right = [False] + [True] * (len(header) - 1)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if r else "---" for r in right) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: str | os.PathLike, text: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"\nwrote {out}", file=sys.stderr)

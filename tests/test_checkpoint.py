@@ -1,0 +1,102 @@
+"""Checkpoints: safetensors + config.json round trip, book .pth files, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, save_checkpoint
+from llm.errors import CheckpointError
+from llm.model import GPTModel
+from tests import book_reference as book
+from tests.conftest import tiny_cfg
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg(qkv_bias=True))
+    out = save_checkpoint(model, tmp_path / "ckpt", extra={"tokens_seen": 123})
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    meta = json.loads((out / CONFIG_NAME).read_text())
+    assert meta["model"] == model.cfg and meta["tokens_seen"] == 123
+    for path in (out, out / WEIGHTS_NAME):
+        loaded = load_checkpoint(path)
+        assert not loaded.training
+        assert _same_weights(loaded, model)
+
+
+def test_book_pth_loads_with_weights_only(tmp_path):
+    cfg = tiny_cfg(emb_dim=768, n_heads=12, n_layers=1, context_length=8, vocab_size=64)
+    torch.manual_seed(1)
+    ref = book.GPTModel(cfg).eval()
+    torch.save(ref.state_dict(), tmp_path / "model.pth")  # the book's chapter-5 save
+    loaded = load_checkpoint(tmp_path / "model.pth")  # config inferred from shapes
+    assert loaded.cfg["n_heads"] == 12 and loaded.cfg["qkv_bias"] is False
+    idx = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(idx), ref(idx), atol=1e-5)
+    # the book's training checkpoint: {"model_state_dict": ..., "optimizer_state_dict": ...}
+    torch.save({"model_state_dict": ref.state_dict()}, tmp_path / "model_and_optimizer.pth")
+    assert _same_weights(load_checkpoint(tmp_path / "model_and_optimizer.pth"), loaded)
+
+
+def test_pth_with_config_beside_it(tmp_path):
+    cfg = tiny_cfg()
+    torch.save(book.GPTModel(cfg).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="cannot tell n_heads"):
+        load_checkpoint(tmp_path / "m.pt")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"model": cfg}))
+    assert load_checkpoint(tmp_path / "m.pt").cfg == GPTModel(cfg).cfg
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"x": torch.nn.ReLU()}, tmp_path / "evil.pth")  # weights_only refuses modules
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        load_checkpoint(tmp_path / "evil.pth")
+
+
+def test_truncated_files_name_the_file(tmp_path):
+    ckpt = save_checkpoint(GPTModel(tiny_cfg()), tmp_path / "c")
+    data = (ckpt / WEIGHTS_NAME).read_bytes()
+    (ckpt / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*{WEIGHTS_NAME}"):
+        load_checkpoint(ckpt)
+    torch.save(book.GPTModel(tiny_cfg()).state_dict(), tmp_path / "m.pth")
+    raw = (tmp_path / "m.pth").read_bytes()
+    (tmp_path / "m.pth").write_bytes(raw[:1000])
+    with pytest.raises(CheckpointError, match="m.pth"):
+        load_checkpoint(tmp_path / "m.pth")
+
+
+def test_missing_paths_and_mismatches_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        load_checkpoint(tmp_path / "empty")
+    ckpt = save_checkpoint(GPTModel(tiny_cfg()), tmp_path / "c")
+    (ckpt / CONFIG_NAME).write_text(json.dumps({"model": tiny_cfg(emb_dim=48)}))
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        load_checkpoint(ckpt)
+    (ckpt / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(ckpt)
+
+
+def test_save_replaces_atomically(tmp_path, monkeypatch):
+    ckpt = save_checkpoint(GPTModel(tiny_cfg()), tmp_path / "c")
+    before = (ckpt / WEIGHTS_NAME).read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("llm.checkpoint.save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(GPTModel(tiny_cfg()), ckpt)
+    assert (ckpt / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in ckpt.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]

@@ -1,0 +1,160 @@
+"""Generation: the book's semantics, and a KV cache that changes nothing but the speed."""
+
+import pytest
+import torch
+
+from llm.errors import LLMError
+from llm.generate import _filter_logits, generate, generate_stream
+from llm.model import GPTModel
+from tests import book_reference as book
+from tests.conftest import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = tiny_cfg(context_length=16, qkv_bias=True)
+    torch.manual_seed(10)
+    ref = book.GPTModel(cfg).eval()
+    ours = GPTModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    return cfg, ref, ours
+
+
+@pytest.mark.parametrize("prompt_len, new, context_size", [(1, 10, 16), (5, 30, 16), (16, 8, 16), (4, 20, 6)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_equals_book_token_for_token(pair, prompt_len, new, context_size, use_cache):
+    cfg, ref, ours = pair
+    torch.manual_seed(prompt_len)
+    idx = torch.randint(0, cfg["vocab_size"], (1, prompt_len))
+    expected = book.generate(ref, idx, new, context_size)
+    got = generate(ours, idx, new, context_size, use_cache=use_cache)
+    assert torch.equal(got, expected)  # includes sequences that outgrow the context window
+
+
+def test_kv_cache_equals_no_cache_for_a_batch_past_the_context(pair):
+    cfg, _, ours = pair
+    idx = torch.randint(0, cfg["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(5))
+    with_cache = generate(ours, idx, 40, cfg["context_length"], use_cache=True)
+    without = generate(ours, idx, 40, cfg["context_length"], use_cache=False)
+    assert with_cache.shape == (3, 47)
+    assert torch.equal(with_cache, without)
+
+
+def test_batch_rows_equal_separate_runs(pair):
+    cfg, _, ours = pair
+    idx = torch.randint(0, cfg["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(6))
+    batch = generate(ours, idx, 12, cfg["context_length"])
+    for row in range(2):
+        assert torch.equal(
+            batch[row : row + 1], generate(ours, idx[row : row + 1], 12, cfg["context_length"])
+        )
+
+
+def test_cached_prefill_then_chunk_matches_full_forward(pair):
+    cfg, _, ours = pair
+    idx = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = ours(idx)
+        cache = ours.new_kv_cache(2)
+        first = ours(idx[:, :5], kv_cache=cache)
+        second = ours(idx[:, 5:9], kv_cache=cache)  # several tokens after a cached prefix
+        third = ours(idx[:, 9:], kv_cache=cache)
+    assert cache.pos == 12
+    stitched = torch.cat([first, second, third], dim=1)
+    assert torch.allclose(stitched, full, atol=1e-5)
+
+
+def test_sampling_follows_the_books_global_rng(pair):
+    cfg, ref, ours = pair
+    idx = torch.tensor([[1, 2, 3]])
+    torch.manual_seed(123)
+    expected = book.generate(ref, idx, 15, cfg["context_length"], temperature=1.5, top_k=50)
+    torch.manual_seed(123)
+    got = generate(ours, idx, 15, cfg["context_length"], temperature=1.5, top_k=50)
+    assert torch.equal(got, expected)
+    # seed=123 draws from its own generator seeded the same way: same tokens, global RNG untouched
+    torch.manual_seed(999)
+    state = torch.get_rng_state()
+    seeded = generate(ours, idx, 15, cfg["context_length"], temperature=1.5, top_k=50, seed=123)
+    assert torch.equal(seeded, expected)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seed_makes_sampling_reproducible_and_differs_across_seeds(pair):
+    cfg, _, ours = pair
+    idx = torch.tensor([[4, 5]])
+    a = generate(ours, idx, 30, cfg["context_length"], temperature=2.0, seed=1)
+    b = generate(ours, idx, 30, cfg["context_length"], temperature=2.0, seed=1)
+    c = generate(ours, idx, 30, cfg["context_length"], temperature=2.0, seed=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_eos_stops_like_the_book(pair):
+    cfg, ref, ours = pair
+    idx = torch.tensor([[7, 8, 9]])
+    greedy = book.generate(ref, idx, 10, cfg["context_length"])
+    eos = int(greedy[0, 6])  # the 4th generated token
+    expected = book.generate(ref, idx, 10, cfg["context_length"], eos_id=eos)
+    got = generate(ours, idx, 10, cfg["context_length"], eos_id=eos)
+    assert torch.equal(got, expected)
+    assert eos not in got[0, 3:].tolist()
+
+
+def test_eos_in_a_batch_pads_finished_rows_and_stops_when_all_finish(pair):
+    cfg, _, ours = pair
+    idx = torch.tensor([[7, 8, 9], [1, 2, 3]])
+    free = generate(ours, idx, 10, cfg["context_length"])
+    eos = int(free[0, 4])  # row 0 emits it at its 2nd step
+    out = generate(ours, idx, 10, cfg["context_length"], eos_id=eos)
+    row0 = out[0, 3:].tolist()
+    first = row0.index(eos)
+    assert all(t == eos for t in row0[first:])
+    if eos not in free[1, 3:].tolist():
+        assert out.shape[1] == 13  # the other row never finished: all 10 steps ran
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [0.0, 0.0, 5.0, 0.1]])
+    k2 = _filter_logits(logits, top_k=2, top_p=None)
+    assert torch.isinf(k2).sum(dim=1).tolist() == [2, 2]  # per row (the book's min_val broadcasts wrongly)
+    assert torch.isfinite(k2[0, [1, 2]]).all() and torch.isfinite(k2[1, [2, 3]]).all()
+    p = _filter_logits(logits, top_k=None, top_p=0.5)
+    assert torch.isfinite(p).sum(dim=1).tolist() == [1, 1]  # the top token alone holds > 50%
+    assert torch.equal(_filter_logits(logits, None, 1.0), logits)
+
+
+def test_top_p_tiny_is_greedy(pair):
+    cfg, _, ours = pair
+    idx = torch.tensor([[11, 12]])
+    greedy = generate(ours, idx, 10, cfg["context_length"])
+    nucleus = generate(ours, idx, 10, cfg["context_length"], temperature=1.0, top_p=1e-6, seed=0)
+    assert torch.equal(greedy, nucleus)
+
+
+def test_stream_yields_one_token_at_a_time_and_restores_training_mode(pair):
+    cfg, _, ours = pair
+    ours.train()
+    steps = list(generate_stream(ours, torch.tensor([[1]]), 5, cfg["context_length"]))
+    assert ours.training
+    ours.eval()
+    assert [tuple(s.shape) for s in steps] == [(1, 1)] * 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"context_size": 17}, "context_size"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(pair, kwargs, message):
+    cfg, _, ours = pair
+    args = {"max_new_tokens": 3, "context_size": cfg["context_length"], **kwargs}
+    with pytest.raises(LLMError, match=message):
+        generate(ours, torch.tensor([[1]]), **args)
+    with pytest.raises(LLMError, match="non-empty"):
+        generate(ours, torch.zeros(1, 0, dtype=torch.long), 3, cfg["context_length"])

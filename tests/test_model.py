@@ -1,0 +1,164 @@
+"""The project's GPTModel against the book's code: same state_dict, same logits."""
+
+import io
+
+import pytest
+import torch
+
+from llm.config import GPT_CONFIG_124M, model_config, preset
+from llm.errors import ConfigError, LLMError
+from llm.model import GPTModel, MultiHeadAttention
+from tests import book_reference as book
+from tests.conftest import tiny_cfg
+
+CASES = [
+    tiny_cfg(),
+    tiny_cfg(qkv_bias=True),
+    tiny_cfg(emb_dim=40, n_heads=5, n_layers=3, context_length=17, vocab_size=101, qkv_bias=True),
+    tiny_cfg(emb_dim=7, n_heads=7, n_layers=1, context_length=5, vocab_size=13),
+]
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"d{c['emb_dim']}h{c['n_heads']}b{int(c['qkv_bias'])}")
+def test_book_checkpoint_loads_strictly_and_logits_match(cfg):
+    torch.manual_seed(0)
+    ref = book.GPTModel(cfg).eval()
+    ours = GPTModel(cfg).eval()
+    ours.load_state_dict(_roundtrip(ref.state_dict()))  # strict, including the book's mask buffers
+    idx = torch.randint(0, cfg["vocab_size"], (3, cfg["context_length"]))
+    with torch.no_grad():
+        for t in (1, cfg["context_length"] // 2 + 1, cfg["context_length"]):
+            diff = (ours(idx[:, :t]) - ref(idx[:, :t])).abs().max().item()
+            assert diff <= 1e-5, f"max abs logit diff {diff} at length {t}"
+
+
+@pytest.mark.parametrize("cfg", CASES[:3], ids=["plain", "qkv_bias", "odd"])
+def test_project_state_dict_loads_into_book_model(cfg):
+    torch.manual_seed(1)
+    ours = GPTModel(cfg).eval()
+    ref = book.GPTModel(cfg).eval()
+    ref.load_state_dict(_roundtrip(ours.state_dict()))  # strict
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for key, value in ref.state_dict().items():
+        assert value.shape == ours.state_dict()[key].shape, key
+    idx = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx), ref(idx), atol=1e-5, rtol=0)
+
+
+def test_state_dict_names_match_the_book():
+    keys = set(GPTModel(tiny_cfg(qkv_bias=True)).state_dict())
+    for key in [
+        "tok_emb.weight",
+        "pos_emb.weight",
+        "trf_blocks.0.att.mask",
+        "trf_blocks.0.att.W_query.weight",
+        "trf_blocks.0.att.W_query.bias",
+        "trf_blocks.1.att.out_proj.bias",
+        "trf_blocks.0.ff.layers.0.weight",
+        "trf_blocks.0.ff.layers.2.bias",
+        "trf_blocks.0.norm1.scale",
+        "trf_blocks.0.norm2.shift",
+        "final_norm.scale",
+        "final_norm.shift",
+        "out_head.weight",
+    ]:
+        assert key in keys, key
+    assert "out_head.bias" not in keys
+
+
+def test_full_124m_config_matches_book_shapes_and_param_count():
+    with torch.device("meta"):
+        ours = GPTModel(GPT_CONFIG_124M)
+        ref = book.GPTModel(GPT_CONFIG_124M)
+    assert sum(p.numel() for p in ours.parameters()) == 163_009_536  # the book's figure
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items() if not k.endswith("mask")}
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("mask")}
+    assert ours_shapes == ref_shapes
+
+
+def test_training_mode_matches_book_gradients_without_dropout():
+    cfg = tiny_cfg(qkv_bias=True)
+    torch.manual_seed(2)
+    ref = book.GPTModel(cfg)
+    ours = GPTModel(cfg)
+    ours.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
+    tgt = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
+    for m in (ref, ours):
+        torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), tgt.flatten()).backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg(drop_rate=0.5))
+    idx = torch.randint(0, 50257, (1, 10))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_attention_module_matches_book_attention():
+    torch.manual_seed(4)
+    ref = book.MultiHeadAttention(12, 12, 9, 0.0, 4, qkv_bias=True).eval()
+    ours = MultiHeadAttention(12, 12, 9, 0.0, 4, qkv_bias=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 12)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+
+
+def test_mask_of_other_context_length_is_rejected():
+    ref = book.GPTModel(tiny_cfg(context_length=8))
+    ours = GPTModel(tiny_cfg(context_length=9))
+    with pytest.raises(RuntimeError, match="mask"):
+        ours.load_state_dict(ref.state_dict())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"emb_dim": 10, "n_heads": 3}, "divisible"),
+        ({"n_layers": 0}, "n_layers"),
+        ({"drop_rate": 1.5}, "drop_rate"),
+        ({"qkv_bias": "yes"}, "qkv_bias"),
+        ({"emb_size": 8}, "unknown model config key 'emb_size'"),
+    ],
+)
+def test_bad_config_is_one_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        GPTModel(tiny_cfg(**override))
+
+
+def test_missing_config_key_is_named():
+    cfg = tiny_cfg()
+    del cfg["n_heads"]
+    with pytest.raises(ConfigError, match="missing model config key 'n_heads'"):
+        model_config(cfg)
+
+
+def test_presets_and_overrides():
+    assert preset("gpt2-medium")["emb_dim"] == 1024
+    assert preset("gpt2-xl", context_length=256)["context_length"] == 256
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        preset("gpt5")
+
+
+def test_out_of_vocab_token_and_too_long_input_are_clear_errors():
+    model = GPTModel(tiny_cfg(vocab_size=50, context_length=8)).eval()
+    with pytest.raises(LLMError, match="token id 50 is outside the vocabulary"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(LLMError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(LLMError, match="exceeds context_length 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
