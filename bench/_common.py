@@ -49,13 +49,13 @@ def machine_lines(threads: int) -> list[str]:
 
     return [
         f"- CPU: {cpu_name()}, os.cpu_count() = {os.cpu_count()}, torch threads = {threads}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
     ]
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    right = [False] + [True] * (len(header) - 1)
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A GitHub Markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
+    right = [i >= left for i in range(len(header))]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---:" if r else "---" for r in right) + "|",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from llm.config import model_config
 from llm.errors import CheckpointError, ConfigError
+from llm.io import atomic_write_bytes
 from llm.model import GPTModel
 
 WEIGHTS_NAME = "model.safetensors"
@@ -29,18 +30,6 @@ FORMAT = "llm.GPTModel"
 
 # GPT-2's head counts by width: the only config a bare state_dict cannot reveal.
 _HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -109,9 +98,7 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {file} (truncated or not a checkpoint?): {first}"
-        ) from None
+        raise CheckpointError(f"cannot read checkpoint {file} (truncated or not a checkpoint?): {first}") from None
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(f"cannot read checkpoint {file}: {type(exc).__name__}: {exc}") from None
     if isinstance(state, Mapping) and "model_state_dict" in state:  # the book's training checkpoints

@@ -17,9 +17,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llm", description="The book's GPT: generate text from a checkpoint."
-    )
+    parser = argparse.ArgumentParser(prog="llm", description="The book's GPT: generate text from a checkpoint.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint, token by token")

@@ -195,9 +195,7 @@ class GPTModel(nn.Module):
         if seq_len == 0:
             raise LLMError("cannot run the model on an empty sequence of token ids")
         if start + seq_len > self.cfg["context_length"]:
-            raise LLMError(
-                f"sequence of {start + seq_len} tokens exceeds context_length {self.cfg['context_length']}"
-            )
+            raise LLMError(f"sequence of {start + seq_len} tokens exceeds context_length {self.cfg['context_length']}")
         if kv_cache is not None and seq_len > kv_cache.room():
             raise LLMError(f"KV cache has room for {kv_cache.room()} tokens, got {seq_len}")
         lo, hi = torch.aminmax(in_idx)

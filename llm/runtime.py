@@ -67,5 +67,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok = (mallopt(_M_TRIM_THRESHOLD, 2**30) == 1) and ok
+    ok = (mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1) and ok
     return ok

@@ -95,16 +95,13 @@ def train_model_simple(
             tokens_seen += input_batch.numel()
             global_step += 1
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter, precision
-                )
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, precision)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
                 tqdm.write(
-                    f"Ep {epoch + 1} (Step {global_step:06d}): "
-                    f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+                    f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
                 )
         generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen

@@ -23,10 +23,7 @@ def ckpt(tmp_path_factory):
 
 def test_generate_prints_the_greedy_continuation(ckpt, capsys):
     path, model = ckpt
-    assert (
-        main(["generate", "--checkpoint", str(path), "--prompt", "Every effort", "--max-new-tokens", "12"])
-        == 0
-    )
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "Every effort", "--max-new-tokens", "12"]) == 0
     tok = get_tokenizer()
     expected = token_ids_to_text(generate(model, text_to_token_ids("Every effort", tok), 12, 32), tok)
     assert capsys.readouterr().out == expected + "\n"

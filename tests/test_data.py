@@ -20,10 +20,7 @@ from tests import book_reference as book
 
 
 def plain_windows(ids, max_length, stride):
-    return [
-        (ids[i : i + max_length], ids[i + 1 : i + max_length + 1])
-        for i in range(0, len(ids) - max_length, stride)
-    ]
+    return [(ids[i : i + max_length], ids[i + 1 : i + max_length + 1]) for i in range(0, len(ids) - max_length, stride)]
 
 
 @pytest.mark.parametrize("length", [0, 1, 2, 5, 17, 64, 101])

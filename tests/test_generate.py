@@ -45,9 +45,7 @@ def test_batch_rows_equal_separate_runs(pair):
     idx = torch.randint(0, cfg["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(6))
     batch = generate(ours, idx, 12, cfg["context_length"])
     for row in range(2):
-        assert torch.equal(
-            batch[row : row + 1], generate(ours, idx[row : row + 1], 12, cfg["context_length"])
-        )
+        assert torch.equal(batch[row : row + 1], generate(ours, idx[row : row + 1], 12, cfg["context_length"]))
 
 
 def test_cached_prefill_then_chunk_matches_full_forward(pair):

@@ -1,0 +1,199 @@
+"""Greedy generation throughput at GPT_CONFIG_124M: the book's `generate` vs the project's (with and
+without its KV cache) vs transformers' GPT2LMHeadModel.generate, all on the same weights.
+
+The project's model is built once (seeded, random weights, drop_rate 0, eval mode); the book's
+GPTModel loads its state_dict and transformers' GPT-2 gets the same weights by name mapping, so
+every row's greedy tokens can be compared with the book's.
+
+    .venv/bin/python bench/bench_generate.py               # full run, writes bench/results/generate.md
+    .venv/bin/python bench/bench_generate.py --new-tokens 5   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import load_book_reference, machine_lines, markdown_table, write_report
+
+from llm.config import GPT_CONFIG_124M
+from llm.generate import generate
+from llm.model import GPTModel
+from llm.runtime import set_seed
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def transformers_peer(model: GPTModel):
+    """transformers' GPT2LMHeadModel holding `model`'s weights (Conv1D stores [in, out])."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=cfg["emb_dim"],
+            n_layer=cfg["n_layers"],
+            n_head=cfg["n_heads"],
+            n_positions=cfg["context_length"],
+            vocab_size=cfg["vocab_size"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=1e-5,
+            activation_function="gelu_new",  # GPT-2's tanh GELU, as the book's
+            tie_word_embeddings=False,  # the book's head is a separate matrix
+            attn_implementation="sdpa",
+        )
+    ).eval()
+    d = cfg["emb_dim"]
+    with torch.no_grad():
+        tr = hf.transformer
+        tr.wte.weight.copy_(model.tok_emb.weight)
+        tr.wpe.weight.copy_(model.pos_emb.weight)
+        for ours, theirs in zip(model.trf_blocks, tr.h, strict=True):
+            att = ours.att
+            theirs.ln_1.weight.copy_(ours.norm1.scale)
+            theirs.ln_1.bias.copy_(ours.norm1.shift)
+            qkv = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight], dim=0)
+            theirs.attn.c_attn.weight.copy_(qkv.T)
+            if cfg["qkv_bias"]:
+                bias = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
+                theirs.attn.c_attn.bias.copy_(bias)
+            else:
+                theirs.attn.c_attn.bias.zero_()
+            theirs.attn.c_proj.weight.copy_(att.out_proj.weight.T)
+            theirs.attn.c_proj.bias.copy_(att.out_proj.bias)
+            theirs.ln_2.weight.copy_(ours.norm2.scale)
+            theirs.ln_2.bias.copy_(ours.norm2.shift)
+            theirs.mlp.c_fc.weight.copy_(ours.ff.layers[0].weight.T)
+            theirs.mlp.c_fc.bias.copy_(ours.ff.layers[0].bias)
+            theirs.mlp.c_proj.weight.copy_(ours.ff.layers[2].weight.T)
+            theirs.mlp.c_proj.bias.copy_(ours.ff.layers[2].bias)
+        tr.ln_f.weight.copy_(model.final_norm.scale)
+        tr.ln_f.bias.copy_(model.final_norm.shift)
+        hf.lm_head.weight.copy_(model.out_head.weight)
+    assert hf.lm_head.weight.data_ptr() != tr.wte.weight.data_ptr(), "lm_head must not be tied"
+    assert tuple(hf.transformer.h[0].attn.c_attn.weight.shape) == (d, 3 * d)
+    # Greedy to the last token: no stopping at <|endoftext|>, as the book's generate(eos_id=None).
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.bos_token_id = None
+    hf.generation_config.pad_token_id = cfg["vocab_size"] - 1
+    return hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--prompt-tokens", type=int, default=10, help="prompt length (default 10)")
+    p.add_argument("--warmup-tokens", type=int, default=3, help="untimed warm-up run length (default 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
+    args = p.parse_args(argv)
+    if args.new_tokens < 1 or args.prompt_tokens < 1:
+        p.error("--new-tokens and --prompt-tokens must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    book = load_book_reference()
+    cfg = {**GPT_CONFIG_124M, "drop_rate": 0.0}
+    ctx = cfg["context_length"]
+    if args.prompt_tokens + args.new_tokens > ctx:
+        p.error(f"prompt + new tokens must fit the context of {ctx}")
+    start = time.perf_counter()
+
+    log("building models ...")
+    set_seed(args.seed)
+    ours = GPTModel(cfg).eval()
+    book_model = book.GPTModel(cfg)
+    book_model.load_state_dict(ours.state_dict())
+    book_model.eval()
+    hf = transformers_peer(ours)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt_tokens), generator=g)
+
+    with torch.no_grad():
+        ref_logits = book_model(prompt)
+        diff_ours = (ours(prompt) - ref_logits).abs().max().item()
+        diff_hf = (hf(input_ids=prompt).logits - ref_logits).abs().max().item()
+    log(f"  max |logits - book's| on the prompt: ours {diff_ours:.2e}, transformers {diff_hf:.2e}")
+
+    mask = torch.ones_like(prompt)
+    runners = {
+        "book generate (no cache)": lambda n: book.generate(book_model, prompt, n, ctx),
+        "ours generate(use_cache=False)": lambda n: generate(ours, prompt, n, ctx, use_cache=False),
+        "ours generate(use_cache=True)": lambda n: generate(ours, prompt, n, ctx, use_cache=True),
+        "transformers generate(use_cache=True)": lambda n: hf.generate(
+            prompt, attention_mask=mask, do_sample=False, max_new_tokens=n, use_cache=True
+        ),
+    }
+    results = {}
+    for name, run in runners.items():
+        if args.warmup_tokens > 0:
+            run(args.warmup_tokens)
+        t0 = time.perf_counter()
+        out = run(args.new_tokens)
+        elapsed = time.perf_counter() - t0
+        n_new = out.shape[1] - prompt.shape[1]
+        results[name] = {"out": out, "elapsed": elapsed, "tok_s": n_new / elapsed, "n_new": n_new}
+        log(f"  {name:40s} {n_new} tokens in {elapsed:6.2f} s = {n_new / elapsed:7.2f} tok/s")
+
+    ref_out = results["book generate (no cache)"]["out"]
+    book_tok_s = results["book generate (no cache)"]["tok_s"]
+    hf_tok_s = results["transformers generate(use_cache=True)"]["tok_s"]
+    rows = []
+    for name, r in results.items():
+        same = r["out"].shape == ref_out.shape and torch.equal(r["out"], ref_out)
+        rows.append(
+            [
+                name,
+                str(r["n_new"]),
+                f"{r['elapsed']:.2f}",
+                f"{r['tok_s']:.2f}",
+                f"{r['tok_s'] / book_tok_s:.2f}",
+                f"{r['tok_s'] / hf_tok_s:.2f}",
+                "yes" if same else "NO",
+            ]
+        )
+    cached = results["ours generate(use_cache=True)"]["tok_s"]
+    uncached = results["ours generate(use_cache=False)"]["tok_s"]
+    report = [
+        "# Greedy generation throughput (CPU)",
+        "",
+        *machine_lines(torch.get_num_threads()),
+        f"- GPT_CONFIG_124M (context {ctx}, drop_rate 0, eval mode), random weights (seed {args.seed}) "
+        "shared by all rows; transformers' GPT2LMHeadModel (sdpa, untied head) gets them by name mapping",
+        f"- prompt: {args.prompt_tokens} random token ids; {args.new_tokens} new tokens, greedy, "
+        f"batch 1; one untimed warm-up run of {args.warmup_tokens} tokens per row",
+        f"- max |logits - book's| on the prompt: ours {diff_ours:.2e}, transformers {diff_hf:.2e}",
+        "",
+        markdown_table(
+            [
+                "implementation",
+                "new tokens",
+                "seconds",
+                "tokens/s",
+                "× book",
+                "× transformers",
+                "same tokens as book",
+            ],
+            rows,
+        ),
+        "",
+        f"Ours cached / ours uncached: {cached / uncached:.2f}×.",
+        "",
+        f"Total run time: {time.perf_counter() - start:.0f} s.",
+    ]
+    text = "\n".join(report) + "\n"
+    print(text)
+    write_report(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""`params.yaml` → typed, validated settings: the one place that parses the pipeline's parameters.
+
+Each section is a dataclass; a key that is unknown, missing, of the wrong type or out of range
+stops the stage before any work with one line naming `section.key` and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm.config import PRESETS, model_config
+from llm.errors import ConfigError
+from llm.runtime import PRECISIONS
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str  # https:// URL, file:// URL or local path
+    sha256: str | None = None  # None only for a user's own local files
+
+
+@dataclass(frozen=True)
+class DataParams:
+    corpus: list[str]  # names from `sources`, URLs or local paths, concatenated in order
+    train_ratio: float  # the book: 0.90, split on characters
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    preset: str  # a shape from llm.config.PRESETS; keys below that are not null override it
+    vocab_size: int | None = None
+    context_length: int | None = None
+    emb_dim: int | None = None
+    n_heads: int | None = None
+    n_layers: int | None = None
+    drop_rate: float | None = None
+    qkv_bias: bool | None = None
+
+    def config(self) -> dict[str, Any]:
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
+        return model_config({**PRESETS[self.preset], **overrides})
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int
+    num_epochs: int
+    batch_size: int
+    max_length: int
+    stride: int
+    lr: float
+    weight_decay: float
+    eval_freq: int
+    eval_iter: int
+    warmup_steps: int = 0  # linear warmup; 0 = off (the book)
+    lr_schedule: str = "constant"  # constant (the book) or cosine (decays to min_lr after warmup)
+    min_lr: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (the book)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"
+    device: str = "auto"
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = only on interrupt
+    start_context: str = "Every effort moves you"
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    prompts: list[str]
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    seed: int
+    eval_batches: int | None = None  # None = the whole split
+
+
+@dataclass(frozen=True)
+class Params:
+    sources: dict[str, Source]
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    eval: EvalParams | None = None  # only the eval stage needs it
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _check_type(name, value, inner)
+    if value is None:
+        raise ConfigError(f"{name} must not be null")
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{name} must be a non-empty list, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {k: _check_type(f"{name}.{k}", v, inner) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(name, value, hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            hint_text = " (YAML reads 4e-4 as text: write 4.0e-4 or 0.0004)" if "e" in value.lower() else ""
+            raise ConfigError(f"{name} must be a number, got the string {value!r}{hint_text}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported field type {hint!r} for {name}")
+
+
+def _build(prefix: str, raw: Any, cls: type) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]}; allowed: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing key {key}")
+            continue
+        values[name] = _check_type(key, raw[name], hints[name])
+    return cls(**values)
+
+
+def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _validate(p: Params) -> None:
+    if not 0.0 < p.data.train_ratio < 1.0:
+        raise ConfigError(f"data.train_ratio must be in (0, 1), got {p.data.train_ratio}")
+    for name in p.data.corpus:
+        is_location = "/" in name or name.startswith(("http://", "https://", "file:")) or Path(name).suffix
+        if name not in p.sources and not is_location:
+            raise ConfigError(
+                f"data.corpus entry {name!r} is neither a name in sources ({', '.join(p.sources)}) nor a URL or path"
+            )
+    for name, src in p.sources.items():
+        if src.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", src.sha256):
+            raise ConfigError(f"sources.{name}.sha256 must be 64 hex digits, got {src.sha256!r}")
+    if p.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset {p.model.preset!r} is unknown; allowed: {', '.join(PRESETS)}")
+    try:
+        cfg = p.model.config()
+    except ConfigError as exc:
+        raise ConfigError(f"model (preset {p.model.preset} with overrides): {exc}") from None
+    t = p.train
+    for key in (
+        "num_epochs",
+        "batch_size",
+        "max_length",
+        "stride",
+        "eval_freq",
+        "eval_iter",
+        "grad_accum_steps",
+    ):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    for key in ("weight_decay", "warmup_steps", "min_lr", "grad_clip", "checkpoint_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.max_length > cfg["context_length"]:
+        raise ConfigError(
+            f"train.max_length ({t.max_length}) must be <= the model's context_length ({cfg['context_length']})"
+        )
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr ({t.min_lr}) must be <= train.lr ({t.lr})")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if p.eval is not None:
+        e = p.eval
+        _positive("eval.max_new_tokens", e.max_new_tokens)
+        _positive("eval.temperature", e.temperature, allow_zero=True)
+        _positive("eval.top_k", e.top_k)
+        _positive("eval.eval_batches", e.eval_batches)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed params.yaml mapping; sections beyond data/model/train/eval are ignored here."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml must be a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    sections = {}
+    for f in dataclasses.fields(Params):
+        if f.name in raw:
+            sections[f.name] = _check_type(f.name, raw[f.name], hints[f.name])
+        elif f.default is dataclasses.MISSING:
+            raise ConfigError(f"missing section {f.name}")
+    params = Params(**sections)
+    _validate(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    try:
+        return parse_params(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,362 @@
+"""The one training loop: pretraining and both finetuning stages run it with their own data and loss.
+
+With the defaults (constant lr, no warmup, no clipping, no accumulation) it is the book's
+`train_model_simple`: same update order, same evaluation points (`step % eval_freq == 0` on
+`eval_iter` batches of a fresh shuffle of the training set and of the validation set), and the
+same use of torch's global RNG, so a run seeded like the book's draws the same data order and
+dropout masks. On top: warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
+a progress bar, and resumable checkpoints (model, optimizer, step, data order, RNG) written
+periodically and on Ctrl-C/SIGTERM, after which a resumed run ends with the same weights as an
+uninterrupted one. Samplers are rank-aware and only rank 0 writes, so it runs under torchrun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from llm.errors import LLMError
+from llm.runtime import autocast, select_device
+from llm.train import make_optimizer
+
+LossFn = Callable[[torch.nn.Module, Any, torch.device, str], torch.Tensor]
+
+
+class TrainingInterrupted(LLMError):
+    """Training stopped on a signal after saving a resumable checkpoint."""
+
+
+def lm_loss(model, batch, device, precision):
+    """Next-token cross-entropy over every position (the book's `calc_loss_batch`)."""
+    inputs, targets = batch
+    inputs, targets = inputs.to(device), targets.to(device)
+    with autocast(device, precision):
+        logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles exactly like `RandomSampler(generator=None)`: each pass draws its seed from torch's
+    global RNG, so seeding once reproduces the book's data order. The seed of the current pass and
+    a start offset can be restored, which is what resuming mid-epoch needs. Each rank takes every
+    `world_size`-th index of the shared permutation."""
+
+    def __init__(self, n: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.rank, self.world_size = n, shuffle, rank, world_size
+        self.seed: int | None = None  # seed of the pass in progress
+        self._resume: tuple[int | None, int] | None = None
+
+    def resume(self, seed: int | None, start: int) -> None:
+        self._resume = (seed, start)
+
+    def __iter__(self):
+        start = 0
+        if self._resume is not None:
+            (self.seed, start), self._resume = self._resume, None
+        elif self.shuffle:
+            self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        else:
+            order = list(range(self.n))
+        yield from order[self.rank :: self.world_size][start:]
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def lr_at(step: int, total_steps: int, s) -> float:
+    """Learning rate for optimizer step `step` (0-based): warmup, then constant or cosine to min_lr."""
+    if s.warmup_steps and step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if s.lr_schedule == "constant":
+        return s.lr
+    span = max(1, total_steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class History:
+    """Evaluation points (the book's three lists plus step, epoch and lr) and run totals."""
+
+    step: list[int] = field(default_factory=list)
+    epoch: list[int] = field(default_factory=list)
+    tokens_seen: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    extra: dict[str, list[float]] = field(default_factory=dict)
+    steps: int = 0
+    total_tokens: int = 0
+    train_seconds: float = 0.0
+
+    def rows(self) -> list[dict[str, Any]]:
+        keys = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
+        columns = [getattr(self, k) for k in keys]
+        rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*columns, strict=True)]
+        for name, values in self.extra.items():
+            for row, v in zip(rows, values, strict=True):
+                row[name] = v
+        return rows
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """`Trainer(model, train_set, val_set, settings).fit()` → History.
+
+    `settings` is a `llm.params.TrainParams` (or anything with its attributes). `loss_fn(model,
+    batch, device, precision)` returns the mean loss of a batch; `evaluate_fn(model)`, if given,
+    returns extra metrics logged at every evaluation (e.g. accuracies). `state_path` enables
+    resumable checkpoints; `run_id` (e.g. a fingerprint of params and data) guards against
+    resuming a different run.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_set: Dataset,
+        val_set: Dataset,
+        settings,
+        loss_fn: LossFn = lm_loss,
+        collate_fn=None,
+        evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        on_epoch_end: Callable[[torch.nn.Module, int], None] | None = None,
+        state_path: str | os.PathLike | None = None,
+        run_id: Any = None,
+        progress: bool = True,
+        log: Callable[[str], None] = tqdm.write,
+    ):
+        self.s = settings
+        self.device = select_device(settings.device)
+        self.model = model.to(self.device)
+        self.loss_fn, self.evaluate_fn, self.on_epoch_end = loss_fn, evaluate_fn, on_epoch_end
+        self.rank, self.world_size = _dist_rank_world()
+        self.is_main = self.rank == 0
+        self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size)
+
+        def loader(ds, sampler):
+            return DataLoader(
+                ds,
+                settings.batch_size,
+                sampler=sampler,
+                drop_last=sampler is self.sampler,
+                collate_fn=collate_fn,
+            )
+
+        self.train_loader = loader(train_set, self.sampler)
+        # The book evaluates on a fresh shuffled pass of the training loader and on the val loader.
+        self.train_eval_loader = loader(train_set, EpochSampler(len(train_set), True, self.rank, self.world_size))
+        self.val_loader = loader(val_set, EpochSampler(len(val_set), False, self.rank, self.world_size))
+        if len(self.train_loader) == 0:
+            raise LLMError(
+                f"the training set has {len(train_set)} examples: too few for one batch of {settings.batch_size}"
+            )
+        self.optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / settings.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * settings.num_epochs
+        self.state_path = Path(state_path) if state_path else None
+        self.run_id = fingerprint(run_id) if run_id is not None else None
+        self.progress, self.log = progress and self.is_main, log
+        self.history = History()
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # epochs completed
+        self.batches_done = 0  # micro-batches done in the current epoch
+        self._stop_requested = False
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def _mean_loss(self, loader: DataLoader, num_batches: int | None) -> float:
+        if len(loader) == 0:
+            return float("nan")
+        n = len(loader) if num_batches is None else min(num_batches, len(loader))
+        total = 0.0
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= n:
+                    break
+                total += self.loss_fn(self.model, batch, self.device, self.s.precision).item()
+        return total / n
+
+    def evaluate(self, num_batches: int | None) -> tuple[float, float, dict[str, float]]:
+        """(train loss, val loss, extra metrics) on the first `num_batches` batches, in eval mode."""
+        self.model.eval()
+        train_loss = self._mean_loss(self.train_eval_loader, num_batches)
+        val_loss = self._mean_loss(self.val_loader, num_batches)
+        extra = self.evaluate_fn(self.model) if self.evaluate_fn else {}
+        self.model.train()
+        return train_loss, val_loss, extra
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint, then raise TrainingInterrupted."""
+        self._stop_requested = True
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model": {k: v for k, v in self.model.state_dict().items() if not k.endswith(".att.mask")},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "epoch_seed": self.sampler.seed,
+            "history": self.history.__dict__,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def save_state(self) -> None:
+        if not (self.state_path and self.is_main):
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=f".{self.state_path.name}.")
+        os.close(fd)
+        try:
+            torch.save(self._state(), tmp)
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def try_resume(self) -> bool:
+        """Load the saved state if it belongs to this run; returns whether training resumes."""
+        if not (self.state_path and self.state_path.is_file()):
+            return False
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            self.log(f"ignoring unreadable training state {self.state_path}: {type(exc).__name__}")
+            return False
+        if state.get("run_id") != self.run_id:
+            self.log(f"ignoring training state {self.state_path}: it belongs to other params or data")
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.history = History(**state["history"])
+        self._resume_rng = (state["rng_cpu"], state["rng_cuda"])
+        self._resume_seed = state["epoch_seed"]
+        self.log(f"resuming from {self.state_path}: epoch {self.epoch + 1}, step {self.step}")
+        return True
+
+    def clear_state(self) -> None:
+        if self.state_path and self.is_main:
+            self.state_path.unlink(missing_ok=True)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> History:
+        resumed = self.try_resume()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            if self._stop_requested:  # second Ctrl-C: stop now
+                signal.signal(signum, previous[signum])
+                raise KeyboardInterrupt
+            self.log(f"signal {signum}: finishing this step, then saving a checkpoint")
+            self.request_stop()
+
+        try:
+            for sig in previous:
+                signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: no signal handling
+            previous = {}
+        try:
+            self._loop(resumed)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.clear_state()
+        return self.history
+
+    def _loop(self, resumed: bool) -> None:
+        s, model, opt = self.s, self.model, self.optimizer
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        model.train()
+        start = time.perf_counter()
+        base_seconds = self.history.train_seconds
+        while self.epoch < s.num_epochs:
+            skip = self.batches_done
+            if resumed:
+                self.sampler.resume(self._resume_seed, skip * s.batch_size)
+            batches = iter(self.train_loader)  # draws from the global RNG, as the book's loop does
+            if resumed:  # ... so put the RNG back where the interrupted run had it
+                torch.set_rng_state(self._resume_rng[0])
+                if self._resume_rng[1]:
+                    torch.cuda.set_rng_state_all(self._resume_rng[1])
+                resumed = False
+            accumulated = 0
+            for micro, batch in enumerate(batches, start=skip):
+                if accumulated == 0:
+                    opt.zero_grad(set_to_none=True)
+                loss = self.loss_fn(model, batch, self.device, s.precision)
+                (loss / s.grad_accum_steps).backward()
+                accumulated += 1
+                self.history.total_tokens += batch[0].numel()
+                self.batches_done = micro + 1
+                last_in_epoch = self.batches_done == len(self.train_loader)
+                if accumulated < s.grad_accum_steps and not last_in_epoch:
+                    continue
+                accumulated = 0
+                lr = lr_at(self.step, self.total_steps, s)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if s.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                opt.step()
+                if self.step % s.eval_freq == 0:
+                    self._record(lr, bar)
+                self.step += 1
+                self.history.steps = self.step
+                self.history.train_seconds = base_seconds + time.perf_counter() - start
+                bar.update(1)
+                if last_in_epoch:
+                    self.epoch += 1
+                    self.batches_done = 0
+                if self._stop_requested:
+                    self.save_state()
+                    bar.close()
+                    where = f"; resume state saved to {self.state_path}" if self.state_path else ""
+                    raise TrainingInterrupted(f"training interrupted at step {self.step}{where}")
+                if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                    self.save_state()
+            if self.on_epoch_end and self.is_main:
+                self.on_epoch_end(model, self.epoch)
+                model.train()
+        bar.close()
+
+    def _record(self, lr: float, bar) -> None:
+        train_loss, val_loss, extra = self.evaluate(self.s.eval_iter)
+        h = self.history
+        h.step.append(self.step)
+        h.epoch.append(self.epoch + 1)
+        h.tokens_seen.append(h.total_tokens)
+        h.train_loss.append(train_loss)
+        h.val_loss.append(val_loss)
+        h.lr.append(lr)
+        for name, value in extra.items():
+            h.extra.setdefault(name, []).append(value)
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        self.log(f"Ep {self.epoch + 1} (Step {self.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")

@@ -1,0 +1,69 @@
+"""Stage eval: loss and perplexity of the pretrained model on the whole splits, plus samples.
+
+Reads params `train.batch_size`, `train.max_length`, `train.stride`, `train.precision`,
+`train.device` and `eval`; writes `metrics/eval.json` and `data/eval/samples.json`.
+"""
+
+from pathlib import Path
+
+import torch
+
+from llm.checkpoint import load_checkpoint
+from llm.data import TokenWindowDataset, read_tokens
+from llm.errors import run_main
+from llm.generate import generate
+from llm.io import write_json
+from llm.params import load_params
+from llm.runtime import select_device
+from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from llm.train import calc_loss_loader, perplexity
+
+TOKENS = Path("data/tokens")
+MODEL_DIR = Path("models/pretrain")
+SAMPLES = Path("data/eval/samples.json")
+METRICS = Path("metrics/eval.json")
+
+
+def main(params_path: str = "params.yaml") -> dict:
+    params = load_params(params_path)
+    t, e = params.train, params.eval
+    device = select_device(t.device)
+    model = load_checkpoint(MODEL_DIR, map_location=device)
+    metrics = {}
+    for split in ("train", "val"):
+        ds = TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride)
+        loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=False, drop_last=False)
+        loss = calc_loss_loader(loader, model, device, e.eval_batches, t.precision)
+        metrics[f"{split}_loss"] = loss
+        metrics[f"{split}_perplexity"] = perplexity(loss)
+        metrics[f"{split}_windows"] = len(ds)
+
+    tokenizer = get_tokenizer()
+    context = model.cfg["context_length"]
+    samples = []
+    for prompt in e.prompts:
+        idx = text_to_token_ids(prompt, tokenizer).to(device)
+        greedy = generate(model, idx, e.max_new_tokens, context)
+        sampled = generate(model, idx, e.max_new_tokens, context, temperature=e.temperature, top_k=e.top_k, seed=e.seed)
+        samples.append(
+            {
+                "prompt": prompt,
+                "greedy": token_ids_to_text(greedy, tokenizer),
+                "sampled": token_ids_to_text(sampled, tokenizer),
+                "temperature": e.temperature,
+                "top_k": e.top_k,
+                "seed": e.seed,
+            }
+        )
+        print(f"greedy:  {samples[-1]['greedy']!r}\nsampled: {samples[-1]['sampled']!r}")
+    write_json(SAMPLES, samples)
+    write_json(METRICS, metrics)
+    print(
+        f"val loss {metrics['val_loss']:.3f} (perplexity {metrics['val_perplexity']:.1f}), "
+        f"train loss {metrics['train_loss']:.3f}"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main("eval", main)
