@@ -2,8 +2,8 @@
 
 The book reads the whole text, splits it at `int(train_ratio * len(text))` characters and
 tokenizes each side. Here the text is read in large chunks, cut only where GPT-2's
-pre-tokenizer cannot join the two sides (after a newline that sits between two non-space
-characters), encoded on all cores with `encode_batch`, and appended to the uint16 token files:
+pre-tokenizer cannot join the two sides (before a space or after a newline that sits between
+two non-space characters), encoded on all cores with `encode_batch`, and appended to the uint16 token files:
 the ids equal the book's whole-text encoding.
 """
 
@@ -41,11 +41,17 @@ def count_chars(paths: list[Path], chunk_chars: int = CHUNK_CHARS) -> int:
 
 
 def _safe_cut(text: str) -> int:
-    """Last index i with text[i-1] == '\\n' between non-space characters; 0 if none."""
-    i = len(text) - 1
-    while (i := text.rfind("\n", 0, i)) > 0:
-        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
-            return i + 1
+    """An index where `text` can be split without changing GPT-2's pre-tokenization; 0 if none.
+
+    Preferred: before a single space between two non-space characters (the space always opens
+    the next word's piece, `' ?\\p{L}+'` and its siblings). Else: after a newline between two
+    non-space characters (a lone newline is always a piece of its own).
+    """
+    for sep, shift in ((" ", 0), ("\n", 1)):
+        i = len(text) - 1
+        while (i := text.rfind(sep, 0, i)) > 0:
+            if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+                return i + shift
     return 0
 
 
@@ -60,9 +66,7 @@ def _split_stream(paths: list[Path], split_at: int, chunk_chars: int) -> Iterato
         buf += piece
         pos += len(piece)
         if len(buf) >= chunk_chars:
-            cut = _safe_cut(buf)
-            if cut == 0 and len(buf) > 16 * chunk_chars:  # no newline at all: cut at a space
-                cut = buf.rfind(" ") + 1 or len(buf)
+            cut = _safe_cut(buf)  # text without one safe place (no spaces at all) keeps buffering
             if cut:
                 yield ("train" if pos - len(buf) < split_at else "val"), buf[:cut]
                 buf = buf[cut:]

@@ -1,0 +1,75 @@
+"""params.yaml validation: one line naming the key and what is allowed."""
+
+import copy
+
+import pytest
+import yaml
+
+from llm.errors import ConfigError
+from llm.params import load_params, parse_params
+from tests.conftest import ROOT
+
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(path, value):
+    raw = copy.deepcopy(RAW)
+    node = raw
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+def test_committed_params_are_valid_and_typed():
+    p = load_params(ROOT / "params.yaml")
+    assert p.train.lr == 0.0004 and isinstance(p.train.lr, float)
+    assert p.model.config()["emb_dim"] == 256
+    assert p.data.corpus == ["the-verdict"] and p.sources["the-verdict"].sha256.startswith("b41e41a6")
+
+
+def test_preset_and_overrides():
+    raw = with_change("model.preset", "gpt-config-124m")
+    raw["model"]["context_length"] = 256
+    cfg = parse_params(raw).model.config()
+    assert (cfg["emb_dim"], cfg["n_layers"], cfg["context_length"]) == (768, 12, 256)
+    assert parse_params(with_change("model.preset", "gpt2-medium")).model.config()["n_heads"] == 16
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("train.lr", "4e-4", "train.lr must be a number, got the string '4e-4' (YAML reads 4e-4 as text"),
+        ("train.lr", -0.1, "train.lr must be > 0"),
+        ("train.lrr", 0.1, "unknown key train.lrr; allowed: seed, num_epochs"),
+        ("train.num_epochs", 2.5, "train.num_epochs must be an integer"),
+        ("train.num_epochs", KeyError, "missing key train.num_epochs"),
+        ("data.train_ratio", 1.0, "data.train_ratio must be in (0, 1)"),
+        ("data.train_ratio", 0, "data.train_ratio must be in (0, 1)"),
+        ("train.max_length", 512, "train.max_length (512) must be <= the model's context_length (256)"),
+        ("model.preset", "gpt5", "model.preset 'gpt5' is unknown"),
+        ("model.n_heads", 5, "divisible"),
+        ("train.precision", "fp16", "train.precision must be one of fp32, bf16-mixed"),
+        ("train.lr_schedule", "linear", "train.lr_schedule must be constant or cosine"),
+        ("data.corpus", ["nonsense"], "data.corpus entry 'nonsense' is neither a name in sources"),
+        ("eval.top_k", 0, "eval.top_k must be > 0"),
+        ("sources.the-verdict", {"url": "x.txt", "sha256": "abc"}, "sources.the-verdict.sha256 must be 64 hex"),
+    ],
+)
+def test_bad_values_name_the_key(path, value, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params(with_change(path, value))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_or_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)

@@ -1,0 +1,115 @@
+"""End to end: prepare_text → pretrain → eval through `dvc repro` in a temporary clone, on a tiny profile."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import MIRROR, ROOT
+
+TINY = {
+    "model": {"emb_dim": 32, "n_heads": 2, "n_layers": 1, "context_length": 32},
+    "train": {"max_length": 32, "stride": 32, "num_epochs": 1, "batch_size": 4, "eval_freq": 10},
+    "eval": {"max_new_tokens": 5},
+}
+
+
+def sh(args, cwd, env):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    if not (MIRROR / "the-verdict.txt").is_file():
+        pytest.skip("needs ../shared/mirror")
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/", "models/")):
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "LLM_MIRROR": str(MIRROR),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    sh(["git", "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "tiny profile"], repo, env)
+    return repo, env
+
+
+def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
+    path, env = repo
+    sh(["dvc", "repro"], path, env)
+    for stage in ("prepare_text", "pretrain", "eval"):
+        assert json.loads((path / f"metrics/{stage}.json").read_text())
+    pretrain = json.loads((path / "metrics/pretrain.json").read_text())
+    assert pretrain["steps"] > 0 and pretrain["tokens_seen"] > 0
+    curve = (path / "metrics/curves/pretrain.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,tokens_seen,train_loss,val_loss,lr" and len(curve) > 1
+    samples = json.loads((path / "data/eval/samples.json").read_text())
+    assert samples[0]["prompt"] == "Every effort moves you"
+    assert (path / "models/pretrain/model.safetensors").is_file()
+
+    again = sh(["dvc", "repro"], path, env)
+    assert "Running stage" not in again
+    assert "up to date" in sh(["dvc", "status"], path, env)
+
+    sh(["dvc", "repro", "-f", "-s", "pretrain"], path, env)  # a forced second run: same numbers
+    rerun = json.loads((path / "metrics/pretrain.json").read_text())
+    for key in ("train_loss", "val_loss", "tokens_seen", "steps"):
+        assert rerun[key] == pretrain[key], key
+
+
+def test_experiment_with_set_param_and_compare(repo):
+    path, env = repo
+    sh(["git", "add", "-A"], path, env)
+    sh(["git", "commit", "-qm", "baseline results"], path, env)
+    sh(["dvc", "exp", "run", "-S", "train.lr=0.002"], path, env)
+    diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], path, env))
+    assert "train_loss" in diff["metrics/pretrain.json"]
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env))
+    lrs = []
+    for entry in shown:
+        for exp in [entry, *(e for e in (entry.get("experiments") or []) for e in e.get("revs", []))]:
+            data = (exp.get("data") or {}).get("params", {}).get("params.yaml", {}).get("data", {})
+            if data:
+                lrs.append(data["train"]["lr"])
+    assert 0.002 in lrs and 0.0004 in lrs
+
+
+def test_bad_param_stops_the_stage_with_one_line(repo):
+    path, env = repo
+    params = path / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("train_ratio: 0.9", "train_ratio: 1.5"))
+        out = subprocess.run(
+            [sys.executable, "stages/prepare_text.py"], cwd=path, env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 2
+        assert out.stderr.strip() == "prepare_text: error: params.yaml: data.train_ratio must be in (0, 1), got 1.5"
+    finally:
+        params.write_text(original)
