@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError
 from llm.runtime import autocast, select_device
 from llm.train import make_optimizer
@@ -217,7 +218,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
-            "model": {k: v for k, v in self.model.state_dict().items() if not k.endswith(".att.mask")},
+            "model": weights_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
