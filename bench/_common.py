@@ -6,13 +6,17 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT.parent / "shared" / "mirror"
+
+T = TypeVar("T")
 
 
 def load_book_reference() -> ModuleType:
@@ -62,6 +66,17 @@ def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> s
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def rotated(items: Sequence[T], shift: int) -> list[T]:
+    """`items` starting at index `shift` (mod its length) and wrapping around.
+
+    The interleaved benchmarks run one round of every implementation at a time and rotate the
+    starting one each round, so that no implementation always runs first (or right after the
+    same neighbour) and slow drifts of the machine's speed hit every implementation alike.
+    """
+    k = shift % len(items) if items else 0
+    return [*items[k:], *items[:k]]
 
 
 def write_report(path: str | os.PathLike, text: str) -> None:

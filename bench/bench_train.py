@@ -1,16 +1,20 @@
 """Training-step throughput: the book's GPTModel vs transformers' GPT-2 vs the project's, on CPU.
 
 One step is forward + cross-entropy + backward + AdamW step. Every row of a config trains on the
-same token batches. The whole set runs twice in one process: phase 1 with glibc's default
-allocator, phase 2 after `llm.runtime.keep_freed_memory()` (process-wide and irreversible, so
-it cannot be undone for a later row); ratios compare rows of the same phase only.
+same token batches. Within a config all rows are built up front and timed interleaved: round i
+runs step i of every row, the first row rotating each round, so that the machine's drifts in
+speed (±20-30% over minutes on a shared 2-core box) hit every row alike; each row reports its
+median step time and the spread of its steps. The whole set runs twice in one process: phase 1
+with glibc's default allocator, phase 2 after `llm.runtime.keep_freed_memory()` (process-wide and
+irreversible, so it cannot be undone for a later row); ratios compare rows of the same phase only.
 
 Then a bf16-vs-fp32 check: the project's model at the small config, trained from one init on
 the same batches of the-verdict once in fp32 and once under bf16-mixed; the per-step losses are
 compared.
 
-    .venv/bin/python bench/bench_train.py                  # full run, writes bench/results/train.md
-    .venv/bin/python bench/bench_train.py --steps 1 --warmup 0 --curve-steps 3   # smoke test
+    .venv/bin/python bench/bench_train.py                  # full run (~8 min), writes bench/results/train.md
+    .venv/bin/python bench/bench_train.py --steps 2 --warmup 1 --curve-steps 2 --configs small \\
+        --out /tmp/train.md                                # smoke test
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ import gc
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import MIRROR, load_book_reference, machine_lines, markdown_table, use_mirrored_tiktoken, write_report
+from _common import (
+    MIRROR,
+    load_book_reference,
+    machine_lines,
+    markdown_table,
+    rotated,
+    use_mirrored_tiktoken,
+    write_report,
+)
 
 from llm.config import GPT_CONFIG_124M
 from llm.model import GPTModel, flops_per_token
@@ -80,6 +93,7 @@ def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
 
 
 # --- the three implementations -------------------------------------------------------------------
+# Each builder returns one training step, step(x, y) -> loss; the closure keeps model and optimizer.
 def build_book(book, cfg, seed):
     set_seed(seed)
     model = book.GPTModel(cfg).train()
@@ -92,7 +106,7 @@ def build_book(book, cfg, seed):
         opt.step()
         return loss
 
-    return model, opt, step
+    return step
 
 
 def build_transformers(cfg, seed):
@@ -122,7 +136,7 @@ def build_transformers(cfg, seed):
         opt.step()
         return loss
 
-    return model, opt, step
+    return step
 
 
 def build_ours(cfg, seed, precision):
@@ -137,27 +151,65 @@ def build_ours(cfg, seed, precision):
         opt.step()
         return loss
 
-    return model, opt, step
+    return step
 
 
-def time_row(step, batches, warmup: int, steps: int, seed: int) -> dict:
-    torch.manual_seed(seed)  # the same dropout masks stream for every row
-    for x, y in batches[:warmup]:
-        step(x, y).item()
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t0 = time.perf_counter()
-    losses = [step(x, y).item() for x, y in batches[warmup : warmup + steps]]
-    elapsed = time.perf_counter() - t0
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    if not all(math.isfinite(v) for v in losses):
-        log(f"  warning: non-finite loss {losses}")
-    return {"elapsed": elapsed, "faults_per_step": faults / steps}
+def build_row(row, book, cfg, seed):
+    impl, precision = row
+    if impl == "book":
+        return build_book(book, cfg, seed)
+    if impl == "transformers":
+        return build_transformers(cfg, seed)
+    return build_ours(cfg, seed, precision)
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def max_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def time_interleaved(steps: dict, batches, warmup: int, n_steps: int, seed: int) -> dict:
+    """Round i runs step i of every row on the same batch; rounds before `warmup` are untimed.
+
+    The row that goes first rotates by one each round (timed round r starts with row r mod k), so
+    with `n_steps` a multiple of the number of rows every row holds every position equally often.
+    Returns, per row, the timed steps' seconds and minor page faults, in order.
+    """
+    rows = list(steps)
+    out = {row: {"seconds": [], "faults": [], "losses": []} for row in rows}
+    for i, (x, y) in enumerate(batches[: warmup + n_steps]):
+        gc.collect()  # between rounds, outside every timed step
+        for row in rotated(rows, i - warmup):
+            torch.manual_seed(seed + i)  # the same dropout-mask stream for every row at step i
+            f0 = minor_faults()
+            t0 = time.perf_counter()
+            loss = steps[row](x, y).item()
+            seconds = time.perf_counter() - t0
+            faults = minor_faults() - f0
+            if i >= warmup:
+                out[row]["seconds"].append(seconds)
+                out[row]["faults"].append(faults)
+                out[row]["losses"].append(loss)
+        if i >= warmup:
+            r = i - warmup
+            order = " ".join(f"{impl}/{prec}={out[(impl, prec)]['seconds'][r]:.2f}s" for impl, prec in rotated(rows, r))
+            log(f"    round {r + 1}/{n_steps}: {order}")
+        else:
+            log(f"    warm-up {i + 1}/{warmup}")
+    for row in rows:
+        if not all(math.isfinite(v) for v in out[row]["losses"]):
+            log(f"  warning: {row} non-finite loss {out[row]['losses']}")
+    return out
 
 
 def run_phase(phase: int, args, book, peaks: dict, results: list) -> None:
     for name in args.configs:
         cfg, batch = CONFIGS[name]
         t = cfg["context_length"]
+        tokens = batch * t
         g = torch.Generator().manual_seed(args.seed)
         n = args.warmup + args.steps
         data = torch.randint(0, cfg["vocab_size"], (n, batch, t + 1), generator=g)
@@ -165,17 +217,19 @@ def run_phase(phase: int, args, book, peaks: dict, results: list) -> None:
         # All three have the same matmul shapes (tied or not, the head is one vocab x d matmul).
         with torch.device("meta"):
             fpt = flops_per_token(GPTModel(cfg), t)
+        t0 = time.perf_counter()
+        steps = {row: build_row(row, book, cfg, args.seed) for row in ROWS}
+        log(
+            f"  phase {phase} {name}: built {len(steps)} rows in {time.perf_counter() - t0:.1f} s "
+            f"(max RSS so far {max_rss_gib():.1f} GiB)"
+        )
+        timing = time_interleaved(steps, batches, args.warmup, args.steps, args.seed)
+        del steps
+        gc.collect()
         for impl, precision in ROWS:
-            if impl == "book":
-                model, opt, step = build_book(book, cfg, args.seed)
-            elif impl == "transformers":
-                model, opt, step = build_transformers(cfg, args.seed)
-            else:
-                model, opt, step = build_ours(cfg, args.seed, precision)
-            r = time_row(step, batches, args.warmup, args.steps, args.seed)
-            del model, opt, step
-            gc.collect()
-            tok_s = args.steps * batch * t / r["elapsed"]
+            secs = timing[(impl, precision)]["seconds"]
+            med = statistics.median(secs)
+            tok_s = tokens / med
             peak = peaks["bf16"] if precision == "bf16-mixed" else peaks["fp32"]
             row = {
                 "config": name,
@@ -183,15 +237,19 @@ def run_phase(phase: int, args, book, peaks: dict, results: list) -> None:
                 "impl": impl,
                 "precision": precision,
                 "tok_s": tok_s,
-                "s_step": r["elapsed"] / args.steps,
+                "tok_s_min": tokens / max(secs),
+                "tok_s_max": tokens / min(secs),
+                "s_step": med,
+                "seconds": secs,
                 "mfu": fpt * tok_s / peak,
-                "faults": r["faults_per_step"],
+                "faults": sum(timing[(impl, precision)]["faults"]) / len(secs),
                 "fpt": fpt,
             }
             results.append(row)
             log(
-                f"  phase {phase} {name:5s} {impl:12s} {precision:10s} {tok_s:8.1f} tok/s "
-                f"({row['s_step']:.2f} s/step, {row['faults']:.0f} faults/step)"
+                f"  phase {phase} {name:5s} {impl:12s} {precision:10s} {tok_s:8.1f} tok/s median "
+                f"({row['tok_s_min']:.1f}-{row['tok_s_max']:.1f}; {med:.2f} s/step, "
+                f"{row['faults']:.0f} faults/step)"
             )
 
 
@@ -212,7 +270,8 @@ def results_table(results: list) -> str:
         "phase / allocator",
         "implementation",
         "precision",
-        "tokens/s",
+        "tokens/s (median)",
+        "min–max tokens/s",
         "× book",
         "× transformers",
         "MFU",
@@ -227,6 +286,7 @@ def results_table(results: list) -> str:
                 r["impl"],
                 r["precision"],
                 f"{r['tok_s']:.1f}",
+                f"{r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}",
                 f"{r['tok_s'] / ref(r, 'book'):.2f}",
                 f"{r['tok_s'] / ref(r, 'transformers'):.2f}",
                 f"{100 * r['mfu']:.1f}%",
@@ -234,6 +294,20 @@ def results_table(results: list) -> str:
             ]
         )
     return markdown_table(header, rows, left=4)
+
+
+def step_times_block(results: list) -> str:
+    """Every timed step's seconds, per row, in the order the rounds ran."""
+    lines = [
+        "<details><summary>Per-step times (seconds, timed rounds in order)</summary>",
+        "",
+        "```",
+    ]
+    for r in results:
+        label = f"{r['config']:5s} phase {r['phase']} {r['impl']:12s} {r['precision']:10s}"
+        lines.append(label + " " + " ".join(f"{v:.2f}" for v in r["seconds"]))
+    lines += ["```", "", "</details>"]
+    return "\n".join(lines)
 
 
 # --- bf16 vs fp32 loss curves --------------------------------------------------------------------
@@ -312,8 +386,14 @@ def loss_curves(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4, help="timed steps per row (default 4)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help=f"timed interleaved rounds, one step of each row per round (default 8; a multiple of {len(ROWS)} "
+        "gives every row every starting position equally often)",
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--curve-steps", type=int, default=40, help="steps per loss curve; 0 skips (default 40)")
     p.add_argument("--curve-drop-rate", type=float, default=0.0, help="dropout in the curve check (default 0)")
@@ -363,8 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         *machine_lines(torch.get_num_threads()),
         f"- matmul peak ({args.peak_size}³, best of 5): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
-        f"- {args.warmup} warm-up + {args.steps} timed steps per row, the same random token batches "
-        f"for every row of a config; AdamW lr {LR}, weight decay {WEIGHT_DECAY}",
+        f"- interleaved timing: per config and phase all {len(ROWS)} rows are built first and stay in memory "
+        f"(max RSS {max_rss_gib():.1f} GiB); {args.warmup} untimed warm-up + {args.steps} timed rounds, round i "
+        "runs step i of every row on the same random token batch, the first row rotating each round; "
+        f"AdamW lr {LR}, weight decay {WEIGHT_DECAY}",
+        "- tokens/s = tokens per step ÷ the row's median step time; min–max = from its slowest and "
+        "fastest timed step. Ratios are of medians of the same config and phase.",
         *cfg_lines,
         "- book: tests/book_reference.py GPTModel + calc_loss_batch, torch.optim.AdamW (foreach); "
         "transformers: GPT2LMHeadModel (sdpa, tied embeddings, dropout matched), cross_entropy on "
@@ -375,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         "so phase-2 rows of every implementation benefit from it",
         "",
         results_table(results),
+        "",
+        step_times_block(results),
         "",
     ]
     if args.curve_steps > 0:

@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     gen.set_defaults(func=cmd_generate)
+
+    cls = sub.add_parser("classify", help="spam or not spam, with a checkpoint of the finetune_spam stage")
+    cls.add_argument("--checkpoint", required=True, help="classifier checkpoint directory (models/spam)")
+    cls.add_argument("text", nargs="?", help="a message to classify")
+    cls.add_argument("--file", help="one message per line, or a CSV with a 'text' column")
+    cls.add_argument("--output", default="-", help="CSV of predictions for --file (default: stdout)")
+    cls.add_argument("--batch-size", type=_positive_int, default=32)
+    cls.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    cls.set_defaults(func=cmd_classify)
     return parser
 
 
@@ -72,6 +81,71 @@ def cmd_generate(args: argparse.Namespace) -> None:
         out.write(decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0]))))
         out.flush()
     out.write(decoder.decode(b"", final=True) + "\n")
+
+
+def _read_messages(path: str) -> list[str]:
+    import csv
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise LLMError(f"--file {file} does not exist")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows or "text" not in rows[0]:
+            raise LLMError(f"--file {file}: a CSV needs a 'text' column")
+        return [row["text"] or "" for row in rows]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    import csv
+    import io
+
+    import torch
+
+    from llm.classifier import CLASS_NAMES, class_logits, encode_texts, load_classifier
+    from llm.io import atomic_write_bytes
+    from llm.runtime import select_device
+    from llm.tokenizer import EOT_ID, get_tokenizer
+
+    if (args.text is None) == (args.file is None):
+        raise LLMError("give a message to classify or --file, not both")
+    messages = [args.text] if args.file is None else _read_messages(args.file)
+    if args.file is None and not args.text.strip():
+        raise LLMError("the message is empty: give some text to classify")
+    device = select_device(args.device)
+    model, info = load_classifier(args.checkpoint, map_location=device)
+    max_length = info["max_length"]
+    encoded = encode_texts([m or " " for m in messages], get_tokenizer())
+    truncated = sum(len(ids) > max_length for ids in encoded)
+    if truncated:
+        print(f"llm classify: {truncated} message(s) truncated to {max_length} tokens", file=sys.stderr)
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), args.batch_size):
+            chunk = encoded[start : start + args.batch_size]
+            batch = torch.full((len(chunk), max_length), EOT_ID, dtype=torch.long)
+            for i, ids in enumerate(chunk):
+                ids = ids[:max_length] or [EOT_ID]
+                batch[i, : len(ids)] = torch.tensor(ids)
+            logits = class_logits(model, batch.to(device), info["pooling"]).float()
+            probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
+    if args.file is None:
+        p = probs[0]
+        print(f"{CLASS_NAMES[int(p >= 0.5)]} (spam probability {p:.3f})")
+        return
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["text", "label", "spam_probability"])
+    for message, p in zip(messages, probs, strict=True):
+        writer.writerow([message, CLASS_NAMES[int(p >= 0.5)], f"{p:.4f}"])
+    if args.output == "-":
+        sys.stdout.write(buf.getvalue())
+    else:
+        atomic_write_bytes(args.output, buf.getvalue().encode())
+        print(f"wrote {len(messages)} predictions to {args.output}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

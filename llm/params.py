@@ -25,6 +25,7 @@ from llm.runtime import PRECISIONS
 class Source:
     url: str  # https:// URL, file:// URL or local path
     sha256: str | None = None  # None only for a user's own local files
+    member: str | None = None  # for a zip: the file inside it (then sha256 is the member's)
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,13 @@ class ModelParams:
         return model_config({**PRESETS[self.preset], **overrides})
 
 
-@dataclass(frozen=True)
-class TrainParams:
+@dataclass(frozen=True, kw_only=True)
+class LoopParams:
+    """What `llm.trainer.Trainer` reads: shared by pretraining and both finetuning stages."""
+
     seed: int
     num_epochs: int
     batch_size: int
-    max_length: int
-    stride: int
     lr: float
     weight_decay: float
     eval_freq: int
@@ -72,7 +73,24 @@ class TrainParams:
     precision: str = "fp32"
     device: str = "auto"
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = only on interrupt
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainParams(LoopParams):
+    max_length: int
+    stride: int
     start_context: str = "Every effort moves you"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpamParams(LoopParams):
+    init: str = "pretrain"  # the pipeline's pretrained checkpoint, or a checkpoint path
+    balance: bool = True  # undersample ham to the spam count (the book)
+    train_frac: float = 0.7
+    validation_frac: float = 0.1
+    max_length: int | None = None  # None = the longest training message (the book)
+    trainable_blocks: int = 1  # last N blocks train (the book: 1); -1 = the whole model
+    pooling: str = "last"  # last (the book), last_nonpad or mean
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,7 @@ class Params:
     model: ModelParams
     train: TrainParams
     eval: EvalParams | None = None  # only the eval stage needs it
+    finetune_spam: SpamParams | None = None
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:
@@ -166,6 +185,20 @@ def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _validate_loop(section: str, t: LoopParams) -> None:
+    for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps"):
+        _positive(f"{section}.{key}", getattr(t, key))
+    _positive(f"{section}.lr", t.lr)
+    for key in ("weight_decay", "warmup_steps", "min_lr", "grad_clip", "checkpoint_every"):
+        _positive(f"{section}.{key}", getattr(t, key), allow_zero=True)
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"{section}.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"{section}.min_lr ({t.min_lr}) must be <= {section}.lr ({t.lr})")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"{section}.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+
+
 def _validate(p: Params) -> None:
     if not 0.0 < p.data.train_ratio < 1.0:
         raise ConfigError(f"data.train_ratio must be in (0, 1), got {p.data.train_ratio}")
@@ -202,12 +235,20 @@ def _validate(p: Params) -> None:
         raise ConfigError(
             f"train.max_length ({t.max_length}) must be <= the model's context_length ({cfg['context_length']})"
         )
-    if t.lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr ({t.min_lr}) must be <= train.lr ({t.lr})")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _validate_loop("train", t)
+    if p.finetune_spam is not None:
+        f = p.finetune_spam
+        _validate_loop("finetune_spam", f)
+        if not (0 < f.train_frac < 1 and 0 < f.validation_frac < 1 and f.train_frac + f.validation_frac < 1):
+            raise ConfigError(
+                "finetune_spam.train_frac and validation_frac must be in (0, 1) and sum to less than 1, "
+                f"got {f.train_frac} and {f.validation_frac}"
+            )
+        if f.pooling not in ("last", "last_nonpad", "mean"):
+            raise ConfigError(f"finetune_spam.pooling must be last, last_nonpad or mean, got {f.pooling!r}")
+        _positive("finetune_spam.max_length", f.max_length)
+        if f.trainable_blocks < -1:
+            raise ConfigError(f"finetune_spam.trainable_blocks must be -1 (all) or >= 0, got {f.trainable_blocks}")
     if p.eval is not None:
         e = p.eval
         _positive("eval.max_new_tokens", e.max_new_tokens)

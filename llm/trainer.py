@@ -104,16 +104,18 @@ class History:
     step: list[int] = field(default_factory=list)
     epoch: list[int] = field(default_factory=list)
     tokens_seen: list[int] = field(default_factory=list)
+    examples_seen: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
     total_tokens: int = 0
+    total_examples: int = 0
     train_seconds: float = 0.0
 
     def rows(self) -> list[dict[str, Any]]:
-        keys = ["step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr"]
+        keys = ["step", "epoch", "tokens_seen", "examples_seen", "train_loss", "val_loss", "lr"]
         columns = [getattr(self, k) for k in keys]
         rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*columns, strict=True)]
         for name, values in self.extra.items():
@@ -316,6 +318,7 @@ class Trainer:
                 (loss / s.grad_accum_steps).backward()
                 accumulated += 1
                 self.history.total_tokens += batch[0].numel()
+                self.history.total_examples += len(batch[0])
                 self.batches_done = micro + 1
                 last_in_epoch = self.batches_done == len(self.train_loader)
                 if accumulated < s.grad_accum_steps and not last_in_epoch:
@@ -354,6 +357,7 @@ class Trainer:
         h.step.append(self.step)
         h.epoch.append(self.epoch + 1)
         h.tokens_seen.append(h.total_tokens)
+        h.examples_seen.append(h.total_examples)
         h.train_loss.append(train_loss)
         h.val_loss.append(val_loss)
         h.lr.append(lr)

@@ -68,7 +68,7 @@ def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] > 0 and pretrain["tokens_seen"] > 0
     curve = (path / "metrics/curves/pretrain.csv").read_text().splitlines()
-    assert curve[0] == "step,epoch,tokens_seen,train_loss,val_loss,lr" and len(curve) > 1
+    assert curve[0] == "step,epoch,tokens_seen,examples_seen,train_loss,val_loss,lr" and len(curve) > 1
     samples = json.loads((path / "data/eval/samples.json").read_text())
     assert samples[0]["prompt"] == "Every effort moves you"
     assert (path / "models/pretrain/model.safetensors").is_file()

@@ -1,0 +1,197 @@
+"""Chapter 6: the book's data preparation, dataset, frozen layers, metrics, and `llm classify`."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from llm.classifier import (
+    SpamDataset,
+    add_classification_head,
+    binary_metrics,
+    calc_accuracy_loader,
+    class_logits,
+    classification_loss,
+    create_balanced_dataset,
+    load_classifier,
+    load_sms_spam,
+    random_split,
+    read_split_csv,
+    save_classifier,
+)
+from llm.cli import main
+from llm.download import fetch_zip_member
+from llm.errors import LLMError
+from llm.model import GPTModel
+from llm.tokenizer import get_tokenizer
+from llm.train import make_optimizer
+from tests.conftest import MIRROR, tiny_cfg
+
+SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SPAM_SHA = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+
+
+@pytest.fixture(scope="module")
+def sms(tmp_path_factory):
+    if not (MIRROR / "sms+spam+collection.zip").is_file():
+        pytest.skip("needs the mirrored SMS Spam Collection")
+    dest = tmp_path_factory.mktemp("spam") / "SMSSpamCollection"
+    return load_sms_spam(fetch_zip_member(SPAM_URL, "SMSSpamCollection", SPAM_SHA, dest, mirror=str(MIRROR)))
+
+
+def test_data_preparation_matches_the_book(sms):
+    assert len(sms) == 5574
+    assert sms["Label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    balanced = create_balanced_dataset(sms, 123)
+    assert balanced["Label"].value_counts().to_dict() == {"ham": 747, "spam": 747}
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
+    train, val, test = random_split(balanced, 0.7, 0.1, 123)
+    assert (len(train), len(val), len(test)) == (1045, 149, 300)
+    rebalanced = create_balanced_dataset(sms, 123)
+    again = random_split(rebalanced.assign(Label=rebalanced["Label"].map({"ham": 0, "spam": 1})), 0.7, 0.1, 123)
+    assert train.equals(again[0]) and test.equals(again[2])
+    other = random_split(balanced, 0.7, 0.1, 7)[0]
+    assert not train.equals(other)
+    # the book's max_length: the longest training message is 120 tokens
+    assert SpamDataset(train, get_tokenizer()).max_length == 120
+
+
+def test_dataset_pads_and_truncates():
+    df = pd.DataFrame({"Label": [0, 1], "Text": ["hi", "one two three four five"]})
+    tok = get_tokenizer()
+    ds = SpamDataset(df, tok)
+    assert ds.max_length == 5
+    assert ds[0][0].tolist() == tok.encode("hi") + [50256] * 4 and ds[1][1].item() == 1
+    short = SpamDataset(df, tok, max_length=3)
+    assert short[1][0].tolist() == tok.encode("one two three four five")[:3]
+    assert SpamDataset(pd.DataFrame({"Label": [0], "Text": ["a <|endoftext|> b"]}), tok).max_length > 1
+
+
+def test_frozen_parameters_stay_frozen():
+    torch.manual_seed(0)
+    model = add_classification_head(GPTModel(tiny_cfg(n_layers=3)), 2, trainable_blocks=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, 1e-2, 0.1)
+    x, y = torch.randint(0, 50257, (4, 6)), torch.tensor([0, 1, 1, 0])
+    classification_loss("last")(model, (x, y), torch.device("cpu"), "fp32").backward()
+    opt.step()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        n for n, _ in model.named_parameters() if n.startswith(("trf_blocks.2.", "final_norm.", "out_head."))
+    }
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == (name in trainable), name
+        if name not in trainable:
+            assert p.grad is None, name
+    assert model.out_head.weight.shape == (2, 36)
+    everything = add_classification_head(GPTModel(tiny_cfg()), 2, trainable_blocks=-1)
+    assert all(p.requires_grad for p in everything.parameters())
+    head_only = add_classification_head(GPTModel(tiny_cfg()), 2, trainable_blocks=0)
+    assert {n for n, p in head_only.named_parameters() if p.requires_grad} == {
+        "final_norm.scale", "final_norm.shift", "out_head.weight", "out_head.bias"
+    }  # fmt: skip
+
+
+def test_pooling_reads_the_right_positions():
+    torch.manual_seed(1)
+    model = add_classification_head(GPTModel(tiny_cfg()), 2).eval()
+    x = torch.tensor([[5, 6, 50256, 50256], [7, 8, 9, 10]])
+    full = model(x)
+    assert torch.equal(class_logits(model, x, "last"), full[:, -1])
+    assert torch.equal(class_logits(model, x, "last_nonpad")[0], full[0, 1])
+    assert torch.allclose(class_logits(model, x, "mean")[0], full[0, :2].mean(0))
+    assert torch.allclose(class_logits(model, x, "mean")[1], full[1].mean(0))
+
+
+def test_accuracy_and_binary_metrics_by_hand():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    pred = np.array([1, 0, 1, 0, 1, 0, 0, 1])
+    m = binary_metrics(y, pred)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 3)
+    assert m["accuracy"] == 6 / 8 and m["precision"] == 3 / 4 and m["recall"] == 3 / 4 and m["f1"] == 0.75
+
+    class Fixed(torch.nn.Module):  # logits that favour class 1 for even first tokens
+        def forward(self, x):
+            out = torch.zeros(*x.shape, 2)
+            out[..., 1] = (x[:, :1] % 2 == 0).float()
+            return out
+
+    xs = torch.tensor([[2, 0], [3, 0], [4, 0], [5, 0]])
+    loader = DataLoader(list(zip(xs, torch.tensor([1, 0, 0, 0]), strict=True)), batch_size=2)
+    assert calc_accuracy_loader(loader, Fixed(), "cpu") == 0.75  # the [4, 0] row is wrong
+    assert calc_accuracy_loader(loader, Fixed(), "cpu", num_batches=1) == 1.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no messages"),
+        ("ham\tfine\nmaybe\tspam?\n", "line 2: label 'maybe' is not ham or spam"),
+    ],
+)
+def test_malformed_raw_files_are_rejected(tmp_path, content, message):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text(content)
+    with pytest.raises(LLMError, match=message):
+        load_sms_spam(path)
+
+
+def test_quotes_survive_and_split_csv_is_checked(tmp_path):
+    raw = tmp_path / "s.txt"
+    raw.write_text('ham\t"Hi" she said\nspam\tWIN "now\n')
+    assert load_sms_spam(raw)["Text"].tolist() == ['"Hi" she said', 'WIN "now']
+    (tmp_path / "a.csv").write_text("Label,Message\n0,hi\n")
+    with pytest.raises(LLMError, match="has no 'Text' column"):
+        read_split_csv(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("Label,Text\n3,hi\n")
+    with pytest.raises(LLMError, match="0 \\(ham\\) or 1 \\(spam\\)"):
+        read_split_csv(tmp_path / "b.csv")
+    (tmp_path / "c.csv").write_text("")
+    with pytest.raises(LLMError, match="cannot read"):
+        read_split_csv(tmp_path / "c.csv")
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    torch.manual_seed(2)
+    model = add_classification_head(GPTModel(tiny_cfg(context_length=16)), 2)
+    path = save_classifier(model, tmp_path_factory.mktemp("cls") / "spam", max_length=8, pooling="mean")
+    return path, model.eval()
+
+
+def test_classifier_checkpoint_roundtrip(classifier_ckpt):
+    path, model = classifier_ckpt
+    loaded, info = load_classifier(path)
+    assert info == {"num_classes": 2, "max_length": 8, "pooling": "mean"}
+    x = torch.randint(0, 50257, (2, 8))
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_cli_classify_text_file_and_errors(classifier_ckpt, tmp_path, capsys):
+    path, _ = classifier_ckpt
+    assert main(["classify", "--checkpoint", str(path), "WIN a prize now"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(("spam (spam probability", "not spam (spam probability"))
+    messages = tmp_path / "m.csv"
+    messages.write_text('text,id\nhello there,1\n"long ' + "word " * 40 + '",2\n')
+    assert (
+        main(["classify", "--checkpoint", str(path), "--file", str(messages), "--output", str(tmp_path / "p.csv")]) == 0
+    )
+    assert "1 message(s) truncated to 8 tokens" in capsys.readouterr().err
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert list(preds.columns) == ["text", "label", "spam_probability"] and len(preds) == 2
+    assert set(preds["label"]) <= {"spam", "not spam"}
+    for args, message in [
+        (["   "], "the message is empty"),
+        (["--file", str(tmp_path / "none.txt")], "does not exist"),
+        ([], "give a message to classify or --file"),
+    ]:
+        assert main(["classify", "--checkpoint", str(path), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text("message\nhi\n")
+    assert main(["classify", "--checkpoint", str(path), "--file", str(bad)]) == 2
+    assert "needs a 'text' column" in capsys.readouterr().err
