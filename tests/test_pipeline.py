@@ -1,4 +1,4 @@
-"""End to end: prepare_text → pretrain → eval through `dvc repro` in a temporary clone, on a tiny profile."""
+"""End to end: prepare_text → pretrain → eval → finetune_spam through `dvc repro` in a temporary clone, on a tiny profile."""
 
 import json
 import os
@@ -16,6 +16,7 @@ TINY = {
     "model": {"emb_dim": 32, "n_heads": 2, "n_layers": 1, "context_length": 32},
     "train": {"max_length": 32, "stride": 32, "num_epochs": 1, "batch_size": 4, "eval_freq": 10},
     "eval": {"max_new_tokens": 5},
+    "finetune_spam": {"num_epochs": 1, "eval_freq": 100, "batch_size": 16},
 }
 
 
@@ -63,7 +64,7 @@ def repo(tmp_path_factory):
 def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     path, env = repo
     sh(["dvc", "repro"], path, env)
-    for stage in ("prepare_text", "pretrain", "eval"):
+    for stage in ("prepare_text", "pretrain", "eval", "finetune_spam"):
         assert json.loads((path / f"metrics/{stage}.json").read_text())
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] > 0 and pretrain["tokens_seen"] > 0
@@ -72,6 +73,9 @@ def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     samples = json.loads((path / "data/eval/samples.json").read_text())
     assert samples[0]["prompt"] == "Every effort moves you"
     assert (path / "models/pretrain/model.safetensors").is_file()
+    spam = json.loads((path / "metrics/finetune_spam.json").read_text())
+    assert 0 <= spam["test_accuracy"] <= 1 and spam["baseline_test_accuracy"] > 0.9
+    assert len((path / "data/spam/test.csv").read_text().splitlines()) == 301
 
     again = sh(["dvc", "repro"], path, env)
     assert "Running stage" not in again
