@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--batch-size", type=_positive_int, default=32)
     cls.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     cls.set_defaults(func=cmd_classify)
+
+    ins = sub.add_parser("instruct", help="answer an instruction with a finetune_instruct checkpoint, streaming")
+    ins.add_argument("--checkpoint", required=True, help="checkpoint directory (models/instruct)")
+    ins.add_argument("instruction", nargs="?", help="the instruction")
+    ins.add_argument("--input", default="", help="optional input for the instruction")
+    ins.add_argument("--file", help="a JSON list or JSONL file of {instruction, input} entries")
+    ins.add_argument("--output", help="JSON file for --file results (default: stdout)")
+    ins.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    ins.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    ins.set_defaults(func=cmd_instruct)
     return parser
 
 
@@ -146,6 +156,61 @@ def cmd_classify(args: argparse.Namespace) -> None:
     else:
         atomic_write_bytes(args.output, buf.getvalue().encode())
         print(f"wrote {len(messages)} predictions to {args.output}", file=sys.stderr)
+
+
+def cmd_instruct(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from llm.checkpoint import load_checkpoint, resolve_checkpoint
+    from llm.generate import generate_stream
+    from llm.instruct import format_input, load_instructions, response_header
+    from llm.io import write_json
+    from llm.runtime import select_device
+    from llm.tokenizer import EOT_ID, encode, get_tokenizer
+
+    if (args.instruction is None) == (args.file is None):
+        raise LLMError("give an instruction or --file, not both")
+    if args.file is None and not args.instruction.strip():
+        raise LLMError("the instruction is empty")
+    if args.file is not None:
+        entries = [dict(e) for e in load_instructions(Path(args.file), require_output=False)]
+    else:
+        entries = [{"instruction": args.instruction, "input": args.input}]
+    device = select_device(args.device)
+    model = load_checkpoint(args.checkpoint, map_location=device)
+    _, config = resolve_checkpoint(args.checkpoint)
+    meta = json.loads(config.read_text()) if config and config.is_file() else {}
+    style = meta.get("instruct", {}).get("prompt_style", "alpaca")
+    tokenizer = get_tokenizer()
+    context = model.cfg["context_length"]
+    stream = args.file is None
+    for entry in entries:
+        # The model was trained to write this header itself; giving it lets the answer stream alone.
+        prompt = format_input(entry, style) + response_header(style)
+        ids = encode(prompt, tokenizer)[-context:]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = []
+        for token in generate_stream(
+            model, torch.tensor([ids], device=device), args.max_new_tokens, context, eos_id=EOT_ID
+        ):
+            piece = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+            pieces.append(piece)
+            if stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        text = "".join(pieces) + decoder.decode(b"", final=True)
+        entry["model_response"] = text.strip()
+        if stream:
+            sys.stdout.write("\n")
+    if args.file is not None:
+        if args.output:
+            write_json(args.output, entries)
+            print(f"wrote {len(entries)} responses to {args.output}", file=sys.stderr)
+        else:
+            print(json.dumps(entries, indent=2, ensure_ascii=False))
 
 
 def main(argv: list[str] | None = None) -> int:

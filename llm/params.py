@@ -93,6 +93,21 @@ class SpamParams(LoopParams):
     pooling: str = "last"  # last (the book), last_nonpad or mean
 
 
+@dataclass(frozen=True, kw_only=True)
+class InstructParams(LoopParams):
+    init: str = "pretrain"  # the pipeline's pretrained checkpoint, or a checkpoint path
+    data: str = "instructions"  # a name in `sources`, or a path to a JSON/JSONL file
+    train_frac: float = 0.85  # the book: first 85% train, next 10% test, the rest validation
+    test_frac: float = 0.1
+    prompt_style: str = "alpaca"  # alpaca (the book) or phi3
+    mask_prompt: bool = False  # drop prompt tokens from the loss (the book's exercise 7.2)
+    allowed_max_length: int | None = None  # None = the model's context_length (the book: 1024)
+    max_new_tokens: int = 256
+    judge: str = "none"  # none or ollama
+    judge_model: str = "llama3"
+    judge_url: str = "http://localhost:11434"
+
+
 @dataclass(frozen=True)
 class EvalParams:
     prompts: list[str]
@@ -111,6 +126,7 @@ class Params:
     train: TrainParams
     eval: EvalParams | None = None  # only the eval stage needs it
     finetune_spam: SpamParams | None = None
+    finetune_instruct: InstructParams | None = None
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:
@@ -249,6 +265,20 @@ def _validate(p: Params) -> None:
         _positive("finetune_spam.max_length", f.max_length)
         if f.trainable_blocks < -1:
             raise ConfigError(f"finetune_spam.trainable_blocks must be -1 (all) or >= 0, got {f.trainable_blocks}")
+    if p.finetune_instruct is not None:
+        f = p.finetune_instruct
+        _validate_loop("finetune_instruct", f)
+        if not (0 < f.train_frac < 1 and 0 < f.test_frac < 1 and f.train_frac + f.test_frac < 1):
+            raise ConfigError(
+                "finetune_instruct.train_frac and test_frac must be in (0, 1) and sum to less than 1, "
+                f"got {f.train_frac} and {f.test_frac}"
+            )
+        if f.prompt_style not in ("alpaca", "phi3"):
+            raise ConfigError(f"finetune_instruct.prompt_style must be alpaca or phi3, got {f.prompt_style!r}")
+        if f.judge not in ("none", "ollama"):
+            raise ConfigError(f"finetune_instruct.judge must be none or ollama, got {f.judge!r}")
+        _positive("finetune_instruct.max_new_tokens", f.max_new_tokens)
+        _positive("finetune_instruct.allowed_max_length", f.allowed_max_length)
     if p.eval is not None:
         e = p.eval
         _positive("eval.max_new_tokens", e.max_new_tokens)

@@ -1,4 +1,4 @@
-"""End to end: prepare_text → pretrain → eval → finetune_spam through `dvc repro` in a temporary clone, on a tiny profile."""
+"""End to end: the pipeline through `dvc repro` in a temporary clone, on a tiny profile."""
 
 import json
 import os
@@ -17,6 +17,7 @@ TINY = {
     "train": {"max_length": 32, "stride": 32, "num_epochs": 1, "batch_size": 4, "eval_freq": 10},
     "eval": {"max_new_tokens": 5},
     "finetune_spam": {"num_epochs": 1, "eval_freq": 100, "batch_size": 16},
+    "finetune_instruct": {"num_epochs": 1, "eval_freq": 100, "batch_size": 16, "max_new_tokens": 3},
 }
 
 
@@ -64,7 +65,7 @@ def repo(tmp_path_factory):
 def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     path, env = repo
     sh(["dvc", "repro"], path, env)
-    for stage in ("prepare_text", "pretrain", "eval", "finetune_spam"):
+    for stage in ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct"):
         assert json.loads((path / f"metrics/{stage}.json").read_text())
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] > 0 and pretrain["tokens_seen"] > 0
@@ -76,6 +77,10 @@ def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     spam = json.loads((path / "metrics/finetune_spam.json").read_text())
     assert 0 <= spam["test_accuracy"] <= 1 and spam["baseline_test_accuracy"] > 0.9
     assert len((path / "data/spam/test.csv").read_text().splitlines()) == 301
+    responses = json.loads((path / "data/instruct/responses.json").read_text())
+    assert len(responses) == 110 and all("model_response" in r for r in responses)
+    instruct = json.loads((path / "metrics/finetune_instruct.json").read_text())
+    assert {"train_loss", "val_loss", "test_loss", "rouge_l", "exact_match"} <= instruct.keys()
 
     again = sh(["dvc", "repro"], path, env)
     assert "Running stage" not in again

@@ -1,0 +1,170 @@
+"""Chapter 7: data, prompt format, collate, response metrics, the Ollama judge client, `llm instruct`."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from llm.checkpoint import save_checkpoint
+from llm.cli import main
+from llm.errors import LLMError
+from llm.instruct import (
+    InstructionDataset,
+    custom_collate_fn,
+    exact_match,
+    extract_response,
+    format_input,
+    load_instructions,
+    response_metrics,
+    rouge_l,
+    split_instructions,
+)
+from llm.judge import judge_prompt, judge_responses, parse_score
+from llm.model import GPTModel
+from llm.tokenizer import get_tokenizer
+from tests.conftest import MIRROR, tiny_cfg
+
+ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by Sam.", "output": "Sam baked the cake."}
+
+
+def test_collate_matches_the_books_example():
+    inputs, targets = custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+    inputs, targets = custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, 50256]] and targets.tolist() == [[1, 2, 3], [6, 50256, -100]]
+
+
+def test_prompt_masking_option():
+    _, targets = custom_collate_fn([([10, 11, 12, 13], 3), [5, 6]])
+    assert targets.tolist() == [[-100, -100, 13, 50256], [6, 50256, -100, -100]]
+
+
+def test_prompt_format_is_the_books_character_for_character():
+    assert format_input(ENTRY) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cake was baked by Sam."
+    )
+    no_input = {**ENTRY, "input": ""}
+    assert format_input(no_input).endswith("### Instruction:\nRewrite the sentence.")
+    assert format_input({"instruction": "x", "output": "y"}).endswith("### Instruction:\nx")
+    assert format_input(ENTRY, "phi3") == "<|user|>\nRewrite the sentence.\nThe cake was baked by Sam."
+    prompt = format_input(ENTRY)
+    assert extract_response(prompt + "\n\n### Response:\nSam baked the cake.", prompt) == "Sam baked the cake."
+    ds = InstructionDataset([ENTRY], get_tokenizer())
+    assert get_tokenizer().decode(ds[0]) == prompt + "\n\n### Response:\nSam baked the cake."
+    masked = InstructionDataset([ENTRY], get_tokenizer(), mask_prompt=True)
+    ids, prompt_length = masked[0]
+    assert get_tokenizer().decode(ids[prompt_length:]) == "Sam baked the cake."
+
+
+def test_real_data_splits_as_the_book(tmp_path):
+    path = MIRROR / "instruction-data.json"
+    if not path.is_file():
+        pytest.skip("needs the mirrored instruction data")
+    data = load_instructions(path)
+    train, test, val = split_instructions(data, 0.85, 0.1)
+    assert (len(data), len(train), len(test), len(val)) == (1100, 935, 110, 55)
+    assert train[0] == data[0] and val[-1] == data[-1]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(e) for e in data[:3]))
+    assert load_instructions(jsonl) == data[:3]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[]", "non-empty list"),
+        ("{bad", "not valid JSON"),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', "entry 1 needs a string 'output'"),
+        ('[{"instruction": 3, "output": "b"}]', "entry 0 needs a string 'instruction'"),
+        ('[{"instruction": "a", "output": "b", "input": 5}]', "entry 0: 'input' must be a string"),
+        ('["text"]', "entry 0 is not an object"),
+    ],
+)
+def test_bad_data_is_reported_by_index_and_key(tmp_path, content, message):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(LLMError, match=message):
+        load_instructions(path)
+
+
+def test_rouge_l_and_exact_match_on_known_pairs():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("the cat", "a dog") == 0.0
+    # LCS "the cat the mat" = 4 of 6 candidate and 4 of 7 reference words
+    assert rouge_l("the cat sat on the mat", "the cat was under the red mat") == pytest.approx(
+        2 * (4 / 6) * (4 / 7) / (4 / 6 + 4 / 7)
+    )
+    assert exact_match("Sam baked the cake.", "sam baked the cake") and not exact_match("Sam baked", "Sam baked it")
+    m = response_metrics([{"model_response": "Sam baked the cake.", "output": "Sam baked the cake."},
+                          {"model_response": "no", "output": "yes sir"}])  # fmt: skip
+    assert m["exact_match"] == 0.5 and m["rouge_l"] == 0.5 and m["avg_response_words"] == 2.5
+
+
+class _Judge(BaseHTTPRequestHandler):
+    replies: list = []
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((self.path, body))
+        reply = type(self).replies.pop(0)
+        data = json.dumps({"message": {"role": "assistant", "content": reply}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_against_a_local_ollama_api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        _Judge.replies[:] = ["85", "I would say 40", " 60\n"]
+        _Judge.seen.clear()
+        entries = [{**ENTRY, "model_response": r} for r in ("Sam baked the cake.", "cake", "Sam baked it.")]
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = judge_responses(entries, "llama3", url)
+        assert result == {"judge_score": 72.5, "judge_scored": 2, "judge_invalid": 1}
+        path, body = _Judge.seen[0]
+        assert path == "/api/chat" and body["model"] == "llama3" and body["stream"] is False
+        assert body["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+        assert body["messages"][0]["content"] == judge_prompt(entries[0])
+        assert judge_prompt(entries[0]).endswith("Respond with the integer number only.")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(LLMError, match="cannot reach the Ollama judge at http://127.0.0.1:9") as err:
+        judge_responses(entries[:1], "llama3", "http://127.0.0.1:9")
+    assert "\n" not in str(err.value)
+    assert parse_score("101") is None and parse_score("7.") == 7 and parse_score("abc") is None
+
+
+@pytest.fixture(scope="module")
+def instruct_ckpt(tmp_path_factory):
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg(context_length=64))
+    return save_checkpoint(model, tmp_path_factory.mktemp("ins") / "m", extra={"instruct": {"prompt_style": "alpaca"}})
+
+
+def test_cli_instruct_streams_and_runs_files(instruct_ckpt, tmp_path, capsys):
+    assert main(["instruct", "--checkpoint", str(instruct_ckpt), "Name a color.", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"instruction": "Name a color."}\n{"instruction": "Add", "input": "1 and 2"}\n')
+    out = tmp_path / "r.json"
+    assert main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(data), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["instruction"] for r in results] == ["Name a color.", "Add"]
+    assert all(isinstance(r["model_response"], str) for r in results)
+    capsys.readouterr()
+    assert main(["instruct", "--checkpoint", str(instruct_ckpt), " "]) == 2
+    assert "the instruction is empty" in capsys.readouterr().err
