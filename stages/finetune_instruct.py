@@ -37,6 +37,7 @@ MODEL_DIR = Path("models/instruct")
 RESPONSES = Path("data/instruct/responses.json")
 CURVE = Path("metrics/curves/finetune_instruct.csv")
 METRICS = Path("metrics/finetune_instruct.json")
+STATE = Path("models/resume/finetune_instruct.pt")  # Ctrl-C/SIGTERM saves here; a rerun resumes
 
 
 def data_file(params) -> Path:
@@ -72,7 +73,8 @@ def main(params_path: str = "params.yaml") -> dict:
 
     set_seed(f.seed)  # the book: torch.manual_seed(123) before the loaders
     model.train()
-    trainer = Trainer(model, sets["train"], sets["val"], f, collate_fn=collate)
+    run_id = {"params": f.__dict__, "init": str(init), "examples": len(train_data)}
+    trainer = Trainer(model, sets["train"], sets["val"], f, collate_fn=collate, state_path=STATE, run_id=run_id)
     started = time.perf_counter()
     history = trainer.fit()
     train_seconds = time.perf_counter() - started

@@ -38,6 +38,7 @@ MODEL_DIR = Path("models/spam")
 CURVE = Path("metrics/curves/finetune_spam.csv")
 ACC_CURVE = Path("metrics/curves/finetune_spam_accuracy.csv")
 METRICS = Path("metrics/finetune_spam.json")
+STATE = Path("models/resume/finetune_spam.pt")  # Ctrl-C/SIGTERM saves here; a rerun resumes
 
 
 def prepare_splits(params) -> dict:
@@ -110,7 +111,10 @@ def main(params_path: str = "params.yaml") -> dict:
         accuracy_rows.append(row)
         print(f"epoch {epoch}: train accuracy {row['train_accuracy']:.2%}, val accuracy {row['val_accuracy']:.2%}")
 
-    trainer = Trainer(model, train_set, val_set, f, loss_fn=loss_fn, on_epoch_end=epoch_accuracy)
+    run_id = {"params": f.__dict__, "init": str(init), "examples": len(train_set)}
+    trainer = Trainer(
+        model, train_set, val_set, f, loss_fn=loss_fn, on_epoch_end=epoch_accuracy, state_path=STATE, run_id=run_id
+    )
     started = time.perf_counter()
     history = trainer.fit()
     train_seconds = time.perf_counter() - started
