@@ -49,7 +49,7 @@ def read_tokens(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a token file written by `write_tokens` (read-only; nothing is loaded up front)."""
     path = Path(path)
     if not path.is_file():
-        raise LLMError(f"token file {path} does not exist")
+        raise LLMError(f"token file {path} does not exist: the prepare_text stage writes it")
     if path.stat().st_size % np.dtype(TOKEN_DTYPE).itemsize:
         raise LLMError(f"token file {path} is truncated: its size is not a multiple of 2 bytes")
     if path.stat().st_size == 0:

@@ -103,6 +103,7 @@ class InstructParams(LoopParams):
     mask_prompt: bool = False  # drop prompt tokens from the loss (the book's exercise 7.2)
     allowed_max_length: int | None = None  # None = the model's context_length (the book: 1024)
     max_new_tokens: int = 256
+    eos_id: int | None = 50256  # stop generating at <|endoftext|>; null = always max_new_tokens
     judge: str = "none"  # none or ollama
     judge_model: str = "llama3"
     judge_url: str = "http://localhost:11434"

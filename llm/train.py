@@ -26,17 +26,24 @@ def calc_loss_batch(input_batch, target_batch, model, device, precision: str = "
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None, precision: str = "fp32"):
-    """Average loss over the first `num_batches` batches (all by default); NaN for an empty loader."""
+def calc_loss_loader(data_loader, model, device, num_batches=None, precision: str = "fp32", loss_fn=None):
+    """Average loss over the first `num_batches` batches (all by default); NaN for an empty loader.
+
+    `loss_fn(model, batch, device, precision)` replaces the next-token loss (e.g. a classifier's).
+    """
     if len(data_loader) == 0:
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total = 0.0
     with torch.no_grad():
-        for i, (input_batch, target_batch) in enumerate(data_loader):
+        for i, batch in enumerate(data_loader):
             if i >= num_batches:
                 break
-            total += calc_loss_batch(input_batch, target_batch, model, device, precision).item()
+            if loss_fn is None:
+                loss = calc_loss_batch(batch[0], batch[1], model, device, precision)
+            else:
+                loss = loss_fn(model, batch, torch.device(device), precision)
+            total += loss.item()
     return total / num_batches
 
 

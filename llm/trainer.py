@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError
-from llm.runtime import autocast, select_device
-from llm.train import make_optimizer
+from llm.runtime import select_device
+from llm.train import calc_loss_batch, calc_loss_loader, make_optimizer
 
 LossFn = Callable[[torch.nn.Module, Any, torch.device, str], torch.Tensor]
 
@@ -43,11 +42,7 @@ class TrainingInterrupted(LLMError):
 
 def lm_loss(model, batch, device, precision):
     """Next-token cross-entropy over every position (the book's `calc_loss_batch`)."""
-    inputs, targets = batch
-    inputs, targets = inputs.to(device), targets.to(device)
-    with autocast(device, precision):
-        logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return calc_loss_batch(batch[0], batch[1], model, device, precision)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -192,16 +187,7 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
     def _mean_loss(self, loader: DataLoader, num_batches: int | None) -> float:
-        if len(loader) == 0:
-            return float("nan")
-        n = len(loader) if num_batches is None else min(num_batches, len(loader))
-        total = 0.0
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if i >= n:
-                    break
-                total += self.loss_fn(self.model, batch, self.device, self.s.precision).item()
-        return total / n
+        return calc_loss_loader(loader, self.model, self.device, num_batches, self.s.precision, self.loss_fn)
 
     def evaluate(self, num_batches: int | None) -> tuple[float, float, dict[str, float]]:
         """(train loss, val loss, extra metrics) on the first `num_batches` batches, in eval mode."""

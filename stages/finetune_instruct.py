@@ -28,7 +28,7 @@ from llm.io import write_csv, write_json
 from llm.judge import judge_responses
 from llm.params import load_params
 from llm.runtime import keep_freed_memory, select_device, set_seed
-from llm.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.train import calc_loss_loader, perplexity
 from llm.trainer import Trainer
 
@@ -96,7 +96,7 @@ def main(params_path: str = "params.yaml") -> dict:
     for entry in tqdm(test_data, desc="responses", unit="entry"):
         prompt = format_input(entry, f.prompt_style)
         ids = text_to_token_ids(prompt, tokenizer)[:, -context:].to(device)
-        out = generate(model, ids, f.max_new_tokens, context, eos_id=EOT_ID)
+        out = generate(model, ids, f.max_new_tokens, context, eos_id=f.eos_id)
         # decode only the new tokens: a prompt longer than the context was cut on the left
         text = prompt + token_ids_to_text(out[:, ids.shape[1] :], tokenizer)
         entries.append({**entry, "model_response": extract_response(text, prompt, f.prompt_style)})
