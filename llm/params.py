@@ -202,6 +202,13 @@ def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_fractions(section: str, **fractions: float) -> None:
+    """Two split fractions, each in (0, 1), leaving something for the third split."""
+    (a, x), (b, y) = fractions.items()
+    if not (0 < x < 1 and 0 < y < 1 and x + y < 1):
+        raise ConfigError(f"{section}.{a} and {b} must be in (0, 1) and sum to less than 1, got {x} and {y}")
+
+
 def _validate_loop(section: str, t: LoopParams) -> None:
     for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps"):
         _positive(f"{section}.{key}", getattr(t, key))
@@ -235,32 +242,17 @@ def _validate(p: Params) -> None:
     except ConfigError as exc:
         raise ConfigError(f"model (preset {p.model.preset} with overrides): {exc}") from None
     t = p.train
-    for key in (
-        "num_epochs",
-        "batch_size",
-        "max_length",
-        "stride",
-        "eval_freq",
-        "eval_iter",
-        "grad_accum_steps",
-    ):
-        _positive(f"train.{key}", getattr(t, key))
-    _positive("train.lr", t.lr)
-    for key in ("weight_decay", "warmup_steps", "min_lr", "grad_clip", "checkpoint_every"):
-        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _validate_loop("train", t)
+    _positive("train.max_length", t.max_length)
+    _positive("train.stride", t.stride)
     if t.max_length > cfg["context_length"]:
         raise ConfigError(
             f"train.max_length ({t.max_length}) must be <= the model's context_length ({cfg['context_length']})"
         )
-    _validate_loop("train", t)
     if p.finetune_spam is not None:
         f = p.finetune_spam
         _validate_loop("finetune_spam", f)
-        if not (0 < f.train_frac < 1 and 0 < f.validation_frac < 1 and f.train_frac + f.validation_frac < 1):
-            raise ConfigError(
-                "finetune_spam.train_frac and validation_frac must be in (0, 1) and sum to less than 1, "
-                f"got {f.train_frac} and {f.validation_frac}"
-            )
+        _check_fractions("finetune_spam", train_frac=f.train_frac, validation_frac=f.validation_frac)
         if f.pooling not in ("last", "last_nonpad", "mean"):
             raise ConfigError(f"finetune_spam.pooling must be last, last_nonpad or mean, got {f.pooling!r}")
         _positive("finetune_spam.max_length", f.max_length)
@@ -269,11 +261,7 @@ def _validate(p: Params) -> None:
     if p.finetune_instruct is not None:
         f = p.finetune_instruct
         _validate_loop("finetune_instruct", f)
-        if not (0 < f.train_frac < 1 and 0 < f.test_frac < 1 and f.train_frac + f.test_frac < 1):
-            raise ConfigError(
-                "finetune_instruct.train_frac and test_frac must be in (0, 1) and sum to less than 1, "
-                f"got {f.train_frac} and {f.test_frac}"
-            )
+        _check_fractions("finetune_instruct", train_frac=f.train_frac, test_frac=f.test_frac)
         if f.prompt_style not in ("alpaca", "phi3"):
             raise ConfigError(f"finetune_instruct.prompt_style must be alpaca or phi3, got {f.prompt_style!r}")
         if f.judge not in ("none", "ollama"):

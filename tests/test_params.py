@@ -58,6 +58,14 @@ def test_preset_and_overrides():
         ("data.corpus", ["nonsense"], "data.corpus entry 'nonsense' is neither a name in sources"),
         ("eval.top_k", 0, "eval.top_k must be > 0"),
         ("sources.the-verdict", {"url": "x.txt", "sha256": "abc"}, "sources.the-verdict.sha256 must be 64 hex"),
+        ("finetune_spam.train_frac", 0.95, "finetune_spam.train_frac and validation_frac must be in (0, 1)"),
+        ("finetune_spam.pooling", "max", "finetune_spam.pooling must be last, last_nonpad or mean"),
+        ("finetune_spam.trainable_blocks", -2, "finetune_spam.trainable_blocks must be -1 (all) or >= 0"),
+        ("finetune_spam.lr", 0, "finetune_spam.lr must be > 0"),
+        ("finetune_instruct.test_frac", 0.2, "finetune_instruct.train_frac and test_frac must be in (0, 1)"),
+        ("finetune_instruct.prompt_style", "chatml", "finetune_instruct.prompt_style must be alpaca or phi3"),
+        ("finetune_instruct.judge", "gpt4", "finetune_instruct.judge must be none or ollama"),
+        ("finetune_instruct.num_epochs", 0, "finetune_instruct.num_epochs must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):
