@@ -54,13 +54,21 @@ def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str
     return path
 
 
-def _read_config(file: Path) -> dict[str, Any]:
+def read_meta(file: Path) -> dict[str, Any]:
+    """The parsed `config.json` of a checkpoint: the model config and what stages added to it."""
     try:
         meta = json.loads(file.read_text())
-        cfg = meta.get("model", meta)
-        return model_config(cfg)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read model config {file}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"cannot read model config {file}: not a JSON object")
+    return meta
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    meta = read_meta(file)
+    try:
+        return model_config(meta.get("model", meta))
     except ConfigError as exc:
         raise CheckpointError(f"bad model config in {file}: {exc}") from None
 

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _read_weights, load_weights, save_checkpoint
+from llm.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _read_config,
+    _read_weights,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
 from llm.errors import CheckpointError, LLMError
 from llm.model import GPTModel
 from llm.runtime import autocast
@@ -207,17 +215,14 @@ def save_classifier(model: GPTModel, path, max_length: int, pooling: str, extra:
 
 def load_classifier(path, map_location="cpu") -> tuple[GPTModel, dict]:
     """A classifier checkpoint written by `save_classifier` → (model in eval mode, its settings)."""
-    import json
-
     path = Path(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"classifier checkpoint {path} has no {WEIGHTS_NAME} (expected a directory)")
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-        info = meta["classifier"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not a classifier config: {exc}") from None
-    model = GPTModel(meta["model"])
+    meta = read_meta(path / CONFIG_NAME)
+    if "classifier" not in meta:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not a classifier config: no 'classifier' settings")
+    info = meta["classifier"]
+    model = GPTModel(_read_config(path / CONFIG_NAME))
     model.out_head = nn.Linear(model.cfg["emb_dim"], info["num_classes"])
     load_weights(model, _read_weights(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
     return model.to(map_location).eval(), info

@@ -9,6 +9,14 @@ import sys
 from llm.errors import LLMError
 
 
+def _decoded(tokenizer, steps):
+    """Text pieces of streamed token ids; BPE tokens can split a UTF-8 character, so decode bytes."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in steps:
+        yield decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+    yield decoder.decode(b"", final=True)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -74,8 +82,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
-    # BPE tokens can split a UTF-8 character: decode bytes incrementally.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     steps = generate_stream(
         model,
         idx,
@@ -87,10 +93,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         eos_id=EOT_ID if args.eos else None,
         seed=args.seed,
     )
-    for token in steps:
-        out.write(decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0]))))
+    for piece in _decoded(tokenizer, steps):
+        out.write(piece)
         out.flush()
-    out.write(decoder.decode(b"", final=True) + "\n")
+    out.write("\n")
 
 
 def _read_messages(path: str) -> list[str]:
@@ -164,7 +170,7 @@ def cmd_instruct(args: argparse.Namespace) -> None:
 
     import torch
 
-    from llm.checkpoint import load_checkpoint, resolve_checkpoint
+    from llm.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
     from llm.generate import generate_stream
     from llm.instruct import format_input, load_instructions, response_header
     from llm.io import write_json
@@ -182,7 +188,7 @@ def cmd_instruct(args: argparse.Namespace) -> None:
     device = select_device(args.device)
     model = load_checkpoint(args.checkpoint, map_location=device)
     _, config = resolve_checkpoint(args.checkpoint)
-    meta = json.loads(config.read_text()) if config and config.is_file() else {}
+    meta = read_meta(config) if config and config.is_file() else {}
     style = meta.get("instruct", {}).get("prompt_style", "alpaca")
     tokenizer = get_tokenizer()
     context = model.cfg["context_length"]
@@ -191,17 +197,14 @@ def cmd_instruct(args: argparse.Namespace) -> None:
         # The model was trained to write this header itself; giving it lets the answer stream alone.
         prompt = format_input(entry, style) + response_header(style)
         ids = encode(prompt, tokenizer)[-context:]
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        steps = generate_stream(model, torch.tensor([ids], device=device), args.max_new_tokens, context, eos_id=EOT_ID)
         pieces = []
-        for token in generate_stream(
-            model, torch.tensor([ids], device=device), args.max_new_tokens, context, eos_id=EOT_ID
-        ):
-            piece = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+        for piece in _decoded(tokenizer, steps):
             pieces.append(piece)
             if stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        text = "".join(pieces) + decoder.decode(b"", final=True)
+        text = "".join(pieces)
         entry["model_response"] = text.strip()
         if stream:
             sys.stdout.write("\n")

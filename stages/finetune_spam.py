@@ -50,7 +50,6 @@ def prepare_splits(params) -> dict:
     df = df.assign(Label=df["Label"].map(LABELS))
     parts = random_split(df, f.train_frac, f.validation_frac, random_state=f.seed)
     for name, part in zip(("train", "validation", "test"), parts, strict=True):
-        SPLITS.mkdir(parents=True, exist_ok=True)
         write_csv(SPLITS / f"{name}.csv", part.to_dict("records"))
     return {name: read_split_csv(SPLITS / f"{name}.csv") for name in ("train", "validation", "test")}
 
