@@ -1,9 +1,11 @@
 """Checkpoints: safetensors weights plus a JSON of the model config, written atomically.
 
 A checkpoint is a directory holding `model.safetensors` and `config.json` (the book's seven
-config keys under "model"). `load_checkpoint` also takes the `.safetensors` file itself, or a
+config keys under "model"). `load_checkpoint` also takes the `.safetensors` file itself, a
 book-style `.pth`/`.pt` state_dict (read with `weights_only=True`), whose config comes from a
-`config.json` beside it or, failing that, from the tensor shapes.
+`config.json` beside it or, failing that, from the tensor shapes, and OpenAI's GPT-2 in Hugging
+Face's layout: a name (`gpt2-small`…, fetched from the Hub), a directory, `.safetensors` or
+`pytorch_model.bin` (see `llm.gpt2`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from llm.config import model_config
 from llm.errors import CheckpointError, ConfigError
+from llm.gpt2 import HUB_IDS, config_from_hf, gpt2_name, hf_to_book, hub_download, is_hf_config, is_hf_gpt2
 from llm.io import atomic_write_bytes
 from llm.model import GPTModel
 
 WEIGHTS_NAME = "model.safetensors"
+HF_BIN_NAME = "pytorch_model.bin"  # older Hugging Face checkpoints
 CONFIG_NAME = "config.json"
 FORMAT = "llm.GPTModel"
 
@@ -74,13 +78,23 @@ def _read_config(file: Path) -> dict[str, Any]:
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], source: Path) -> dict[str, Any]:
-    """A book-style config from a state_dict's shapes (n_heads from GPT-2's width table)."""
+    """A book-style config from a state_dict's shapes (n_heads from GPT-2's width table).
+
+    Takes the book's names or Hugging Face GPT-2's (with or without `transformer.`).
+    """
+    hf = is_hf_gpt2(state_dict)
+    prefix = "transformer." if "transformer.wte.weight" in state_dict else ""
+    emb_key, pos_key, blocks = (
+        (f"{prefix}wte.weight", f"{prefix}wpe.weight", f"{prefix}h.")
+        if hf
+        else ("tok_emb.weight", "pos_emb.weight", "trf_blocks.")
+    )
     try:
-        vocab, emb = state_dict["tok_emb.weight"].shape
-        context = state_dict["pos_emb.weight"].shape[0]
+        vocab, emb = state_dict[emb_key].shape
+        context = state_dict[pos_key].shape[0]
     except KeyError as exc:
         raise CheckpointError(f"{source} is not a GPTModel state_dict: no {exc.args[0]!r}") from None
-    n_layers = len({k.split(".")[1] for k in state_dict if k.startswith("trf_blocks.")})
+    n_layers = len({k[len(blocks) :].split(".")[0] for k in state_dict if k.startswith(blocks)})
     if emb not in _HEADS_BY_WIDTH:
         raise CheckpointError(
             f"cannot tell n_heads of {source} from its shapes (emb_dim {emb}): "
@@ -94,7 +108,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: Path) -> dict[s
             "n_heads": _HEADS_BY_WIDTH[emb],
             "n_layers": n_layers,
             "drop_rate": 0.0,
-            "qkv_bias": "trf_blocks.0.att.W_query.bias" in state_dict,
+            "qkv_bias": hf or "trf_blocks.0.att.W_query.bias" in state_dict,
         }
     )
 
@@ -120,26 +134,36 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """(weights file, config file or None) for a checkpoint directory or weights file."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        names = ", ".join(HUB_IDS)
+        raise CheckpointError(f"checkpoint {path} does not exist (and it is not a GPT-2 name: {names})")
     if path.is_dir():
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise CheckpointError(f"checkpoint directory {path} has no {WEIGHTS_NAME}")
-        return weights, path / CONFIG_NAME
+        for name in (WEIGHTS_NAME, HF_BIN_NAME):
+            if (path / name).is_file():
+                return path / name, path / CONFIG_NAME
+        raise CheckpointError(f"checkpoint directory {path} has no {WEIGHTS_NAME} (nor {HF_BIN_NAME})")
     if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-        raise CheckpointError(f"checkpoint {path}: expected a directory, .safetensors, .pth or .pt file")
+        raise CheckpointError(f"checkpoint {path}: expected a directory, .safetensors, .pth, .pt or .bin file")
     config = path.parent / CONFIG_NAME
     return path, config if config.is_file() else None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPTModel:
-    """Build a GPTModel from a checkpoint and load its weights strictly; the model is in eval mode."""
+    """Build a GPTModel from a checkpoint or GPT-2 name and load its weights strictly (eval mode).
+
+    A path that exists wins over a GPT-2 name of the same spelling.
+    """
+    if not Path(path).exists() and gpt2_name(str(path)):
+        path = hub_download(str(path))
     weights, config = resolve_checkpoint(path)
     state = _read_weights(weights)
-    if config is not None and config.is_file():
-        cfg = _read_config(config)
-    elif config is not None:
+    meta = read_meta(config) if config is not None and config.is_file() else None
+    if config is not None and meta is None:
         raise CheckpointError(f"checkpoint {Path(path)} has no {CONFIG_NAME}")
+    if is_hf_gpt2(state):
+        cfg = config_from_hf(meta, config) if meta is not None and is_hf_config(meta) else infer_config(state, weights)
+        state = hf_to_book(state, cfg, weights)
+    elif meta is not None:
+        cfg = _read_config(config)
     else:
         cfg = infer_config(state, weights)
     model = GPTModel(cfg)
@@ -159,3 +183,16 @@ def load_weights(model: GPTModel, state: Mapping[str, torch.Tensor], source: os.
         raise CheckpointError(
             f"{source} does not fit the model: {detail[1] if len(detail) > 1 else detail[0]}"
         ) from None
+
+
+def reconfigure(model: GPTModel, cfg: Mapping[str, Any]) -> GPTModel:
+    """`model`'s weights in a model of config `cfg`, which may differ in `drop_rate` or use the
+    first `context_length` positions of its position embedding (the shape stays otherwise)."""
+    cfg = model_config(cfg)
+    if cfg == model.cfg:
+        return model
+    state = weights_state_dict(model)  # without the masks, whose size follows context_length
+    state["pos_emb.weight"] = state["pos_emb.weight"][: cfg["context_length"]]
+    new = GPTModel(cfg)
+    load_weights(new, state, "reconfigured model")
+    return new.to(next(model.parameters()).device).train(model.training)

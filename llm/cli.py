@@ -1,4 +1,9 @@
-"""`llm` command line: `llm generate …` (also `python -m llm`). Errors print as one line."""
+"""`llm` command line: `llm generate …` (also `python -m llm`). Errors print as one line.
+
+Wherever a command takes a model (`--model`, alias `--checkpoint`) it accepts a checkpoint
+directory or weights file of this project, the book's `.pth`, a Hugging Face GPT-2 directory or
+file, or a GPT-2 name (`gpt2-small`…, fetched once from the Hub).
+"""
 
 from __future__ import annotations
 
@@ -24,12 +29,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MODEL_HELP = "checkpoint directory, .safetensors, .pth or .bin file, or a GPT-2 name (gpt2-small...)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm", description="The book's GPT: generate text from a checkpoint.")
+    parser = argparse.ArgumentParser(prog="llm", description="The book's GPT: generate, classify, answer, export.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint, token by token")
-    gen.add_argument("--checkpoint", required=True, help="checkpoint directory, .safetensors or .pth")
+    gen.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, help=MODEL_HELP)
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add (default 50)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -41,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     cls = sub.add_parser("classify", help="spam or not spam, with a checkpoint of the finetune_spam stage")
-    cls.add_argument("--checkpoint", required=True, help="classifier checkpoint directory (models/spam)")
+    cls.add_argument(
+        "--model", "--checkpoint", dest="checkpoint", required=True, help="classifier directory (models/spam)"
+    )
     cls.add_argument("text", nargs="?", help="a message to classify")
     cls.add_argument("--file", help="one message per line, or a CSV with a 'text' column")
     cls.add_argument("--output", default="-", help="CSV of predictions for --file (default: stdout)")
@@ -50,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     cls.set_defaults(func=cmd_classify)
 
     ins = sub.add_parser("instruct", help="answer an instruction with a finetune_instruct checkpoint, streaming")
-    ins.add_argument("--checkpoint", required=True, help="checkpoint directory (models/instruct)")
+    ins.add_argument(
+        "--model", "--checkpoint", dest="checkpoint", required=True, help="models/instruct, or " + MODEL_HELP
+    )
     ins.add_argument("instruction", nargs="?", help="the instruction")
     ins.add_argument("--input", default="", help="optional input for the instruction")
     ins.add_argument("--file", help="a JSON list or JSONL file of {instruction, input} entries")
@@ -58,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--max-new-tokens", type=_positive_int, default=256)
     ins.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     ins.set_defaults(func=cmd_instruct)
+
+    exp = sub.add_parser("export", help="write a language model as a Hugging Face GPT-2 checkpoint directory")
+    exp.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, help=MODEL_HELP)
+    exp.add_argument("--out", required=True, help="directory for config.json and model.safetensors")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 
@@ -187,8 +204,10 @@ def cmd_instruct(args: argparse.Namespace) -> None:
         entries = [{"instruction": args.instruction, "input": args.input}]
     device = select_device(args.device)
     model = load_checkpoint(args.checkpoint, map_location=device)
-    _, config = resolve_checkpoint(args.checkpoint)
-    meta = read_meta(config) if config and config.is_file() else {}
+    meta = {}
+    if Path(args.checkpoint).exists():  # a finetune_instruct checkpoint records its prompt style
+        _, config = resolve_checkpoint(args.checkpoint)
+        meta = read_meta(config) if config and config.is_file() else {}
     style = meta.get("instruct", {}).get("prompt_style", "alpaca")
     tokenizer = get_tokenizer()
     context = model.cfg["context_length"]
@@ -214,6 +233,15 @@ def cmd_instruct(args: argparse.Namespace) -> None:
             print(f"wrote {len(entries)} responses to {args.output}", file=sys.stderr)
         else:
             print(json.dumps(entries, indent=2, ensure_ascii=False))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from llm.checkpoint import load_checkpoint
+    from llm.gpt2 import export_hf
+
+    model = load_checkpoint(args.checkpoint)
+    out = export_hf(model, args.out)
+    print(f"wrote {out}/config.json and {out}/model.safetensors (transformers.GPT2LMHeadModel.from_pretrained)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,14 @@ class DataParams:
     train_ratio: float  # the book: 0.90, split on characters
 
 
+# Keys that fix the shape of the weights: starting from weights, these come from the checkpoint.
+SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+
+
 @dataclass(frozen=True)
 class ModelParams:
     preset: str  # a shape from llm.config.PRESETS; keys below that are not null override it
+    init: str = "scratch"  # pretrain's start: scratch, a GPT-2 name (gpt2-small...) or a checkpoint path
     vocab_size: int | None = None
     context_length: int | None = None
     emb_dim: int | None = None
@@ -46,12 +51,41 @@ class ModelParams:
     qkv_bias: bool | None = None
 
     def config(self) -> dict[str, Any]:
-        overrides = {
+        return model_config({**PRESETS[self.preset], **self.overrides()})
+
+    def overrides(self) -> dict[str, Any]:
+        """The model keys set here (not null)."""
+        return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name != "preset" and getattr(self, f.name) is not None
+            if f.name not in ("preset", "init") and getattr(self, f.name) is not None
         }
-        return model_config({**PRESETS[self.preset], **overrides})
+
+    def config_for_weights(self, weights_cfg: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+        """The config for training on from weights of config `weights_cfg`, and notes for the user.
+
+        The shape comes from the weights: a shape key set here that disagrees is an error, never
+        silently dropped. `drop_rate` applies; `context_length` may shrink (the first positions
+        of the position embedding are kept) but not grow.
+        """
+        cfg, notes = dict(weights_cfg), []
+        shape = ", ".join(f"{k} {weights_cfg[k]}" for k in ("emb_dim", "n_layers", "n_heads", "context_length"))
+        notes.append(f"model.init {source}: the shape comes from the weights ({shape}); model.preset is not used")
+        for key, value in self.overrides().items():
+            if key in SHAPE_KEYS and value != weights_cfg[key]:
+                raise ConfigError(
+                    f"model.{key} = {value!r} conflicts with {source}, which has {weights_cfg[key]!r}: "
+                    f"the shape comes from the weights; set model.{key} to null"
+                )
+            if key == "context_length" and value > weights_cfg[key]:
+                raise ConfigError(
+                    f"model.context_length = {value} is longer than {source}'s {weights_cfg[key]}: "
+                    "its position embedding has no rows for the extra positions"
+                )
+            if value != weights_cfg[key]:
+                notes.append(f"model.{key}: {weights_cfg[key]!r} -> {value!r}")
+                cfg[key] = value
+        return model_config(cfg), notes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +118,7 @@ class TrainParams(LoopParams):
 
 @dataclass(frozen=True, kw_only=True)
 class SpamParams(LoopParams):
-    init: str = "pretrain"  # the pipeline's pretrained checkpoint, or a checkpoint path
+    init: str = "pretrain"  # the pipeline's pretrained model, a GPT-2 name or a checkpoint path
     balance: bool = True  # undersample ham to the spam count (the book)
     train_frac: float = 0.7
     validation_frac: float = 0.1
@@ -95,7 +129,7 @@ class SpamParams(LoopParams):
 
 @dataclass(frozen=True, kw_only=True)
 class InstructParams(LoopParams):
-    init: str = "pretrain"  # the pipeline's pretrained checkpoint, or a checkpoint path
+    init: str = "pretrain"  # the pipeline's pretrained model, a GPT-2 name or a checkpoint path
     data: str = "instructions"  # a name in `sources`, or a path to a JSON/JSONL file
     train_frac: float = 0.85  # the book: first 85% train, next 10% test, the rest validation
     test_frac: float = 0.1
@@ -117,6 +151,7 @@ class EvalParams:
     top_k: int | None
     seed: int
     eval_batches: int | None = None  # None = the whole split
+    init: str = "pretrain"  # the pipeline's pretrained model, a GPT-2 name or a checkpoint path
 
 
 @dataclass(frozen=True)
@@ -209,8 +244,9 @@ def _check_fractions(section: str, **fractions: float) -> None:
         raise ConfigError(f"{section}.{a} and {b} must be in (0, 1) and sum to less than 1, got {x} and {y}")
 
 
-def _validate_loop(section: str, t: LoopParams) -> None:
-    for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps"):
+def _validate_loop(section: str, t: LoopParams, allow_zero_epochs: bool = False) -> None:
+    _positive(f"{section}.num_epochs", t.num_epochs, allow_zero=allow_zero_epochs)
+    for key in ("batch_size", "eval_freq", "eval_iter", "grad_accum_steps"):
         _positive(f"{section}.{key}", getattr(t, key))
     _positive(f"{section}.lr", t.lr)
     for key in ("weight_decay", "warmup_steps", "min_lr", "grad_clip", "checkpoint_every"):
@@ -241,11 +277,13 @@ def _validate(p: Params) -> None:
         cfg = p.model.config()
     except ConfigError as exc:
         raise ConfigError(f"model (preset {p.model.preset} with overrides): {exc}") from None
+    if p.model.init in ("", "pretrain"):
+        raise ConfigError(f"model.init {p.model.init!r}: allowed: scratch, a GPT-2 name or a checkpoint path")
     t = p.train
-    _validate_loop("train", t)
+    _validate_loop("train", t, allow_zero_epochs=True)  # 0: evaluate and keep the initial weights
     _positive("train.max_length", t.max_length)
     _positive("train.stride", t.stride)
-    if t.max_length > cfg["context_length"]:
+    if p.model.init == "scratch" and t.max_length > cfg["context_length"]:
         raise ConfigError(
             f"train.max_length ({t.max_length}) must be <= the model's context_length ({cfg['context_length']})"
         )
@@ -274,6 +312,8 @@ def _validate(p: Params) -> None:
         _positive("eval.temperature", e.temperature, allow_zero=True)
         _positive("eval.top_k", e.top_k)
         _positive("eval.eval_batches", e.eval_batches)
+        if not e.init:
+            raise ConfigError("eval.init is empty: allowed: pretrain, a GPT-2 name or a checkpoint path")
 
 
 def parse_params(raw: Any) -> Params:

@@ -286,6 +286,8 @@ class Trainer:
         model.train()
         start = time.perf_counter()
         base_seconds = self.history.train_seconds
+        if s.num_epochs == 0:  # no training: measure the starting weights (e.g. GPT-2 as the book loads it)
+            self._record(0.0, bar)
         while self.epoch < s.num_epochs:
             skip = self.batches_done
             if resumed:

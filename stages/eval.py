@@ -28,7 +28,7 @@ def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     t, e = params.train, params.eval
     device = select_device(t.device)
-    model = load_checkpoint(MODEL_DIR, map_location=device)
+    model = load_checkpoint(MODEL_DIR if e.init == "pretrain" else e.init, map_location=device)
     metrics = {}
     for split in ("train", "val"):
         ds = TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride)
@@ -47,6 +47,7 @@ def main(params_path: str = "params.yaml") -> dict:
         sampled = generate(model, idx, e.max_new_tokens, context, temperature=e.temperature, top_k=e.top_k, seed=e.seed)
         samples.append(
             {
+                "model": e.init,
                 "prompt": prompt,
                 "greedy": token_ids_to_text(greedy, tokenizer),
                 "sampled": token_ids_to_text(sampled, tokenizer),

@@ -60,7 +60,7 @@ def main(params_path: str = "params.yaml") -> dict:
     train_data, test_data, val_data = split_instructions(data, f.train_frac, f.test_frac)
     device = select_device(f.device)
     keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
-    init = Path("models/pretrain") if f.init == "pretrain" else Path(f.init)
+    init = Path("models/pretrain") if f.init == "pretrain" else f.init  # or GPT-2 / a path
     model = load_checkpoint(init)
     context = model.cfg["context_length"]
     max_len = min(f.allowed_max_length or context, context)

@@ -78,7 +78,7 @@ def main(params_path: str = "params.yaml") -> dict:
     splits = prepare_splits(params)
     device = select_device(f.device)
     keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
-    init = Path("models/pretrain") if f.init == "pretrain" else Path(f.init)
+    init = Path("models/pretrain") if f.init == "pretrain" else f.init  # or GPT-2 / a path
     model = load_checkpoint(init)
     if f.max_length is not None and f.max_length > model.cfg["context_length"]:
         raise LLMError(

@@ -3,6 +3,8 @@
 Reads params `model`, `train`; writes the checkpoint `models/pretrain/`, the loss curve
 `metrics/curves/pretrain.csv` and `metrics/pretrain.json`. Ctrl-C or SIGTERM saves a resumable
 state in `models/resume/`; running the stage again with the same params continues from it.
+`model.init` starts from scratch (the book) or from weights: GPT-2 or a checkpoint. With
+`train.num_epochs: 0` the stage only measures the starting weights and passes them on.
 """
 
 import platform
@@ -11,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import save_checkpoint
+from llm.checkpoint import load_checkpoint, reconfigure, save_checkpoint
 from llm.data import TokenWindowDataset, read_tokens
-from llm.errors import run_main
+from llm.errors import ConfigError, run_main
 from llm.generate import generate
 from llm.io import write_csv, write_json
 from llm.model import GPTModel
@@ -31,14 +33,13 @@ METRICS = Path("metrics/pretrain.json")
 
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
-    cfg, t = params.model.config(), params.train
+    t = params.train
     keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
     train_ids, val_ids = read_tokens(TOKENS / "train.bin"), read_tokens(TOKENS / "val.bin")
     train_set = TokenWindowDataset(train_ids, t.max_length, t.stride)
     val_set = TokenWindowDataset(val_ids, t.max_length, t.stride)
 
-    set_seed(t.seed)  # the book: torch.manual_seed(123) right before GPTModel(cfg)
-    model = GPTModel(cfg)
+    model, cfg = initial_model(params)
     tokenizer = get_tokenizer()
 
     def sample(model, epoch):
@@ -47,7 +48,7 @@ def main(params_path: str = "params.yaml") -> dict:
             out = generate(model, idx, 50, cfg["context_length"])
             print(f"[epoch {epoch}] " + token_ids_to_text(out, tokenizer).replace("\n", " "))
 
-    run_id = {"model": cfg, "train": t.__dict__, "tokens": [len(train_ids), len(val_ids)]}
+    run_id = {"model": cfg, "init": params.model.init, "train": t.__dict__, "tokens": [len(train_ids), len(val_ids)]}
     trainer = Trainer(model, train_set, val_set, t, on_epoch_end=sample, state_path=STATE, run_id=run_id)
     started = time.perf_counter()
     history = trainer.fit()
@@ -59,12 +60,13 @@ def main(params_path: str = "params.yaml") -> dict:
         "tokens_seen": history.total_tokens,
         "steps": history.steps,
         "epochs": t.num_epochs,
-        "tokens_per_sec": history.total_tokens / history.train_seconds,
+        "tokens_per_sec": history.total_tokens / history.train_seconds if history.train_seconds else 0.0,
         "train_seconds": history.train_seconds,
         "wall_seconds": wall,
         "params": model.num_params(),
     }
     info = {
+        "init": params.model.init,
         "device": str(trainer.device),
         "precision": t.precision,
         "torch": torch.__version__,
@@ -79,6 +81,25 @@ def main(params_path: str = "params.yaml") -> dict:
         f"{metrics['tokens_per_sec']:.0f} tokens/s on {info['device']}"
     )
     return metrics
+
+
+def initial_model(params) -> tuple[GPTModel, dict]:
+    """The model to train: new from `model.*` (the book), or loaded weights with `model.*` checked."""
+    t, init = params.train, params.model.init
+    if init == "scratch":
+        set_seed(t.seed)  # the book: torch.manual_seed(123) right before GPTModel(cfg)
+        cfg = params.model.config()
+        return GPTModel(cfg), cfg
+    model = load_checkpoint(init)
+    cfg, notes = params.model.config_for_weights(model.cfg, init)
+    for note in notes:
+        print(note)
+    if t.max_length > cfg["context_length"]:
+        raise ConfigError(
+            f"train.max_length ({t.max_length}) must be <= {init}'s context_length ({cfg['context_length']})"
+        )
+    set_seed(t.seed)  # data order and dropout
+    return reconfigure(model, cfg).train(), cfg
 
 
 if __name__ == "__main__":

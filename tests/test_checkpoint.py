@@ -100,3 +100,17 @@ def test_save_replaces_atomically(tmp_path, monkeypatch):
         save_checkpoint(GPTModel(tiny_cfg()), ckpt)
     assert (ckpt / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in ckpt.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_reconfigure_keeps_weights_and_cuts_the_context(tmp_path):
+    from llm.checkpoint import reconfigure
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg(context_length=24)).eval()
+    short = reconfigure(model, {**model.cfg, "context_length": 10, "drop_rate": 0.2})
+    assert short.cfg["context_length"] == 10 and short.cfg["drop_rate"] == 0.2
+    assert short.trf_blocks[0].drop_shortcut.p == 0.2
+    ids = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(short.eval()(ids), model(ids))
+    assert reconfigure(model, model.cfg) is model

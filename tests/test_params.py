@@ -81,3 +81,37 @@ def test_unreadable_or_invalid_file(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_starting_from_weights_takes_their_shape_and_reports_conflicts():
+    weights = {**parse_params(RAW).model.config(), "emb_dim": 768, "n_heads": 12, "context_length": 1024}
+    raw = with_change("model.init", "gpt2-small")
+    cfg, notes = parse_params(raw).model.config_for_weights(weights, "gpt2-small")
+    assert cfg == weights and "model.preset is not used" in notes[0]
+
+    raw["model"].update(drop_rate=0.1, context_length=256)
+    cfg, notes = parse_params(raw).model.config_for_weights(weights, "gpt2-small")
+    assert (cfg["drop_rate"], cfg["context_length"], cfg["emb_dim"]) == (0.1, 256, 768)
+    assert "model.context_length: 1024 -> 256" in notes
+
+    for key, value, message in [
+        ("emb_dim", 512, "model.emb_dim = 512 conflicts with gpt2-small, which has 768"),
+        ("qkv_bias", True, "model.qkv_bias = True conflicts"),
+        ("context_length", 2048, "model.context_length = 2048 is longer than gpt2-small's 1024"),
+    ]:
+        bad = with_change("model.init", "gpt2-small")
+        bad["model"][key] = value
+        with pytest.raises(ConfigError, match=message):
+            parse_params(bad).model.config_for_weights(weights, "gpt2-small")
+
+
+def test_init_values():
+    with pytest.raises(ConfigError, match="model.init 'pretrain'"):
+        parse_params(with_change("model.init", "pretrain"))
+    # from weights, train.max_length is checked against their context once they are loaded
+    raw = with_change("model.init", "gpt2-small")
+    raw["train"]["max_length"] = 1024
+    assert parse_params(raw).train.max_length == 1024
+    assert parse_params(with_change("train.num_epochs", 0)).train.num_epochs == 0
+    with pytest.raises(ConfigError, match="train.num_epochs must be >= 0"):
+        parse_params(with_change("train.num_epochs", -1))

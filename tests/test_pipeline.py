@@ -122,3 +122,41 @@ def test_bad_param_stops_the_stage_with_one_line(repo):
         assert out.stderr.strip() == "prepare_text: error: params.yaml: data.train_ratio must be in (0, 1), got 1.5"
     finally:
         params.write_text(original)
+
+
+def test_pretrain_and_eval_start_from_gpt2_weights(repo, tmp_path):
+    """model.init: a GPT-2 checkpoint; train.num_epochs 0 measures it and passes it on unchanged."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    path, env = repo
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=12, n_head=3, n_layer=1)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "gpt2")
+    params = path / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["train"]["num_epochs"] = 0
+    try:
+        raw["model"]["init"] = str(tmp_path / "gpt2")
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        out = subprocess.run([sys.executable, "stages/pretrain.py"], cwd=path, env=env, capture_output=True, text=True)
+        assert out.returncode == 2  # the tiny profile's model.emb_dim 32 disagrees with the weights' 12
+        assert out.stderr.strip().startswith("pretrain: error: model.emb_dim = 32 conflicts with")
+
+        raw["model"].update({k: None for k in ("emb_dim", "n_heads", "n_layers", "context_length")})
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        for stage in ("pretrain", "eval"):
+            sh([sys.executable, f"stages/{stage}.py"], path, env)
+        metrics = json.loads((path / "metrics/pretrain.json").read_text())
+        assert metrics["steps"] == 0 and metrics["tokens_seen"] == 0 and metrics["train_loss"] > 0
+        from llm.checkpoint import load_checkpoint
+
+        model = load_checkpoint(path / "models/pretrain")
+        ids = torch.randint(0, 50257, (1, 32))
+        with torch.no_grad():
+            assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+        assert json.loads((path / "data/eval/samples.json").read_text())[0]["model"] == "pretrain"
+    finally:
+        params.write_text(original)
