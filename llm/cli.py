@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, help=MODEL_HELP)
     exp.add_argument("--out", required=True, help="directory for config.json and model.safetensors")
     exp.set_defaults(func=cmd_export)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="metrics of two revisions or experiments side by side; exit 1 when a gated metric regresses",
+        description="Wraps `dvc metrics diff --json --all BASELINE [TARGET]` (or compares two metrics "
+        "directories) and applies the thresholds file. Exit 0: no gated metric regressed; 1: one did; 2: bad input.",
+    )
+    cmp.add_argument("--baseline", default="HEAD", help="git revision or experiment name (default HEAD)")
+    cmp.add_argument("--target", default=None, help="revision or experiment to check (default: the workspace)")
+    cmp.add_argument("--old", help="a metrics directory to compare instead of --baseline (no DVC needed)")
+    cmp.add_argument("--new", help="with --old: the metrics directory to check (default: metrics)")
+    cmp.add_argument("--thresholds", default="thresholds.yaml", help="gates file (default thresholds.yaml)")
+    cmp.add_argument("--all", action="store_true", help="also list unchanged metrics")
+    cmp.add_argument("--markdown", metavar="FILE", help="also append the table as Markdown (e.g. $GITHUB_STEP_SUMMARY)")
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -244,16 +259,60 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}/config.json and {out}/model.safetensors (transformers.GPT2LMHeadModel.from_pretrained)")
 
 
+def _dvc_metrics_diff(baseline: str, target: str | None) -> dict:
+    import json
+    import shutil
+    import subprocess
+
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise LLMError("dvc is not on PATH: activate the project's .venv, or compare directories with --old/--new")
+    args = [dvc, "metrics", "diff", "--json", "--all", baseline, *([target] if target else [])]
+    out = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        raise LLMError(f"{' '.join(args[1:])} failed: {lines[-1] if lines else out.returncode}")
+    return json.loads(out.stdout or "{}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llm.compare import compare, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
+
+    gates = (
+        load_gates(args.thresholds) if Path(args.thresholds).is_file() or args.thresholds != "thresholds.yaml" else {}
+    )
+    if args.old:
+        old, new = read_metrics_dir(args.old), read_metrics_dir(args.new or "metrics")
+        label = f"{args.old} -> {args.new or 'metrics'}"
+    else:
+        if args.new:
+            raise LLMError("--new needs --old (two metrics directories)")
+        old, new = from_dvc_diff(_dvc_metrics_diff(args.baseline, args.target))
+        label = f"{args.baseline} -> {args.target or 'workspace'}"
+    rows = compare(old, new, gates)
+    result = verdict(rows)
+    print(f"metrics {label}")
+    print(table(rows, changed_only=not args.all))
+    print(result)
+    if args.markdown:
+        md = f"### Metrics: {label}\n\n{table(rows, markdown=True, changed_only=not args.all)}\n\n**{result}**\n"
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(md)
+    return 1 if any(r.failed for r in rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except LLMError as exc:
         print(f"llm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -12,13 +12,7 @@ import yaml
 
 from tests.conftest import MIRROR, ROOT
 
-TINY = {
-    "model": {"emb_dim": 32, "n_heads": 2, "n_layers": 1, "context_length": 32},
-    "train": {"max_length": 32, "stride": 32, "num_epochs": 1, "batch_size": 4, "eval_freq": 10},
-    "eval": {"max_new_tokens": 5},
-    "finetune_spam": {"num_epochs": 1, "eval_freq": 100, "batch_size": 16},
-    "finetune_instruct": {"num_epochs": 1, "eval_freq": 100, "batch_size": 16, "max_new_tokens": 3},
-}
+TINY = yaml.safe_load((ROOT / "ci" / "profile.yaml").read_text())  # the CI profile: seconds per stage
 
 
 def sh(args, cwd, env):
@@ -81,6 +75,10 @@ def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     assert len(responses) == 110 and all("model_response" in r for r in responses)
     instruct = json.loads((path / "metrics/finetune_instruct.json").read_text())
     assert {"train_loss", "val_loss", "test_loss", "rouge_l", "exact_match"} <= instruct.keys()
+    assert json.loads((path / "metrics/report.json").read_text()) == {"stages_reported": 5, "figures": 6}
+    report = (path / "reports/report.md").read_text()
+    assert "![pretraining loss against tokens seen](figures/pretrain_loss.png)" in report and "not run" not in report
+    assert len(list((path / "reports/figures").glob("*.png"))) == 6 and (path / "reports/report.html").is_file()
 
     again = sh(["dvc", "repro"], path, env)
     assert "Running stage" not in again
@@ -107,6 +105,15 @@ def test_experiment_with_set_param_and_compare(repo):
             if data:
                 lrs.append(data["train"]["lr"])
     assert 0.002 in lrs and 0.0004 in lrs
+
+    # llm compare wraps `dvc metrics diff`: HEAD against the workspace the experiment left
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "llm"), "compare"], cwd=path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode in (0, 1), out.stderr
+    assert "metrics/pretrain.json:val_loss" in out.stdout and "HEAD -> workspace" in out.stdout
+    assert out.returncode == (1 if "REGRESSED" in out.stdout else 0)
+    assert out.stdout.strip().splitlines()[-1].startswith("OK:" if out.returncode == 0 else "FAIL:")
 
 
 def test_bad_param_stops_the_stage_with_one_line(repo):

@@ -1,0 +1,202 @@
+"""Compare two sets of metrics and gate on regressions: what `dvc metrics diff` lacks.
+
+Metrics are `{file: {name: value}}` (nested keys flattened with "."). Gates come from a
+versioned YAML file:
+
+    metrics/pretrain.json:
+      val_loss: {worse: higher, max_change: 2%}      # may rise at most 2 % of the old value
+    metrics/finetune_spam.json:
+      test_accuracy: {worse: lower, max_change: 0.01} # may fall at most 0.01 (one point)
+
+A gated metric that got worse by more than its `max_change`, or that disappeared, fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm.errors import ConfigError
+
+Metrics = dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Gate:
+    worse: str  # "higher" or "lower": the direction of a regression
+    max_change: float  # allowed change in the worse direction
+    relative: bool  # max_change is a fraction of the old value ("2%")
+
+    def allowed(self, old: float) -> float:
+        return self.max_change * abs(old) if self.relative else self.max_change
+
+    def describe(self) -> str:
+        amount = f"{self.max_change * 100:g}%" if self.relative else f"{self.max_change:g}"
+        return f"{'rise' if self.worse == 'higher' else 'fall'} <= {amount}"
+
+
+@dataclass(frozen=True)
+class Row:
+    file: str
+    name: str
+    old: float | None
+    new: float | None
+    gate: Gate | None
+    status: str  # unchanged, changed, improved, within, REGRESSED, new, MISSING, removed
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("REGRESSED", "MISSING")
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a metrics JSON, nested keys joined with "."; text and lists are skipped."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        out[prefix[:-1]] = float(data)
+    return out
+
+
+def read_metrics_dir(root: str | Path, base: str | Path | None = None) -> Metrics:
+    """Every `*.json` under `root`, keyed by its path relative to `base` (default: root's parent)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"metrics directory {root} does not exist")
+    base = Path(base) if base is not None else root.parent
+    out = {}
+    for file in sorted(root.rglob("*.json")):
+        try:
+            out[file.relative_to(base).as_posix()] = flatten(json.loads(file.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            raise ConfigError(f"{file} is not valid JSON: {exc}") from None
+    return out
+
+
+def from_dvc_diff(diff: dict[str, Any]) -> tuple[Metrics, Metrics]:
+    """(old, new) metrics from `dvc metrics diff --json --all` output."""
+    old: Metrics = {}
+    new: Metrics = {}
+    for file, entries in diff.items():
+        for name, change in entries.items():
+            for side, target in (("old", old), ("new", new)):
+                value = change.get(side)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    target.setdefault(file, {})[name] = float(value)
+    return old, new
+
+
+def _parse_change(where: str, value: Any) -> tuple[float, bool]:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100, True
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), False
+    raise ConfigError(f"{where}.max_change must be a number (absolute) or a percentage like '2%', got {value!r}")
+
+
+def load_gates(path: str | Path) -> dict[str, dict[str, Gate]]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read thresholds {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must map metrics files to their gated metrics")
+    gates: dict[str, dict[str, Gate]] = {}
+    for file, metrics in raw.items():
+        if not isinstance(metrics, dict):
+            raise ConfigError(f"{path}: {file} must map metric names to {{worse, max_change}}")
+        for name, spec in metrics.items():
+            where = f"{path}: {file}:{name}"
+            if not isinstance(spec, dict) or set(spec) != {"worse", "max_change"}:
+                raise ConfigError(f"{where} must have exactly the keys worse and max_change, got {spec!r}")
+            if spec["worse"] not in ("higher", "lower"):
+                raise ConfigError(f"{where}.worse must be higher or lower, got {spec['worse']!r}")
+            change, relative = _parse_change(where, spec["max_change"])
+            if change < 0:
+                raise ConfigError(f"{where}.max_change must be >= 0, got {spec['max_change']!r}")
+            gates.setdefault(str(file), {})[str(name)] = Gate(spec["worse"], change, relative)
+    return gates
+
+
+def compare(old: Metrics, new: Metrics, gates: dict[str, dict[str, Gate]] | None = None) -> list[Row]:
+    gates = gates or {}
+    rows = []
+    files = sorted(set(old) | set(new) | set(gates))
+    for file in files:
+        names = sorted(set(old.get(file, {})) | set(new.get(file, {})) | set(gates.get(file, {})))
+        for name in names:
+            a, b = old.get(file, {}).get(name), new.get(file, {}).get(name)
+            gate = gates.get(file, {}).get(name)
+            rows.append(Row(file, name, a, b, gate, _status(a, b, gate)))
+    return rows
+
+
+def _status(old: float | None, new: float | None, gate: Gate | None) -> str:
+    if new is None:
+        return "MISSING" if gate else "removed"
+    if old is None:
+        return "new"
+    if new == old or (math.isnan(new) and math.isnan(old)):
+        return "unchanged"
+    if gate is None:
+        return "changed"
+    if math.isnan(new) or math.isnan(old):  # a metric that stopped (or started) being computable
+        return "REGRESSED" if math.isnan(new) else "improved"
+    worse_by = (new - old) if gate.worse == "higher" else (old - new)
+    if worse_by <= 0:
+        return "improved"
+    return "within" if worse_by <= gate.allowed(old) + 1e-12 else "REGRESSED"
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.6g}"
+
+
+def _change(row: Row) -> str:
+    if row.old is None or row.new is None or math.isnan(row.old) or math.isnan(row.new):
+        return "-"
+    delta = row.new - row.old
+    pct = f" ({delta / abs(row.old) * 100:+.2f}%)" if row.old else ""
+    return f"{delta:+.4g}{pct}"
+
+
+def table(rows: list[Row], markdown: bool = False, changed_only: bool = False) -> str:
+    """The comparison as aligned text, or a Markdown table (e.g. for a CI job summary)."""
+    shown = [r for r in rows if not changed_only or r.status != "unchanged" or r.gate]
+    header = ["metric", "old", "new", "change", "gate", "status"]
+    body = [
+        [f"{r.file}:{r.name}", _num(r.old), _num(r.new), _change(r), r.gate.describe() if r.gate else "", r.status]
+        for r in shown
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---|---|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
+    )
+
+
+def verdict(rows: list[Row]) -> str:
+    failed = [r for r in rows if r.failed]
+    gated = [r for r in rows if r.gate]
+    if not failed:
+        return f"OK: {len(gated)} gated metrics within their thresholds"
+    names = ", ".join(f"{r.file}:{r.name} ({r.status.lower()})" for r in failed)
+    return f"FAIL: {len(failed)} of {len(gated)} gated metrics regressed or missing: {names}"

@@ -1,0 +1,362 @@
+"""The run on one page: figures (matplotlib PNGs) and tables from the stages' metrics and curves.
+
+`write_report` takes what the stages left (any of it may be missing: a stage that did not run
+is shown as "not run") and writes `report.md`, `report.html` and `figures/*.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm.doc import Doc
+from llm.io import atomic_write_bytes
+
+STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct")
+_TITLES = {
+    "prepare_text": "Data (chapter 2)",
+    "pretrain": "Pretraining (chapter 5)",
+    "eval": "Evaluation and samples (chapter 5)",
+    "finetune_spam": "Spam classification (chapter 6)",
+    "finetune_instruct": "Instruction finetuning (chapter 7)",
+}
+
+
+@dataclass
+class ReportInputs:
+    params: dict[str, Any]  # params.yaml as parsed
+    metrics: dict[str, dict | None]  # stage -> metrics/<stage>.json, None when it did not run
+    curves: dict[str, list[dict] | None] = field(default_factory=dict)  # metrics/curves/<name>.csv rows
+    samples: list[dict] | None = None  # data/eval/samples.json
+    responses: list[dict] | None = None  # data/instruct/responses.json
+    runs: dict[str, dict] = field(default_factory=dict)  # stage -> what its checkpoint recorded
+    environment: dict[str, str] = field(default_factory=dict)  # git commit, torch, python
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is absent (the stage did not run)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_curve(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def fmt(value: Any) -> str:
+    """A number as a reader wants it: integers with separators, floats to 4 significant digits."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _figure(path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})  # no version stamp: same run, same bytes
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_loss(rows: list[dict], path: Path, title: str, tokens_per_epoch: float | None) -> None:
+    """Train/val loss against tokens seen, epochs on the top axis (as the book plots it); lr if scheduled."""
+    plt = _figure(path)
+    lrs = [r.get("lr") for r in rows]
+    scheduled = len({lr for lr in lrs if lr is not None}) > 1
+    fig, axes = plt.subplots(2 if scheduled else 1, 1, figsize=(7, 5.5 if scheduled else 3.8), squeeze=False)
+    ax = axes[0][0]
+    x = [r["tokens_seen"] for r in rows]
+    ax.plot(x, [r["train_loss"] for r in rows], label="training loss")
+    ax.plot(x, [r["val_loss"] for r in rows], linestyle="-.", label="validation loss")
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    if tokens_per_epoch:
+        top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_epoch, lambda e: e * tokens_per_epoch))
+        top.set_xlabel("epochs")
+    if scheduled:
+        ax2 = axes[1][0]
+        ax2.plot(x, lrs, color="tab:green")
+        ax2.set(xlabel="tokens seen", ylabel="learning rate", title="Learning-rate schedule")
+        ax2.grid(alpha=0.3)
+    _save(plt, fig, path)
+
+
+def plot_accuracy(rows: list[dict], path: Path) -> None:
+    plt = _figure(path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [r["epoch"] for r in rows]
+    ax.plot(x, [100 * r["train_accuracy"] for r in rows], marker="o", label="training accuracy")
+    ax.plot(x, [100 * r["val_accuracy"] for r in rows], marker="s", linestyle="-.", label="validation accuracy")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Spam classifier accuracy after each epoch")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(plt, fig, path)
+
+
+def plot_confusion(m: dict, path: Path) -> None:
+    plt = _figure(path)
+    cells = [[m["test_tn"], m["test_fp"]], [m["test_fn"], m["test_tp"]]]
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cells, cmap="Blues")
+    peak = max(max(r) for r in cells) or 1
+    for i in range(2):
+        for j in range(2):
+            color = "white" if cells[i][j] > peak / 2 else "black"
+            ax.text(j, i, f"{int(cells[i][j])}", ha="center", va="center", fontsize=14, color=color)
+    ax.set_xticks([0, 1], labels=["ham", "spam"])
+    ax.set_yticks([0, 1], labels=["ham", "spam"])
+    ax.set(xlabel="predicted", ylabel="actual", title="Test set confusion matrix")
+    _save(plt, fig, path)
+
+
+def plot_vs_baseline(m: dict, path: Path) -> None:
+    plt = _figure(path)
+    names = ["accuracy", "precision", "recall", "f1"]
+    llm = [100 * m[f"test_{n}"] for n in names]
+    base = [100 * m[f"baseline_test_{n}"] for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    pos = range(len(names))
+    bars = ax.bar([p - 0.2 for p in pos], llm, width=0.4, label="LLM classifier")
+    bars2 = ax.bar([p + 0.2 for p in pos], base, width=0.4, label="TF-IDF + logistic regression")
+    for b in (*bars, *bars2):
+        ax.annotate(f"{b.get_height():.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
+    low = min(llm + base)
+    ax.set_ylim(max(0, low - 10), 100.5)
+    ax.set_xticks(list(pos), labels=names)
+    ax.set(ylabel="test set (%)", title="LLM classifier vs classic baseline")
+    ax.legend(loc="lower right")
+    _save(plt, fig, path)
+
+
+def _not_run(doc: Doc, stage: str) -> None:
+    doc.para(f"_not run_: there is no `metrics/{stage}.json`.")
+
+
+def _metrics_table(doc: Doc, metrics: dict) -> None:
+    doc.table(["metric", "value"], [[k, fmt(v)] for k, v in metrics.items()])
+
+
+def _section(doc: Doc, name: str, params: dict, keys: list[str]) -> None:
+    section = params.get(name) or {}
+    shown = [f"{k} {section[k]}" for k in keys if k in section]
+    if shown:
+        doc.para(f"Settings (`{name}` in params.yaml): " + ", ".join(shown) + ".")
+
+
+def build(inputs: ReportInputs, out_dir: Path) -> Doc:
+    """The report page; its figures are written to `out_dir/figures`."""
+    figures = out_dir / "figures"
+    p, m = inputs.params, inputs.metrics
+    doc = Doc("LLMs from scratch: pipeline report")
+    ran = [s for s in STAGES if m.get(s) is not None]
+    env = inputs.environment
+    doc.para(
+        f"Stages with results: {', '.join(ran) or 'none'}"
+        + (f"; not run: {', '.join(s for s in STAGES if s not in ran)}" if len(ran) < len(STAGES) else "")
+        + f". Code at git commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')}, "
+        f"Python {env.get('python', '?')}."
+    )
+
+    doc.heading("Run summary")
+    doc.table(["stage", "what", "value"], _summary_rows(inputs))
+
+    doc.heading(_TITLES["prepare_text"])
+    if m.get("prepare_text") is None:
+        _not_run(doc, "prepare_text")
+    else:
+        corpus = ", ".join((p.get("data") or {}).get("corpus", []))
+        doc.para(f"Corpus: {corpus}. Text split on characters, then tokenized with GPT-2's BPE (tiktoken).")
+        _metrics_table(doc, m["prepare_text"])
+
+    doc.heading(_TITLES["pretrain"])
+    if m.get("pretrain") is None:
+        _not_run(doc, "pretrain")
+    else:
+        mp = m["pretrain"]
+        _section(doc, "train", p, ["num_epochs", "batch_size", "max_length", "lr", "weight_decay", "seed"])
+        rows = inputs.curves.get("pretrain")
+        if rows:
+            per_epoch = mp.get("tokens_seen", 0) / mp["epochs"] if mp.get("epochs") else None
+            plot_loss(rows, figures / "pretrain_loss.png", "Pretraining loss", per_epoch)
+            doc.image("figures/pretrain_loss.png", "pretraining loss against tokens seen")
+        _metrics_table(doc, mp)
+
+    doc.heading(_TITLES["eval"])
+    if m.get("eval") is None:
+        _not_run(doc, "eval")
+    else:
+        _metrics_table(doc, m["eval"])
+        for s in inputs.samples or []:
+            doc.para(
+                f"Prompt `{s['prompt']}`: greedy, then sampled (temperature {s.get('temperature')}, "
+                f"top-k {s.get('top_k')}, seed {s.get('seed')}):"
+            )
+            doc.pre(f"{s['greedy']}\n\n{s['sampled']}")
+
+    doc.heading(_TITLES["finetune_spam"])
+    ms = m.get("finetune_spam")
+    if ms is None:
+        _not_run(doc, "finetune_spam")
+    else:
+        keys = ["init", "trainable_blocks", "pooling", "num_epochs", "batch_size", "lr"]
+        _section(doc, "finetune_spam", p, keys)
+        rows = inputs.curves.get("finetune_spam")
+        if rows:
+            plot_loss(
+                rows, figures / "finetune_spam_loss.png", "Spam finetuning loss", _per_epoch(ms, p, "finetune_spam")
+            )
+            doc.image("figures/finetune_spam_loss.png", "spam finetuning loss")
+        acc = inputs.curves.get("finetune_spam_accuracy")
+        if acc:
+            plot_accuracy(acc, figures / "finetune_spam_accuracy.png")
+            doc.image("figures/finetune_spam_accuracy.png", "spam classifier accuracy per epoch")
+        if all(f"test_{k}" in ms for k in ("tn", "fp", "fn", "tp")):
+            plot_confusion(ms, figures / "finetune_spam_confusion.png")
+            doc.image("figures/finetune_spam_confusion.png", "test confusion matrix")
+        names = ["accuracy", "precision", "recall", "f1"]
+        if all(f"baseline_test_{n}" in ms and f"test_{n}" in ms for n in names):
+            plot_vs_baseline(ms, figures / "finetune_spam_baseline.png")
+            doc.image("figures/finetune_spam_baseline.png", "LLM classifier against the TF-IDF baseline")
+            doc.table(
+                ["test set", "LLM classifier", "TF-IDF + logistic regression"],
+                [[n, f"{100 * ms[f'test_{n}']:.2f}%", f"{100 * ms[f'baseline_test_{n}']:.2f}%"] for n in names],
+            )
+        _metrics_table(doc, ms)
+
+    doc.heading(_TITLES["finetune_instruct"])
+    mi = m.get("finetune_instruct")
+    if mi is None:
+        _not_run(doc, "finetune_instruct")
+    else:
+        keys = ["init", "prompt_style", "mask_prompt", "num_epochs", "batch_size", "lr"]
+        _section(doc, "finetune_instruct", p, keys)
+        rows = inputs.curves.get("finetune_instruct")
+        if rows:
+            per_epoch = _per_epoch(mi, p, "finetune_instruct")
+            plot_loss(rows, figures / "finetune_instruct_loss.png", "Instruction finetuning loss", per_epoch)
+            doc.image("figures/finetune_instruct_loss.png", "instruction finetuning loss")
+        if inputs.responses:
+            doc.para(f"The first test instructions ({len(inputs.responses)} in `data/instruct/responses.json`):")
+            doc.table(
+                ["instruction", "input", "reference", "model response"],
+                [
+                    [r["instruction"], r.get("input", ""), r.get("output", ""), r.get("model_response", "")]
+                    for r in inputs.responses[:5]
+                ],
+            )
+        _metrics_table(doc, mi)
+
+    doc.heading("Parameters")
+    doc.para("Every setting the stages ran with (params.yaml):")
+    doc.pre(_params_text(p))
+    return doc
+
+
+def _per_epoch(metrics: dict, params: dict, section: str) -> float | None:
+    epochs = (params.get(section) or {}).get("num_epochs")
+    return metrics["tokens_seen"] / epochs if epochs and metrics.get("tokens_seen") else None
+
+
+def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
+    p, m, runs = inputs.params, inputs.metrics, inputs.runs
+    rows = []
+    model = runs.get("pretrain", {}).get("model") or {}
+    mp = m.get("pretrain")
+    if mp is None:
+        rows.append(["pretrain", "not run", ""])
+    else:
+        info = runs.get("pretrain", {}).get("training", {})
+        shape = ", ".join(f"{k} {model[k]}" for k in ("emb_dim", "n_layers", "n_heads", "context_length") if k in model)
+        rows += [
+            ["pretrain", "model", f"{shape} ({fmt(mp.get('params', 0))} parameters)" if shape else "?"],
+            ["pretrain", "init", str((p.get("model") or {}).get("init", "scratch"))],
+            ["pretrain", "tokens seen / epochs", f"{fmt(mp.get('tokens_seen'))} / {fmt(mp.get('epochs'))}"],
+            ["pretrain", "lr", fmt((p.get("train") or {}).get("lr"))],
+            ["pretrain", "train / val loss", f"{fmt(mp.get('train_loss'))} / {fmt(mp.get('val_loss'))}"],
+            ["pretrain", "wall time", f"{mp.get('wall_seconds', 0):.1f} s ({fmt(mp.get('tokens_per_sec'))} tokens/s)"],
+            ["pretrain", "device / precision", f"{info.get('device', '?')} / {info.get('precision', '?')}"],
+        ]
+    me = m.get("eval")
+    rows.append(
+        [
+            "eval",
+            "val loss (perplexity)",
+            "not run" if me is None else f"{fmt(me['val_loss'])} ({fmt(me['val_perplexity'])})",
+        ]
+    )
+    ms = m.get("finetune_spam")
+    if ms is None:
+        rows.append(["finetune_spam", "test accuracy", "not run"])
+    else:
+        rows += [
+            [
+                "finetune_spam",
+                "test accuracy (baseline)",
+                f"{100 * ms['test_accuracy']:.2f}% ({100 * ms.get('baseline_test_accuracy', float('nan')):.2f}%)",
+            ],
+            ["finetune_spam", "wall time (training)", f"{ms.get('train_seconds', 0):.1f} s"],
+        ]
+    mi = m.get("finetune_instruct")
+    if mi is None:
+        rows.append(["finetune_instruct", "ROUGE-L", "not run"])
+    else:
+        rows += [
+            [
+                "finetune_instruct",
+                "ROUGE-L / test response loss",
+                f"{fmt(mi['rouge_l'])} / {fmt(mi.get('test_response_loss'))}",
+            ],
+            ["finetune_instruct", "wall time (training)", f"{mi.get('train_seconds', 0):.1f} s"],
+        ]
+    env = inputs.environment
+    rows.append(
+        [
+            "all",
+            "torch / Python / git commit",
+            f"{env.get('torch', '?')} / {env.get('python', '?')} / {env.get('git_commit', '?')}",
+        ]
+    )
+    return rows
+
+
+def _params_text(params: dict) -> str:
+    import yaml
+
+    shown = {k: v for k, v in params.items() if k != "sources"}
+    return yaml.safe_dump(shown, sort_keys=False, width=100)
+
+
+def write_report(inputs: ReportInputs, out_dir: str | Path) -> dict[str, int]:
+    """Write `report.md`, `report.html` and the figures; returns counts for the stage's metrics."""
+    out_dir = Path(out_dir)
+    doc = build(inputs, out_dir)
+    atomic_write_bytes(out_dir / "report.md", doc.markdown().encode())
+    atomic_write_bytes(out_dir / "report.html", doc.html().encode())
+    return {
+        "stages_reported": sum(inputs.metrics.get(s) is not None for s in STAGES),
+        "figures": sum(kind == "img" for kind, *_ in doc.blocks),
+    }

@@ -1,0 +1,117 @@
+"""`llm compare`: a readable table of metric changes and a gate on regressions."""
+
+import json
+
+import pytest
+
+from llm.cli import main
+from llm.compare import Gate, compare, flatten, from_dvc_diff, load_gates, table, verdict
+from llm.errors import ConfigError
+
+GATES = {
+    "metrics/pretrain.json": {"val_loss": Gate("higher", 0.02, True)},
+    "metrics/finetune_spam.json": {"test_accuracy": Gate("lower", 0.01, False)},
+}
+
+
+def status(rows, name):
+    return next(r.status for r in rows if r.name == name)
+
+
+@pytest.mark.parametrize(
+    ("new_loss", "new_acc", "expected", "fails"),
+    [
+        (4.0, 0.95, ("improved", "improved"), False),  # both better
+        (5.09, 0.935, ("within", "within"), False),  # +1.8% and -0.5 points: inside the gates
+        (5.2, 0.94, ("REGRESSED", "unchanged"), True),  # +4% loss
+        (5.0, 0.92, ("unchanged", "REGRESSED"), True),  # -2 points accuracy
+    ],
+)
+def test_gates(new_loss, new_acc, expected, fails):
+    old = {"metrics/pretrain.json": {"val_loss": 5.0}, "metrics/finetune_spam.json": {"test_accuracy": 0.94}}
+    new = {"metrics/pretrain.json": {"val_loss": new_loss}, "metrics/finetune_spam.json": {"test_accuracy": new_acc}}
+    rows = compare(old, new, GATES)
+    assert (status(rows, "val_loss"), status(rows, "test_accuracy")) == expected
+    assert any(r.failed for r in rows) is fails
+    assert verdict(rows).startswith("FAIL" if fails else "OK")
+
+
+def test_missing_new_and_ungated_metrics():
+    old = {
+        "metrics/pretrain.json": {"val_loss": 5.0, "steps": 90.0},
+        "metrics/finetune_spam.json": {"test_accuracy": 0.9},
+    }
+    new = {"metrics/pretrain.json": {"steps": 91.0, "tokens_per_sec": 300.0}}
+    rows = compare(old, new, GATES)
+    assert status(rows, "val_loss") == "MISSING" and status(rows, "test_accuracy") == "MISSING"
+    assert status(rows, "steps") == "changed" and status(rows, "tokens_per_sec") == "new"
+    assert "2 of 2 gated metrics regressed or missing" in verdict(rows)
+    text = table(rows)
+    assert "metrics/pretrain.json:steps" in text and "+1 (+1.11%)" in text
+    md = table(rows, markdown=True)
+    assert md.splitlines()[0] == "| metric | old | new | change | gate | status |"
+    assert "| metrics/pretrain.json:val_loss | 5 | - | - | rise <= 2% | MISSING |" in md
+
+
+def test_nan_metrics():
+    nan = float("nan")
+    gates = {
+        "m.json": {"a": Gate("higher", 0.0, False), "b": Gate("higher", 0.0, False), "c": Gate("lower", 0.0, False)}
+    }
+    rows = compare({"m.json": {"a": nan, "b": 1.0, "c": nan}}, {"m.json": {"a": nan, "b": nan, "c": 0.5}}, gates)
+    assert [r.status for r in rows] == ["unchanged", "REGRESSED", "improved"]
+    assert "+nan" not in table(rows)  # no change is computed against nan
+
+
+def test_flatten_and_dvc_diff():
+    assert flatten({"a": 1, "b": {"c": 2.5, "d": "text"}, "e": True, "f": [1]}) == {"a": 1.0, "b.c": 2.5}
+    diff = {"metrics/eval.json": {"val_loss": {"old": 6.0, "new": 5.5, "diff": -0.5}, "x": {"old": None, "new": 1}}}
+    old, new = from_dvc_diff(diff)
+    assert old == {"metrics/eval.json": {"val_loss": 6.0}}
+    assert new == {"metrics/eval.json": {"val_loss": 5.5, "x": 1.0}}
+
+
+def test_thresholds_file(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "metrics/a.json:\n  loss: {worse: higher, max_change: 2%}\n  acc: {worse: lower, max_change: 0.01}\n"
+    )
+    gates = load_gates(path)
+    assert gates["metrics/a.json"]["loss"] == Gate("higher", 0.02, True)
+    assert gates["metrics/a.json"]["acc"].allowed(0.9) == 0.01
+    for bad, message in [
+        ("metrics/a.json:\n  loss: {worse: up, max_change: 2%}\n", "loss.worse must be higher or lower"),
+        ("metrics/a.json:\n  loss: {worse: higher, max_change: lots}\n", "max_change must be a number"),
+        ("metrics/a.json:\n  loss: {worse: higher}\n", "exactly the keys worse and max_change"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_gates(path)
+
+
+def test_committed_thresholds_gate_existing_metrics():
+    from tests.conftest import ROOT
+
+    gates = load_gates(ROOT / "thresholds.yaml")
+    for file, names in gates.items():
+        committed = json.loads((ROOT / "ci" / "baseline" / file).read_text())  # the CI profile's
+        assert set(names) <= set(committed), file
+
+
+def test_cli_on_two_directories(tmp_path, capsys):
+    for side, loss in (("old", 5.0), ("new", 5.5)):
+        (tmp_path / side / "metrics").mkdir(parents=True)
+        (tmp_path / side / "metrics" / "pretrain.json").write_text(json.dumps({"val_loss": loss, "steps": 9}))
+    (tmp_path / "t.yaml").write_text("metrics/pretrain.json:\n  val_loss: {worse: higher, max_change: 2%}\n")
+    summary = tmp_path / "summary.md"
+    args = ["compare", "--old", str(tmp_path / "old/metrics"), "--new", str(tmp_path / "new/metrics")]
+    assert main([*args, "--thresholds", str(tmp_path / "t.yaml"), "--markdown", str(summary)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED" in out and out.strip().splitlines()[-1].startswith("FAIL: 1 of 1")
+    assert (
+        "| metrics/pretrain.json:val_loss | 5 | 5.5 | +0.5 (+10.00%) | rise <= 2% | REGRESSED |" in summary.read_text()
+    )
+    (tmp_path / "t.yaml").write_text("metrics/pretrain.json:\n  val_loss: {worse: higher, max_change: 20%}\n")
+    assert main([*args, "--thresholds", str(tmp_path / "t.yaml")]) == 0
+    assert main([*args, "--thresholds", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read thresholds" in capsys.readouterr().err

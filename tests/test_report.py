@@ -1,0 +1,129 @@
+"""The report stage's page, from metrics files made here; missing stages show as "not run"."""
+
+import json
+
+import yaml
+
+from llm.report import ReportInputs, read_curve, read_json, write_report
+from tests.conftest import ROOT
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def curve(n, lr=0.0004):
+    return [
+        {
+            "step": i,
+            "epoch": 1 + i // 5,
+            "tokens_seen": 512 * i,
+            "train_loss": 9 - i / 2,
+            "val_loss": 9.5 - i / 3,
+            "lr": lr,
+        }
+        for i in range(n)
+    ]
+
+
+def full_inputs():
+    metrics = {
+        name: json.loads((ROOT / f"ci/baseline/metrics/{name}.json").read_text()) for name in ("prepare_text", "eval")
+    }
+    metrics["pretrain"] = {
+        "train_loss": 4.9,
+        "val_loss": 6.3,
+        "tokens_seen": 46080,
+        "steps": 90,
+        "epochs": 10,
+        "tokens_per_sec": 600.0,
+        "train_seconds": 70.0,
+        "wall_seconds": 75.5,
+        "params": 29_000_000,
+    }
+    metrics["finetune_spam"] = json.loads((ROOT / "ci/baseline/metrics/finetune_spam.json").read_text())
+    metrics["finetune_instruct"] = json.loads((ROOT / "ci/baseline/metrics/finetune_instruct.json").read_text())
+    return ReportInputs(
+        params=PARAMS,
+        metrics=metrics,
+        curves={
+            "pretrain": [dict(r, lr=0.0004 * (1 - r["step"] / 10)) for r in curve(10)],  # a schedule
+            "finetune_spam": curve(6),
+            "finetune_spam_accuracy": [
+                {"epoch": 1, "train_accuracy": 0.9, "val_accuracy": 0.85},
+                {"epoch": 2, "train_accuracy": 0.97, "val_accuracy": 0.93},
+            ],
+            "finetune_instruct": curve(8),
+        },
+        samples=[
+            {
+                "prompt": "Every effort moves you",
+                "greedy": "Every effort moves you |x|",
+                "sampled": "Every effort s",
+                "temperature": 1.4,
+                "top_k": 25,
+                "seed": 123,
+            }
+        ],
+        responses=[{"instruction": "Name a | color.", "input": "", "output": "Red.", "model_response": "Blue."}] * 7,
+        runs={
+            "pretrain": {
+                "model": {"emb_dim": 256, "n_layers": 4, "n_heads": 4, "context_length": 256},
+                "training": {"device": "cpu", "precision": "fp32"},
+            }
+        },
+        environment={"git_commit": "abc1234", "torch": "2.13.0", "python": "3.11.7"},
+    )
+
+
+def test_full_report(tmp_path):
+    counts = write_report(full_inputs(), tmp_path)
+    assert counts == {"stages_reported": 5, "figures": 6}
+    md = (tmp_path / "report.md").read_text()
+    for figure in (
+        "pretrain_loss",
+        "finetune_spam_loss",
+        "finetune_spam_accuracy",
+        "finetune_spam_confusion",
+        "finetune_spam_baseline",
+        "finetune_instruct_loss",
+    ):
+        png = tmp_path / "figures" / f"{figure}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(figures/{figure}.png)" in md
+    assert "not run" not in md
+    assert "| pretrain | model | emb_dim 256, n_layers 4, n_heads 4, context_length 256 (29,000,000 parameters) |" in md
+    ms = full_inputs().metrics["finetune_spam"]
+    accuracy = f"{100 * ms['test_accuracy']:.2f}% ({100 * ms['baseline_test_accuracy']:.2f}%)"
+    assert f"| finetune_spam | test accuracy (baseline) | {accuracy} |" in md
+    assert "| all | torch / Python / git commit | 2.13.0 / 3.11.7 / abc1234 |" in md
+    assert "| Name a \\| color. |  | Red. | Blue. |" in md  # pipes in text do not break the table
+    assert md.count("| Name a") == 5  # the first five test instructions
+    assert "Every effort moves you |x|" in md  # samples as preformatted text
+    html = (tmp_path / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and '<img src="figures/pretrain_loss.png"' in html
+    assert "<td>Name a | color.</td>" in html
+
+
+def test_same_inputs_same_bytes(tmp_path):
+    write_report(full_inputs(), tmp_path / "a")
+    write_report(full_inputs(), tmp_path / "b")
+    for name in ("report.md", "report.html", "figures/pretrain_loss.png", "figures/finetune_spam_confusion.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_missing_stages_show_as_not_run(tmp_path):
+    inputs = full_inputs()
+    inputs.metrics = {"prepare_text": inputs.metrics["prepare_text"], "pretrain": inputs.metrics["pretrain"]}
+    inputs.curves = {"pretrain": None}
+    inputs.samples = inputs.responses = None
+    inputs.runs = {}
+    counts = write_report(inputs, tmp_path)
+    assert counts == {"stages_reported": 2, "figures": 0}
+    md = (tmp_path / "report.md").read_text()
+    for stage in ("eval", "finetune_spam", "finetune_instruct"):
+        assert f"_not run_: there is no `metrics/{stage}.json`." in md
+    assert "not run: eval, finetune_spam, finetune_instruct" in md
+
+
+def test_readers_return_none_for_absent_files(tmp_path):
+    assert read_json(tmp_path / "x.json") is None and read_curve(tmp_path / "x.csv") is None
+    (tmp_path / "c.csv").write_text("step,train_loss\n0,1.5\n5,1.25\n")
+    assert read_curve(tmp_path / "c.csv") == [{"step": 0.0, "train_loss": 1.5}, {"step": 5.0, "train_loss": 1.25}]
