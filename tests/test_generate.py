@@ -156,3 +156,15 @@ def test_bad_arguments_are_clear_errors(pair, kwargs, message):
         generate(ours, torch.tensor([[1]]), **args)
     with pytest.raises(LLMError, match="non-empty"):
         generate(ours, torch.zeros(1, 0, dtype=torch.long), 3, cfg["context_length"])
+
+
+def test_cached_head_copy_follows_weight_updates():
+    """The decode path's transposed head copy is rebuilt after in-place updates (an optimizer step)."""
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg()).eval()
+    idx = torch.randint(0, 50257, (1, 5))
+    generate(model, idx, 4, 24)  # builds the copy
+    with torch.no_grad():
+        model.out_head.weight.mul_(-1.0)
+    assert generate(model, idx, 8, 24).tolist() == generate(model, idx, 8, 24, use_cache=False).tolist()
+    assert "_head_t" not in str(list(model.state_dict()))
