@@ -69,8 +69,9 @@ def read_meta(file: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_config(file: Path) -> dict[str, Any]:
-    meta = read_meta(file)
+def _read_config(file: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model config in a checkpoint's `config.json` (`meta`: the file, already parsed)."""
+    meta = read_meta(file) if meta is None else meta
     try:
         return model_config(meta.get("model", meta))
     except ConfigError as exc:
@@ -163,7 +164,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         cfg = config_from_hf(meta, config) if meta is not None and is_hf_config(meta) else infer_config(state, weights)
         state = hf_to_book(state, cfg, weights)
     elif meta is not None:
-        cfg = _read_config(config)
+        cfg = _read_config(config, meta)
     else:
         cfg = infer_config(state, weights)
     model = GPTModel(cfg)

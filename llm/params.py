@@ -34,6 +34,15 @@ class DataParams:
     train_ratio: float  # the book: 0.90, split on characters
 
 
+# `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
+PRETRAINED = "models/pretrain"
+
+
+def init_source(init: str) -> str:
+    """The checkpoint path or GPT-2 name a stage's `init` setting stands for."""
+    return PRETRAINED if init == "pretrain" else init
+
+
 # Keys that fix the shape of the weights: starting from weights, these come from the checkpoint.
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
 

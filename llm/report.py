@@ -152,133 +152,113 @@ def plot_vs_baseline(m: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
-def _not_run(doc: Doc, stage: str) -> None:
-    doc.para(f"_not run_: there is no `metrics/{stage}.json`.")
+def build(inputs: ReportInputs, out_dir: Path) -> Doc:
+    """The report page; its figures are written to `out_dir/figures`."""
+    m, env = inputs.metrics, inputs.environment
+    doc = Doc("LLMs from scratch: pipeline report")
+    ran = [s for s in STAGES if m.get(s) is not None]
+    missing = [s for s in STAGES if s not in ran]
+    doc.para(
+        f"Stages with results: {', '.join(ran) or 'none'}"
+        + (f"; not run: {', '.join(missing)}" if missing else "")
+        + f". Code at git commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')}, "
+        f"Python {env.get('python', '?')}."
+    )
+    doc.heading("Run summary")
+    doc.table(["stage", "what", "value"], _summary_rows(inputs))
+    sections = {
+        "prepare_text": _data_section,
+        "pretrain": _pretrain_section,
+        "eval": _eval_section,
+        "finetune_spam": _spam_section,
+        "finetune_instruct": _instruct_section,
+    }
+    for stage, section in sections.items():
+        doc.heading(_TITLES[stage])
+        if m.get(stage) is None:
+            doc.para(f"_not run_: there is no `metrics/{stage}.json`.")
+        else:
+            section(doc, inputs, out_dir / "figures")
+            doc.table(["metric", "value"], [[k, fmt(v)] for k, v in m[stage].items()])
+    doc.heading("Parameters")
+    doc.para("Every setting the stages ran with (params.yaml):")
+    doc.pre(_params_text(inputs.params))
+    return doc
 
 
-def _metrics_table(doc: Doc, metrics: dict) -> None:
-    doc.table(["metric", "value"], [[k, fmt(v)] for k, v in metrics.items()])
-
-
-def _section(doc: Doc, name: str, params: dict, keys: list[str]) -> None:
+def _settings(doc: Doc, params: dict, name: str, keys: list[str]) -> None:
     section = params.get(name) or {}
     shown = [f"{k} {section[k]}" for k in keys if k in section]
     if shown:
         doc.para(f"Settings (`{name}` in params.yaml): " + ", ".join(shown) + ".")
 
 
-def build(inputs: ReportInputs, out_dir: Path) -> Doc:
-    """The report page; its figures are written to `out_dir/figures`."""
-    figures = out_dir / "figures"
-    p, m = inputs.params, inputs.metrics
-    doc = Doc("LLMs from scratch: pipeline report")
-    ran = [s for s in STAGES if m.get(s) is not None]
-    env = inputs.environment
-    doc.para(
-        f"Stages with results: {', '.join(ran) or 'none'}"
-        + (f"; not run: {', '.join(s for s in STAGES if s not in ran)}" if len(ran) < len(STAGES) else "")
-        + f". Code at git commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')}, "
-        f"Python {env.get('python', '?')}."
-    )
-
-    doc.heading("Run summary")
-    doc.table(["stage", "what", "value"], _summary_rows(inputs))
-
-    doc.heading(_TITLES["prepare_text"])
-    if m.get("prepare_text") is None:
-        _not_run(doc, "prepare_text")
-    else:
-        corpus = ", ".join((p.get("data") or {}).get("corpus", []))
-        doc.para(f"Corpus: {corpus}. Text split on characters, then tokenized with GPT-2's BPE (tiktoken).")
-        _metrics_table(doc, m["prepare_text"])
-
-    doc.heading(_TITLES["pretrain"])
-    if m.get("pretrain") is None:
-        _not_run(doc, "pretrain")
-    else:
-        mp = m["pretrain"]
-        _section(doc, "train", p, ["num_epochs", "batch_size", "max_length", "lr", "weight_decay", "seed"])
-        rows = inputs.curves.get("pretrain")
-        if rows:
-            per_epoch = mp.get("tokens_seen", 0) / mp["epochs"] if mp.get("epochs") else None
-            plot_loss(rows, figures / "pretrain_loss.png", "Pretraining loss", per_epoch)
-            doc.image("figures/pretrain_loss.png", "pretraining loss against tokens seen")
-        _metrics_table(doc, mp)
-
-    doc.heading(_TITLES["eval"])
-    if m.get("eval") is None:
-        _not_run(doc, "eval")
-    else:
-        _metrics_table(doc, m["eval"])
-        for s in inputs.samples or []:
-            doc.para(
-                f"Prompt `{s['prompt']}`: greedy, then sampled (temperature {s.get('temperature')}, "
-                f"top-k {s.get('top_k')}, seed {s.get('seed')}):"
-            )
-            doc.pre(f"{s['greedy']}\n\n{s['sampled']}")
-
-    doc.heading(_TITLES["finetune_spam"])
-    ms = m.get("finetune_spam")
-    if ms is None:
-        _not_run(doc, "finetune_spam")
-    else:
-        keys = ["init", "trainable_blocks", "pooling", "num_epochs", "batch_size", "lr"]
-        _section(doc, "finetune_spam", p, keys)
-        rows = inputs.curves.get("finetune_spam")
-        if rows:
-            plot_loss(
-                rows, figures / "finetune_spam_loss.png", "Spam finetuning loss", _per_epoch(ms, p, "finetune_spam")
-            )
-            doc.image("figures/finetune_spam_loss.png", "spam finetuning loss")
-        acc = inputs.curves.get("finetune_spam_accuracy")
-        if acc:
-            plot_accuracy(acc, figures / "finetune_spam_accuracy.png")
-            doc.image("figures/finetune_spam_accuracy.png", "spam classifier accuracy per epoch")
-        if all(f"test_{k}" in ms for k in ("tn", "fp", "fn", "tp")):
-            plot_confusion(ms, figures / "finetune_spam_confusion.png")
-            doc.image("figures/finetune_spam_confusion.png", "test confusion matrix")
-        names = ["accuracy", "precision", "recall", "f1"]
-        if all(f"baseline_test_{n}" in ms and f"test_{n}" in ms for n in names):
-            plot_vs_baseline(ms, figures / "finetune_spam_baseline.png")
-            doc.image("figures/finetune_spam_baseline.png", "LLM classifier against the TF-IDF baseline")
-            doc.table(
-                ["test set", "LLM classifier", "TF-IDF + logistic regression"],
-                [[n, f"{100 * ms[f'test_{n}']:.2f}%", f"{100 * ms[f'baseline_test_{n}']:.2f}%"] for n in names],
-            )
-        _metrics_table(doc, ms)
-
-    doc.heading(_TITLES["finetune_instruct"])
-    mi = m.get("finetune_instruct")
-    if mi is None:
-        _not_run(doc, "finetune_instruct")
-    else:
-        keys = ["init", "prompt_style", "mask_prompt", "num_epochs", "batch_size", "lr"]
-        _section(doc, "finetune_instruct", p, keys)
-        rows = inputs.curves.get("finetune_instruct")
-        if rows:
-            per_epoch = _per_epoch(mi, p, "finetune_instruct")
-            plot_loss(rows, figures / "finetune_instruct_loss.png", "Instruction finetuning loss", per_epoch)
-            doc.image("figures/finetune_instruct_loss.png", "instruction finetuning loss")
-        if inputs.responses:
-            doc.para(f"The first test instructions ({len(inputs.responses)} in `data/instruct/responses.json`):")
-            doc.table(
-                ["instruction", "input", "reference", "model response"],
-                [
-                    [r["instruction"], r.get("input", ""), r.get("output", ""), r.get("model_response", "")]
-                    for r in inputs.responses[:5]
-                ],
-            )
-        _metrics_table(doc, mi)
-
-    doc.heading("Parameters")
-    doc.para("Every setting the stages ran with (params.yaml):")
-    doc.pre(_params_text(p))
-    return doc
+def _loss_figure(doc: Doc, inputs: ReportInputs, figures: Path, stage: str, title: str, section: str) -> None:
+    """The stage's loss curve, if it left one, with epochs from tokens seen per epoch."""
+    rows = inputs.curves.get(stage)
+    if not rows:
+        return
+    metrics = inputs.metrics[stage]
+    epochs = (inputs.params.get(section) or {}).get("num_epochs")
+    per_epoch = metrics["tokens_seen"] / epochs if epochs and metrics.get("tokens_seen") else None
+    plot_loss(rows, figures / f"{stage}_loss.png", title, per_epoch)
+    doc.image(f"figures/{stage}_loss.png", f"{title} against tokens seen")
 
 
-def _per_epoch(metrics: dict, params: dict, section: str) -> float | None:
-    epochs = (params.get(section) or {}).get("num_epochs")
-    return metrics["tokens_seen"] / epochs if epochs and metrics.get("tokens_seen") else None
+def _data_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
+    corpus = ", ".join((inputs.params.get("data") or {}).get("corpus", []))
+    doc.para(f"Corpus: {corpus}. Text split on characters, then tokenized with GPT-2's BPE (tiktoken).")
+
+
+def _pretrain_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
+    keys = ["num_epochs", "batch_size", "max_length", "lr", "lr_schedule", "weight_decay", "seed"]
+    _settings(doc, inputs.params, "train", keys)
+    _loss_figure(doc, inputs, figures, "pretrain", "Pretraining loss", "train")
+
+
+def _eval_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
+    for s in inputs.samples or []:
+        doc.para(
+            f"Prompt `{s['prompt']}`: greedy, then sampled (temperature {s.get('temperature')}, "
+            f"top-k {s.get('top_k')}, seed {s.get('seed')}):"
+        )
+        doc.pre(f"{s['greedy']}\n\n{s['sampled']}")
+
+
+def _spam_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
+    ms = inputs.metrics["finetune_spam"]
+    _settings(doc, inputs.params, "finetune_spam", ["init", "trainable_blocks", "pooling", "num_epochs", "lr"])
+    _loss_figure(doc, inputs, figures, "finetune_spam", "Spam finetuning loss", "finetune_spam")
+    acc = inputs.curves.get("finetune_spam_accuracy")
+    if acc:
+        plot_accuracy(acc, figures / "finetune_spam_accuracy.png")
+        doc.image("figures/finetune_spam_accuracy.png", "spam classifier accuracy per epoch")
+    if all(f"test_{k}" in ms for k in ("tn", "fp", "fn", "tp")):
+        plot_confusion(ms, figures / "finetune_spam_confusion.png")
+        doc.image("figures/finetune_spam_confusion.png", "test confusion matrix")
+    names = ["accuracy", "precision", "recall", "f1"]
+    if all(f"baseline_test_{n}" in ms and f"test_{n}" in ms for n in names):
+        plot_vs_baseline(ms, figures / "finetune_spam_baseline.png")
+        doc.image("figures/finetune_spam_baseline.png", "LLM classifier against the TF-IDF baseline")
+        doc.table(
+            ["test set", "LLM classifier", "TF-IDF + logistic regression"],
+            [[n, f"{100 * ms[f'test_{n}']:.2f}%", f"{100 * ms[f'baseline_test_{n}']:.2f}%"] for n in names],
+        )
+
+
+def _instruct_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
+    keys = ["init", "prompt_style", "mask_prompt", "num_epochs", "lr"]
+    _settings(doc, inputs.params, "finetune_instruct", keys)
+    _loss_figure(doc, inputs, figures, "finetune_instruct", "Instruction finetuning loss", "finetune_instruct")
+    if inputs.responses:
+        doc.para(f"The first test instructions ({len(inputs.responses)} in `data/instruct/responses.json`):")
+        doc.table(
+            ["instruction", "input", "reference", "model response"],
+            [
+                [r["instruction"], r.get("input", ""), r.get("output", ""), r.get("model_response", "")]
+                for r in inputs.responses[:5]
+            ],
+        )
 
 
 def _summary_rows(inputs: ReportInputs) -> list[list[str]]:

@@ -13,13 +13,12 @@ from llm.data import TokenWindowDataset, read_tokens
 from llm.errors import run_main
 from llm.generate import generate
 from llm.io import write_json
-from llm.params import load_params
+from llm.params import init_source, load_params
 from llm.runtime import select_device
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.train import calc_loss_loader, perplexity
 
 TOKENS = Path("data/tokens")
-MODEL_DIR = Path("models/pretrain")
 SAMPLES = Path("data/eval/samples.json")
 METRICS = Path("metrics/eval.json")
 
@@ -28,7 +27,7 @@ def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     t, e = params.train, params.eval
     device = select_device(t.device)
-    model = load_checkpoint(MODEL_DIR if e.init == "pretrain" else e.init, map_location=device)
+    model = load_checkpoint(init_source(e.init), map_location=device)
     metrics = {}
     for split in ("train", "val"):
         ds = TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride)

@@ -26,7 +26,7 @@ from llm.instruct import (
 )
 from llm.io import write_csv, write_json
 from llm.judge import judge_responses
-from llm.params import load_params
+from llm.params import init_source, load_params
 from llm.runtime import keep_freed_memory, select_device, set_seed
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.train import calc_loss_loader, perplexity
@@ -60,7 +60,7 @@ def main(params_path: str = "params.yaml") -> dict:
     train_data, test_data, val_data = split_instructions(data, f.train_frac, f.test_frac)
     device = select_device(f.device)
     keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
-    init = Path("models/pretrain") if f.init == "pretrain" else f.init  # or GPT-2 / a path
+    init = init_source(f.init)
     model = load_checkpoint(init)
     context = model.cfg["context_length"]
     max_len = min(f.allowed_max_length or context, context)

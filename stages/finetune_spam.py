@@ -27,7 +27,7 @@ from llm.classifier import (
 from llm.download import fetch_zip_member
 from llm.errors import LLMError, run_main
 from llm.io import write_csv, write_json
-from llm.params import load_params
+from llm.params import init_source, load_params
 from llm.runtime import keep_freed_memory, select_device, set_seed
 from llm.tokenizer import get_tokenizer
 from llm.trainer import Trainer
@@ -78,7 +78,7 @@ def main(params_path: str = "params.yaml") -> dict:
     splits = prepare_splits(params)
     device = select_device(f.device)
     keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
-    init = Path("models/pretrain") if f.init == "pretrain" else f.init  # or GPT-2 / a path
+    init = init_source(f.init)
     model = load_checkpoint(init)
     if f.max_length is not None and f.max_length > model.cfg["context_length"]:
         raise LLMError(

@@ -77,7 +77,7 @@ def test_repro_then_nothing_to_do_then_deterministic_rerun(repo):
     assert {"train_loss", "val_loss", "test_loss", "rouge_l", "exact_match"} <= instruct.keys()
     assert json.loads((path / "metrics/report.json").read_text()) == {"stages_reported": 5, "figures": 6}
     report = (path / "reports/report.md").read_text()
-    assert "![pretraining loss against tokens seen](figures/pretrain_loss.png)" in report and "not run" not in report
+    assert "![Pretraining loss against tokens seen](figures/pretrain_loss.png)" in report and "not run" not in report
     assert len(list((path / "reports/figures").glob("*.png"))) == 6 and (path / "reports/report.html").is_file()
 
     again = sh(["dvc", "repro"], path, env)
