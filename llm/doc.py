@@ -1,14 +1,17 @@
 """A page built once and written twice: Markdown (renders on GitHub) and standalone HTML.
 
 Only what a report needs: headings, paragraphs, tables, images and preformatted text. Text is
-plain (escaped for both formats); `code` spans in Markdown become <code> in HTML.
+plain (escaped for both formats); `code` spans in Markdown become <code> in HTML. The HTML can
+embed its PNGs, so the page is one file to mail or attach.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.45}"
@@ -70,7 +73,8 @@ class Doc:
                 out += ["```text", args[0].rstrip("\n"), "```", ""]
         return "\n".join(out)
 
-    def html(self) -> str:
+    def html(self, image_root: Path | None = None) -> str:
+        """The page as one file; with `image_root`, images are embedded from files below it."""
         title = html.escape(self.title)
         out = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>']
         out.append(f"<style>{_CSS}</style></head><body>\n<h1>{title}</h1>")
@@ -87,7 +91,10 @@ class Doc:
                     out.append("<tr>" + "".join(cells) + "</tr>")
                 out.append("</table>")
             elif kind == "img":
-                out.append(f'<p><img src="{html.escape(args[0])}" alt="{html.escape(args[1])}"></p>')
+                src = args[0]
+                if image_root is not None and (image_root / src).is_file():
+                    src = "data:image/png;base64," + base64.b64encode((image_root / src).read_bytes()).decode()
+                out.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(args[1])}"></p>')
             elif kind == "pre":
                 out.append(f"<pre>{html.escape(args[0])}</pre>")
         out.append("</body></html>\n")

@@ -335,7 +335,7 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> dict[str, int]:
     out_dir = Path(out_dir)
     doc = build(inputs, out_dir)
     atomic_write_bytes(out_dir / "report.md", doc.markdown().encode())
-    atomic_write_bytes(out_dir / "report.html", doc.html().encode())
+    atomic_write_bytes(out_dir / "report.html", doc.html(image_root=out_dir).encode())
     return {
         "stages_reported": sum(inputs.metrics.get(s) is not None for s in STAGES),
         "figures": sum(kind == "img" for kind, *_ in doc.blocks),

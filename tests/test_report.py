@@ -98,7 +98,7 @@ def test_full_report(tmp_path):
     assert md.count("| Name a") == 5  # the first five test instructions
     assert "Every effort moves you |x|" in md  # samples as preformatted text
     html = (tmp_path / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and '<img src="figures/pretrain_loss.png"' in html
+    assert html.startswith("<!DOCTYPE html>") and html.count('<img src="data:image/png;base64,iVBORw0KGgo') == 6
     assert "<td>Name a | color.</td>" in html
 
 
