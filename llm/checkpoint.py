@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from llm.config import model_config
 from llm.errors import CheckpointError, ConfigError
 from llm.gpt2 import HUB_IDS, config_from_hf, gpt2_name, hf_to_book, hub_download, is_hf_config, is_hf_gpt2
-from llm.io import atomic_write_bytes
+from llm.io import atomic_path, atomic_write_bytes
 from llm.model import GPTModel
 
 WEIGHTS_NAME = "model.safetensors"
@@ -44,15 +43,8 @@ def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write `path/model.safetensors` and `path/config.json`; each file appears whole or not at all."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path / WEIGHTS_NAME) as tmp:
         save_file(weights_state_dict(model), tmp, metadata={"format": "pt"})
-        os.replace(tmp, path / WEIGHTS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {"format": FORMAT, "model": model.cfg, **(dict(extra) if extra else {})}
     atomic_write_bytes(path / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
     return path

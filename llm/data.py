@@ -10,7 +10,6 @@ with exactly the book's windows: starts `range(0, len(ids) - max_length, stride)
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llm.errors import LLMError
+from llm.io import atomic_path
 from llm.tokenizer import encode, get_tokenizer
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
@@ -27,21 +27,14 @@ TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
 def write_tokens(path: str | os.PathLike, chunks: Iterable[Iterable[int] | np.ndarray]) -> int:
     """Write token ids to a flat uint16 file atomically (temp file, then rename); return the count."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                arr = np.asarray(chunk, dtype=np.int64)
-                if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max):
-                    raise LLMError(f"token id out of uint16 range while writing {path}")
-                arr.astype(TOKEN_DTYPE).tofile(f)
-                n += arr.size
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        for chunk in chunks:
+            arr = np.asarray(chunk, dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max):
+                raise LLMError(f"token id out of uint16 range while writing {path}")
+            arr.astype(TOKEN_DTYPE).tofile(f)
+            n += arr.size
     return n
 
 

@@ -200,14 +200,12 @@ def export_hf(model: torch.nn.Module, out_dir: os.PathLike | str) -> Path:
     """Write `model` as a Hugging Face GPT-2 checkpoint directory (`config.json` + `model.safetensors`)."""
     from safetensors.torch import save_file
 
-    from llm.io import atomic_write_bytes
+    from llm.io import atomic_path, atomic_write_bytes
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config, state = book_to_hf(model)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     atomic_write_bytes(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return out_dir
 

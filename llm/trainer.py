@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError
+from llm.io import atomic_path
 from llm.runtime import select_device
 from llm.train import calc_loss_batch, calc_loss_loader, make_optimizer
 
@@ -220,15 +220,8 @@ class Trainer:
     def save_state(self) -> None:
         if not (self.state_path and self.is_main):
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=f".{self.state_path.name}.")
-        os.close(fd)
-        try:
+        with atomic_path(self.state_path) as tmp:
             torch.save(self._state(), tmp)
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def try_resume(self) -> bool:
         """Load the saved state if it belongs to this run; returns whether training resumes."""

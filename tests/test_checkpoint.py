@@ -114,3 +114,18 @@ def test_reconfigure_keeps_weights_and_cuts_the_context(tmp_path):
     with torch.no_grad():
         assert torch.equal(short.eval()(ids), model(ids))
     assert reconfigure(model, model.cfg) is model
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Temp-then-rename must not leave mkstemp's 0600 on the outputs (others could not read them)."""
+    import os
+    import stat
+
+    from llm.io import write_json
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    ckpt = save_checkpoint(GPTModel(tiny_cfg()), tmp_path / "c")
+    write_json(tmp_path / "m.json", {"a": 1})
+    for file in (ckpt / WEIGHTS_NAME, ckpt / CONFIG_NAME, tmp_path / "m.json"):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
