@@ -200,7 +200,12 @@ def _loss_figure(doc: Doc, inputs: ReportInputs, figures: Path, stage: str, titl
         return
     metrics = inputs.metrics[stage]
     epochs = (inputs.params.get(section) or {}).get("num_epochs")
-    per_epoch = metrics["tokens_seen"] / epochs if epochs and metrics.get("tokens_seen") else None
+    per_epoch = None
+    if epochs and metrics.get("tokens_seen"):
+        per_epoch = metrics["tokens_seen"] / epochs
+    elif epochs and metrics.get("steps") and rows[-1].get("step") is not None:
+        # spam batches all have the same padded size: tokens per step times steps per epoch
+        per_epoch = rows[-1]["tokens_seen"] / (rows[-1]["step"] + 1) * metrics["steps"] / epochs
     plot_loss(rows, figures / f"{stage}_loss.png", title, per_epoch)
     doc.image(f"figures/{stage}_loss.png", f"{title} against tokens seen")
 
