@@ -174,6 +174,9 @@ class Params:
     finetune_instruct: InstructParams | None = None
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -207,9 +210,12 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
+        # YAML 1.1 (PyYAML) reads 4e-4 and 5e-05 as text, and `dvc exp run -S x=5.0e-5` writes
+        # `5e-05`: a number in scientific notation is a number whichever way it was written.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, str):
-            hint_text = " (YAML reads 4e-4 as text: write 4.0e-4 or 0.0004)" if "e" in value.lower() else ""
-            raise ConfigError(f"{name} must be a number, got the string {value!r}{hint_text}")
+            raise ConfigError(f"{name} must be a number, got the string {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

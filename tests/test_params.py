@@ -43,7 +43,7 @@ def test_preset_and_overrides():
 @pytest.mark.parametrize(
     "path, value, message",
     [
-        ("train.lr", "4e-4", "train.lr must be a number, got the string '4e-4' (YAML reads 4e-4 as text"),
+        ("train.lr", "fast", "train.lr must be a number, got the string 'fast'"),
         ("train.lr", -0.1, "train.lr must be > 0"),
         ("train.lrr", 0.1, "unknown key train.lrr; allowed: seed, num_epochs"),
         ("train.num_epochs", 2.5, "train.num_epochs must be an integer"),
@@ -115,3 +115,12 @@ def test_init_values():
     assert parse_params(with_change("train.num_epochs", 0)).train.num_epochs == 0
     with pytest.raises(ConfigError, match="train.num_epochs must be >= 0"):
         parse_params(with_change("train.num_epochs", -1))
+
+
+def test_scientific_notation_is_a_number_however_yaml_read_it(tmp_path):
+    """PyYAML reads 4e-4 as text, and `dvc exp run -S finetune_spam.lr=5.0e-5` writes `5e-05`."""
+    text = (ROOT / "params.yaml").read_text().replace("lr: 0.0004", "lr: 4e-4").replace("lr: 2.0e-4", "lr: 5e-05")
+    (tmp_path / "params.yaml").write_text(text)
+    assert yaml.safe_load(text)["train"]["lr"] == "4e-4"  # the YAML 1.1 reading this guards against
+    p = load_params(tmp_path / "params.yaml")
+    assert p.train.lr == 0.0004 and p.finetune_spam.lr == 5e-05
