@@ -21,7 +21,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Offline inputs for the tests when the shared mirror sits beside the checkout (CI sets these too).
+MIRROR := $(wildcard $(abspath ..)/shared/mirror)
 test: lint
+	$(if $(MIRROR),LLM_MIRROR=$${LLM_MIRROR:-$(MIRROR)} TIKTOKEN_CACHE_DIR=$${TIKTOKEN_CACHE_DIR:-$(MIRROR)/tiktoken}) \
 	$(BIN)/python -m pytest -q
 
 format: install

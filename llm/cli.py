@@ -29,11 +29,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def version() -> str:
+    """The installed distribution's version, or pyproject.toml's in a checkout that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("llm")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        text = pyproject.read_text(encoding="utf-8") if pyproject.is_file() else ""
+        match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+        return match.group(1) if match else "unknown"
+
+
 MODEL_HELP = "checkpoint directory, .safetensors, .pth or .bin file, or a GPT-2 name (gpt2-small...)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm", description="The book's GPT: generate, classify, answer, export.")
+    parser.add_argument("--version", action="version", version=f"llm {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint, token by token")

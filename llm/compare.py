@@ -8,7 +8,8 @@ versioned YAML file:
     metrics/finetune_spam.json:
       test_accuracy: {worse: lower, max_change: 0.01} # may fall at most 0.01 (one point)
 
-A gated metric that got worse by more than its `max_change`, or that disappeared, fails.
+A gated metric that got worse by more than its `max_change`, that disappeared, or whose new value
+is null (`write_json` writes NaN and infinities as null) fails as MISSING.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 
 from llm.errors import ConfigError
 
-Metrics = dict[str, dict[str, float]]
+Metrics = dict[str, dict[str, float | None]]  # None: null in the file
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,25 @@ class Row:
     old: float | None
     new: float | None
     gate: Gate | None
-    status: str  # unchanged, changed, improved, within, REGRESSED, new, MISSING, removed
+    status: str  # unchanged, changed, improved, within, REGRESSED, new, MISSING, removed, null
+    old_null: bool = False  # old is None because the value is null, not absent
+    new_null: bool = False
 
     @property
     def failed(self) -> bool:
         return self.status in ("REGRESSED", "MISSING")
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a metrics JSON, nested keys joined with "."; text and lists are skipped."""
-    out: dict[str, float] = {}
+def flatten(data: Any, prefix: str = "") -> dict[str, float | None]:
+    """Numeric and null leaves of a metrics JSON, nested keys joined with "."; text and lists are skipped."""
+    out: dict[str, float | None] = {}
     if isinstance(data, dict):
         for key, value in data.items():
             out.update(flatten(value, f"{prefix}{key}."))
     elif isinstance(data, (int, float)) and not isinstance(data, bool):
         out[prefix[:-1]] = float(data)
+    elif data is None and prefix:
+        out[prefix[:-1]] = None
     return out
 
 
@@ -81,16 +86,27 @@ def read_metrics_dir(root: str | Path, base: str | Path | None = None) -> Metric
 
 
 def from_dvc_diff(diff: dict[str, Any]) -> tuple[Metrics, Metrics]:
-    """(old, new) metrics from `dvc metrics diff --json --all` output."""
+    """(old, new) metrics from `dvc metrics diff --json --all` output.
+
+    DVC drops null metrics and reports a side without the metric as null, so for a numeric
+    metric a null side is kept as None (shown as null): null or absent in that revision.
+    """
     old: Metrics = {}
     new: Metrics = {}
     for file, entries in diff.items():
         for name, change in entries.items():
+            sides = {side: change.get(side) for side in ("old", "new")}
+            if not any(_is_number(v) for v in sides.values()):
+                continue
             for side, target in (("old", old), ("new", new)):
-                value = change.get(side)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    target.setdefault(file, {})[name] = float(value)
+                value = sides[side]
+                if value is None or _is_number(value):
+                    target.setdefault(file, {})[name] = None if value is None else float(value)
     return old, new
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _parse_change(where: str, value: Any) -> tuple[float, bool]:
@@ -138,15 +154,21 @@ def compare(old: Metrics, new: Metrics, gates: dict[str, dict[str, Gate]] | None
     for file in files:
         names = sorted(set(old.get(file, {})) | set(new.get(file, {})) | set(gates.get(file, {})))
         for name in names:
-            a, b = old.get(file, {}).get(name), new.get(file, {}).get(name)
+            olds, news = old.get(file, {}), new.get(file, {})
+            a, b = olds.get(name), news.get(name)
+            a_null, b_null = name in olds and a is None, name in news and b is None
             gate = gates.get(file, {}).get(name)
-            rows.append(Row(file, name, a, b, gate, _status(a, b, gate)))
+            rows.append(Row(file, name, a, b, gate, _status(a, b, gate, a_null, b_null), a_null, b_null))
     return rows
 
 
-def _status(old: float | None, new: float | None, gate: Gate | None) -> str:
+def _status(old: float | None, new: float | None, gate: Gate | None, old_null: bool, new_null: bool) -> str:
     if new is None:
-        return "MISSING" if gate else "removed"
+        if gate:
+            return "MISSING"  # null or absent: a gate that cannot be checked fails
+        if new_null:
+            return "unchanged" if old_null else "null"
+        return "removed"
     if old is None:
         return "new"
     if new == old or (math.isnan(new) and math.isnan(old)):
@@ -161,9 +183,9 @@ def _status(old: float | None, new: float | None, gate: Gate | None) -> str:
     return "within" if worse_by <= gate.allowed(old) + 1e-12 else "REGRESSED"
 
 
-def _num(value: float | None) -> str:
+def _num(value: float | None, null: bool = False) -> str:
     if value is None:
-        return "-"
+        return "null" if null else "-"
     return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.6g}"
 
 
@@ -180,7 +202,14 @@ def table(rows: list[Row], markdown: bool = False, changed_only: bool = False) -
     shown = [r for r in rows if not changed_only or r.status != "unchanged" or r.gate]
     header = ["metric", "old", "new", "change", "gate", "status"]
     body = [
-        [f"{r.file}:{r.name}", _num(r.old), _num(r.new), _change(r), r.gate.describe() if r.gate else "", r.status]
+        [
+            f"{r.file}:{r.name}",
+            _num(r.old, r.old_null),
+            _num(r.new, r.new_null),
+            _change(r),
+            r.gate.describe() if r.gate else "",
+            r.status,
+        ]
         for r in shown
     ]
     if markdown:
@@ -198,5 +227,11 @@ def verdict(rows: list[Row]) -> str:
     gated = [r for r in rows if r.gate]
     if not failed:
         return f"OK: {len(gated)} gated metrics within their thresholds"
-    names = ", ".join(f"{r.file}:{r.name} ({r.status.lower()})" for r in failed)
+    names = ", ".join(f"{r.file}:{r.name} ({_why(r)})" for r in failed)
     return f"FAIL: {len(failed)} of {len(gated)} gated metrics regressed or missing: {names}"
+
+
+def _why(row: Row) -> str:
+    if row.status == "MISSING":
+        return "missing: null" if row.new_null else "missing: absent"
+    return row.status.lower()

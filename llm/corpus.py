@@ -14,10 +14,9 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from llm.data import write_tokens
 from llm.errors import LLMError
+from llm.progress import Bar, progress_bar
 from llm.tokenizer import EOT_TOKEN, get_tokenizer
 
 DOC_SEPARATOR = EOT_TOKEN  # between files, as GPT-2's training data separates documents
@@ -74,7 +73,7 @@ def _split_stream(paths: list[Path], split_at: int, chunk_chars: int) -> Iterato
         yield ("train" if split_at >= pos else "val"), buf
 
 
-def _encode(pieces: Iterable[str], bar: tqdm) -> Iterator[list[int]]:
+def _encode(pieces: Iterable[str], bar: Bar) -> Iterator[list[int]]:
     tokenizer = get_tokenizer()
     threads = max(1, os.cpu_count() or 1)
     while batch := list(itertools.islice(pieces, threads)):
@@ -94,7 +93,7 @@ def tokenize_corpus(
     total = count_chars(paths, chunk_chars)
     split_at = int(train_ratio * total)
     stats = {"train_chars": split_at, "val_chars": total - split_at}
-    with tqdm(total=total, unit="char", unit_scale=True, desc="tokenize", disable=not progress) as bar:
+    with progress_bar(total=total, unit="char", unit_scale=True, desc="tokenize", disable=not progress) as bar:
         groups = itertools.groupby(_split_stream(paths, split_at, chunk_chars), key=lambda kv: kv[0])
         written = {"train": 0, "val": 0}
         for split, group in groups:

@@ -22,9 +22,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote, unquote, urlsplit
 from urllib.request import Request, url2pathname, urlopen
 
-from tqdm.auto import tqdm
-
 from llm.errors import LLMError
+from llm.progress import progress_bar
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -118,7 +117,7 @@ def _download(src: str, expected: str | None, part: Path, progress: bool) -> tup
     if start != offset:
         h, offset = hashlib.sha256(), 0
     name = part.name.removesuffix(".part")
-    bar = tqdm(total=total, initial=offset, desc=name, disable=not progress, **_BYTES)
+    bar = progress_bar(total=total, initial=offset, desc=name, disable=not progress, **_BYTES)
     with stream, bar, part.open("ab" if offset else "wb") as out:
         try:
             for chunk in iter(lambda: stream.read(CHUNK), b""):
@@ -151,7 +150,20 @@ def _mirror_sources(url: str, mirror: str) -> tuple[str, list[str]]:
         base = mirror.rstrip("/")
         return segment, list(dict.fromkeys([f"{base}/{segment}", f"{base}/{quote(decoded)}"]))
     names = [n for n in dict.fromkeys([segment, decoded]) if n not in ("", ".", "..") and "/" not in n]
-    return segment, [str(Path(mirror, n)) for n in names]
+    return segment, [str(_follow_link_file(Path(mirror, n))) for n in names]
+
+
+def _follow_link_file(path: Path) -> Path:
+    """A symlink copied as a plain file (git without symlink support) holds its target's name:
+    follow it to the file beside it. Any other file is returned as it is."""
+    try:
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 256:
+            target = path.read_text(encoding="utf-8").strip()
+            if target and "/" not in target and target not in (".", "..") and (path.parent / target).is_file():
+                return path.parent / target
+    except (OSError, UnicodeDecodeError):
+        pass
+    return path
 
 
 def fetch(
@@ -246,3 +258,32 @@ def fetch_zip_member(
             archive.unlink()  # stale or damaged cache: fetch it again below
     fetch(url, None, archive, mirror=mirror, progress=progress)
     return _extract(archive, member, expected, dest, url)
+
+
+def fetch_source(src, dest_dir: str | os.PathLike, mirror: str | None = MIRROR_FROM_ENV) -> Path:
+    """Fetch a `llm.params.Source` (a file, or a member of a zip) into `dest_dir`, verified.
+
+    `dest_dir` ends up holding exactly one file, named after the URL's last segment or the zip
+    member, so a reader needs only the folder (`source_file`).
+    """
+    dest_dir = Path(dest_dir)
+    if src.member is not None:
+        dest = dest_dir / Path(src.member).name
+        fetch_zip_member(src.url, src.member, src.sha256, dest, mirror=mirror)
+    else:
+        name = Path(unquote(urlsplit(src.url).path.rstrip("/").rsplit("/", 1)[-1])).name or "download"
+        dest = fetch(src.url, src.sha256, dest_dir / name, mirror=mirror)
+    for other in dest_dir.iterdir():  # e.g. the zip the member came from
+        if other != dest:
+            other.unlink()
+    return dest
+
+
+def source_file(folder: str | os.PathLike) -> Path:
+    """The one file `fetch_source` left in `folder`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if len(files) != 1:
+        found = ", ".join(p.name for p in files) or "nothing"
+        raise DownloadError(f"{folder} should hold one downloaded file, found {found}: run its download stage")
+    return files[0]

@@ -17,10 +17,35 @@ class TokenizerError(LLMError):
     """The tokenizer cannot be loaded, or text cannot be encoded."""
 
 
-def run_main(name: str, main, *args, **kwargs) -> None:
-    """Run a script's `main`, turning an LLMError into one line on stderr and exit status 2."""
+def run_main(
+    name: str,
+    main,
+    *args,
+    doc: str | None = None,
+    argv: list[str] | None = None,
+    positional: tuple[str, str] | None = None,
+    **kwargs,
+) -> None:
+    """Run a script's `main`, turning an LLMError into one line on stderr and exit status 2.
+
+    The command line (`argv`, default `sys.argv[1:]`) takes `--help`, which prints `doc` and exits
+    0, and, when `positional` is `(name, help)`, one argument passed to `main` first; anything else
+    is one line on stderr and exit status 2, before `main` runs.
+    """
+    import argparse
     import sys
 
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            print(f"{name}: error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    parser = Parser(prog=name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if positional:
+        parser.add_argument(positional[0], help=positional[1])
+    parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if positional:
+        args = (getattr(parsed, positional[0]), *args)
     try:
         main(*args, **kwargs)
     except LLMError as exc:

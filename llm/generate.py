@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from llm.errors import LLMError
 from llm.model import GPTModel
+from llm.progress import progress_bar
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -126,5 +126,5 @@ def generate(
     steps = generate_stream(
         model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p, seed, use_cache
     )
-    new = [t for t in tqdm(steps, total=max_new_tokens, desc="generate", unit="tok", disable=not progress)]
+    new = [t for t in progress_bar(steps, total=max_new_tokens, desc="generate", unit="tok", disable=not progress)]
     return torch.cat([idx, *new], dim=1) if new else idx.clone()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,8 +43,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def finite_or_none(x: Any) -> Any:
+    """`x`, with a numpy or torch scalar as a Python number; None for NaN, inf and -inf."""
+    if getattr(x, "ndim", None) == 0 and hasattr(x, "item"):
+        x = x.item()
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def sanitize(obj: Any) -> Any:
+    """`obj` with every non-finite float, in nested dicts, lists and tuples too, replaced by None."""
+    if isinstance(obj, dict):
+        return {key: sanitize(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [sanitize(value) for value in obj]
+    return finite_or_none(obj)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    """`obj` as indented UTF-8 JSON; NaN and infinities become null, so the file is strict JSON."""
+    text = json.dumps(sanitize(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:

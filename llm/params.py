@@ -1,7 +1,9 @@
-"""`params.yaml` → typed, validated settings: the one place that parses the pipeline's parameters.
+"""`params.yaml` and `sources.yaml` → typed, validated settings: the one place that parses them.
 
 Each section is a dataclass; a key that is unknown, missing, of the wrong type or out of range
 stops the stage before any work with one line naming `section.key` and what is allowed.
+`sources.yaml` (URLs and sha256s of the public inputs) is not an experiment parameter: only the
+download stage reads it, and the other stages find a source's bytes under `data/raw/<name>/`.
 """
 
 from __future__ import annotations
@@ -30,17 +32,22 @@ class Source:
 
 @dataclass(frozen=True)
 class DataParams:
-    corpus: list[str]  # names from `sources`, URLs or local paths, concatenated in order
+    corpus: list[str]  # names from sources.yaml, URLs or local paths, concatenated in order
     train_ratio: float  # the book: 0.90, split on characters
 
 
 # `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
-PRETRAINED = "models/pretrain"
+PRETRAINED = Path("models/pretrain")
 
 
 def init_source(init: str) -> str:
     """The checkpoint path or GPT-2 name a stage's `init` setting stands for."""
-    return PRETRAINED if init == "pretrain" else init
+    return str(PRETRAINED) if init == "pretrain" else init
+
+
+def is_location(entry: str) -> bool:
+    """Whether a corpus/data entry is a URL or path rather than the name of a source."""
+    return "/" in entry or entry.startswith(("http://", "https://", "file:")) or bool(Path(entry).suffix)
 
 
 # Keys that fix the shape of the weights: starting from weights, these come from the checkpoint.
@@ -165,7 +172,6 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class Params:
-    sources: dict[str, Source]
     data: DataParams
     model: ModelParams
     train: TrainParams
@@ -277,15 +283,6 @@ def _validate_loop(section: str, t: LoopParams, allow_zero_epochs: bool = False)
 def _validate(p: Params) -> None:
     if not 0.0 < p.data.train_ratio < 1.0:
         raise ConfigError(f"data.train_ratio must be in (0, 1), got {p.data.train_ratio}")
-    for name in p.data.corpus:
-        is_location = "/" in name or name.startswith(("http://", "https://", "file:")) or Path(name).suffix
-        if name not in p.sources and not is_location:
-            raise ConfigError(
-                f"data.corpus entry {name!r} is neither a name in sources ({', '.join(p.sources)}) nor a URL or path"
-            )
-    for name, src in p.sources.items():
-        if src.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", src.sha256):
-            raise ConfigError(f"sources.{name}.sha256 must be 64 hex digits, got {src.sha256!r}")
     if p.model.preset not in PRESETS:
         raise ConfigError(f"model.preset {p.model.preset!r} is unknown; allowed: {', '.join(PRESETS)}")
     try:
@@ -335,6 +332,8 @@ def parse_params(raw: Any) -> Params:
     """Validate a parsed params.yaml mapping; sections beyond data/model/train/eval are ignored here."""
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml must be a mapping of sections")
+    if "sources" in raw:
+        raise ConfigError("sources belong in sources.yaml, not params.yaml (they are not experiment parameters)")
     hints = typing.get_type_hints(Params)
     sections = {}
     for f in dataclasses.fields(Params):
@@ -357,5 +356,28 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
         return parse_params(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_sources(raw: Any) -> dict[str, Source]:
+    """Validate a parsed sources.yaml: `{name: {url, sha256, member?}}`."""
+    sources = _check_type("sources", raw, dict[str, Source])
+    for name, src in sources.items():
+        if src.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", src.sha256):
+            raise ConfigError(f"sources.{name}.sha256 must be 64 hex digits, got {src.sha256!r}")
+    return sources
+
+
+def load_sources(path: str | Path = "sources.yaml") -> dict[str, Source]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    try:
+        return parse_sources(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

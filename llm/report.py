@@ -7,6 +7,7 @@ is shown as "not run") and writes `report.md`, `report.html` and `figures/*.png`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class ReportInputs:
     samples: list[dict] | None = None  # data/eval/samples.json
     responses: list[dict] | None = None  # data/instruct/responses.json
     runs: dict[str, dict] = field(default_factory=dict)  # stage -> what its checkpoint recorded
-    environment: dict[str, str] = field(default_factory=dict)  # git commit, torch, python
+    environment: dict[str, str] = field(default_factory=dict)  # torch, python
 
 
 def read_json(path: Path) -> Any:
@@ -119,7 +120,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
 
 def plot_confusion(m: dict, path: Path) -> None:
     plt = _figure(path)
-    cells = [[m["test_tn"], m["test_fp"]], [m["test_fn"], m["test_tp"]]]
+    cells = [[m["test.tn"], m["test.fp"]], [m["test.fn"], m["test.tp"]]]
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(cells, cmap="Blues")
     peak = max(max(r) for r in cells) or 1
@@ -136,8 +137,8 @@ def plot_confusion(m: dict, path: Path) -> None:
 def plot_vs_baseline(m: dict, path: Path) -> None:
     plt = _figure(path)
     names = ["accuracy", "precision", "recall", "f1"]
-    llm = [100 * m[f"test_{n}"] for n in names]
-    base = [100 * m[f"baseline_test_{n}"] for n in names]
+    llm = [100 * m[f"test.{n}"] for n in names]
+    base = [100 * m[f"baseline.test.{n}"] for n in names]
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     pos = range(len(names))
     bars = ax.bar([p - 0.2 for p in pos], llm, width=0.4, label="LLM classifier")
@@ -152,8 +153,20 @@ def plot_vs_baseline(m: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
+def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A metrics file's values with nested keys joined by "." (`val.loss`), as `dvc exp show` names them."""
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flat(value, f"{prefix}{key}."))
+    return out
+
+
 def build(inputs: ReportInputs, out_dir: Path) -> Doc:
     """The report page; its figures are written to `out_dir/figures`."""
+    metrics = {stage: None if m is None else flat(m) for stage, m in inputs.metrics.items()}
+    inputs = dataclasses.replace(inputs, metrics=metrics)
     m, env = inputs.metrics, inputs.environment
     doc = Doc("LLMs from scratch: pipeline report")
     ran = [s for s in STAGES if m.get(s) is not None]
@@ -161,8 +174,8 @@ def build(inputs: ReportInputs, out_dir: Path) -> Doc:
     doc.para(
         f"Stages with results: {', '.join(ran) or 'none'}"
         + (f"; not run: {', '.join(missing)}" if missing else "")
-        + f". Code at git commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')}, "
-        f"Python {env.get('python', '?')}."
+        + f". torch {env.get('torch', '?')}, Python {env.get('python', '?')}; dvc.lock records the code, "
+        "data and params behind every number."
     )
     doc.heading("Run summary")
     doc.table(["stage", "what", "value"], _summary_rows(inputs))
@@ -238,16 +251,16 @@ def _spam_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
     if acc:
         plot_accuracy(acc, figures / "finetune_spam_accuracy.png")
         doc.image("figures/finetune_spam_accuracy.png", "spam classifier accuracy per epoch")
-    if all(f"test_{k}" in ms for k in ("tn", "fp", "fn", "tp")):
+    if all(f"test.{k}" in ms for k in ("tn", "fp", "fn", "tp")):
         plot_confusion(ms, figures / "finetune_spam_confusion.png")
         doc.image("figures/finetune_spam_confusion.png", "test confusion matrix")
     names = ["accuracy", "precision", "recall", "f1"]
-    if all(f"baseline_test_{n}" in ms and f"test_{n}" in ms for n in names):
+    if all(f"baseline.test.{n}" in ms and f"test.{n}" in ms for n in names):
         plot_vs_baseline(ms, figures / "finetune_spam_baseline.png")
         doc.image("figures/finetune_spam_baseline.png", "LLM classifier against the TF-IDF baseline")
         doc.table(
             ["test set", "LLM classifier", "TF-IDF + logistic regression"],
-            [[n, f"{100 * ms[f'test_{n}']:.2f}%", f"{100 * ms[f'baseline_test_{n}']:.2f}%"] for n in names],
+            [[n, f"{100 * ms[f'test.{n}']:.2f}%", f"{100 * ms[f'baseline.test.{n}']:.2f}%"] for n in names],
         )
 
 
@@ -281,8 +294,7 @@ def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
             ["pretrain", "init", str((p.get("model") or {}).get("init", "scratch"))],
             ["pretrain", "tokens seen / epochs", f"{fmt(mp.get('tokens_seen'))} / {fmt(mp.get('epochs'))}"],
             ["pretrain", "lr", fmt((p.get("train") or {}).get("lr"))],
-            ["pretrain", "train / val loss", f"{fmt(mp.get('train_loss'))} / {fmt(mp.get('val_loss'))}"],
-            ["pretrain", "wall time", f"{mp.get('wall_seconds', 0):.1f} s ({fmt(mp.get('tokens_per_sec'))} tokens/s)"],
+            ["pretrain", "train / val loss", f"{fmt(mp.get('train.loss'))} / {fmt(mp.get('val.loss'))}"],
             ["pretrain", "device / precision", f"{info.get('device', '?')} / {info.get('precision', '?')}"],
         ]
     me = m.get("eval")
@@ -290,7 +302,7 @@ def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
         [
             "eval",
             "val loss (perplexity)",
-            "not run" if me is None else f"{fmt(me['val_loss'])} ({fmt(me['val_perplexity'])})",
+            "not run" if me is None else f"{fmt(me['val.loss'])} ({fmt(me['val.perplexity'])})",
         ]
     )
     ms = m.get("finetune_spam")
@@ -301,9 +313,8 @@ def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
             [
                 "finetune_spam",
                 "test accuracy (baseline)",
-                f"{100 * ms['test_accuracy']:.2f}% ({100 * ms.get('baseline_test_accuracy', float('nan')):.2f}%)",
+                f"{100 * ms['test.accuracy']:.2f}% ({100 * ms.get('baseline.test.accuracy', float('nan')):.2f}%)",
             ],
-            ["finetune_spam", "wall time (training)", f"{ms.get('train_seconds', 0):.1f} s"],
         ]
     mi = m.get("finetune_instruct")
     if mi is None:
@@ -313,16 +324,15 @@ def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
             [
                 "finetune_instruct",
                 "ROUGE-L / test response loss",
-                f"{fmt(mi['rouge_l'])} / {fmt(mi.get('test_response_loss'))}",
+                f"{fmt(mi['test.rouge_l'])} / {fmt(mi.get('test.response_loss'))}",
             ],
-            ["finetune_instruct", "wall time (training)", f"{mi.get('train_seconds', 0):.1f} s"],
         ]
     env = inputs.environment
     rows.append(
         [
             "all",
-            "torch / Python / git commit",
-            f"{env.get('torch', '?')} / {env.get('python', '?')} / {env.get('git_commit', '?')}",
+            "torch / Python",
+            f"{env.get('torch', '?')} / {env.get('python', '?')}",
         ]
     )
     return rows

@@ -11,9 +11,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from llm.generate import generate
+from llm.progress import progress_bar, write
 from llm.runtime import autocast
 from llm.tokenizer import text_to_token_ids, token_ids_to_text
 
@@ -93,7 +93,7 @@ def train_model_simple(
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not progress)
+        bar = progress_bar(train_loader, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not progress)
         for input_batch, target_batch in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = calc_loss_batch(input_batch, target_batch, model, device, precision)
@@ -107,9 +107,7 @@ def train_model_simple(
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-                tqdm.write(
-                    f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-                )
+                write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
         generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen
 

@@ -7,7 +7,8 @@ same use of torch's global RNG, so a run seeded like the book's draws the same d
 dropout masks. On top: warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
 a progress bar, and resumable checkpoints (model, optimizer, step, data order, RNG) written
 periodically and on Ctrl-C/SIGTERM, after which a resumed run ends with the same weights as an
-uninterrupted one. Samplers are rank-aware and only rank 0 writes, so it runs under torchrun.
+uninterrupted one. Multi-process (DDP) training is not supported yet: nothing initialises a
+process group or averages gradients.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError
 from llm.io import atomic_path
+from llm.progress import progress_bar, write
 from llm.runtime import select_device
 from llm.train import calc_loss_batch, calc_loss_loader, make_optimizer
 
@@ -128,7 +129,9 @@ class Trainer:
 
     `settings` is a `llm.params.TrainParams` (or anything with its attributes). `loss_fn(model,
     batch, device, precision)` returns the mean loss of a batch; `evaluate_fn(model)`, if given,
-    returns extra metrics logged at every evaluation (e.g. accuracies). `state_path` enables
+    returns extra metrics logged at every evaluation (e.g. accuracies); `on_record(history)` runs on
+    rank 0 after each evaluation (the stages rewrite their curve file there, so a curve is on disk
+    while training runs and after an interruption). `state_path` enables
     resumable checkpoints; `run_id` (e.g. a fingerprint of params and data) guards against
     resuming a different run.
     """
@@ -143,15 +146,17 @@ class Trainer:
         collate_fn=None,
         evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         on_epoch_end: Callable[[torch.nn.Module, int], None] | None = None,
+        on_record: Callable[[History], None] | None = None,
         state_path: str | os.PathLike | None = None,
         run_id: Any = None,
         progress: bool = True,
-        log: Callable[[str], None] = tqdm.write,
+        log: Callable[[str], None] = write,
     ):
         self.s = settings
         self.device = select_device(settings.device)
         self.model = model.to(self.device)
         self.loss_fn, self.evaluate_fn, self.on_epoch_end = loss_fn, evaluate_fn, on_epoch_end
+        self.on_record = on_record
         self.rank, self.world_size = _dist_rank_world()
         self.is_main = self.rank == 0
         self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size)
@@ -275,7 +280,9 @@ class Trainer:
 
     def _loop(self, resumed: bool) -> None:
         s, model, opt = self.s, self.model, self.optimizer
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        bar = progress_bar(
+            total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress
+        )
         model.train()
         start = time.perf_counter()
         base_seconds = self.history.train_seconds
@@ -344,5 +351,7 @@ class Trainer:
         h.lr.append(lr)
         for name, value in extra.items():
             h.extra.setdefault(name, []).append(value)
+        if self.on_record and self.is_main:
+            self.on_record(h)
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
         self.log(f"Ep {self.epoch + 1} (Step {self.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")

@@ -33,9 +33,7 @@ def main(params_path: str = "params.yaml") -> dict:
         ds = TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride)
         loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=False, drop_last=False)
         loss = calc_loss_loader(loader, model, device, e.eval_batches, t.precision)
-        metrics[f"{split}_loss"] = loss
-        metrics[f"{split}_perplexity"] = perplexity(loss)
-        metrics[f"{split}_windows"] = len(ds)
+        metrics[split] = {"loss": loss, "perplexity": perplexity(loss), "windows": len(ds)}
 
     tokenizer = get_tokenizer()
     context = model.cfg["context_length"]
@@ -59,11 +57,11 @@ def main(params_path: str = "params.yaml") -> dict:
     write_json(SAMPLES, samples)
     write_json(METRICS, metrics)
     print(
-        f"val loss {metrics['val_loss']:.3f} (perplexity {metrics['val_perplexity']:.1f}), "
-        f"train loss {metrics['train_loss']:.3f}"
+        f"val loss {metrics['val']['loss']:.3f} (perplexity {metrics['val']['perplexity']:.1f}), "
+        f"train loss {metrics['train']['loss']:.3f}"
     )
     return metrics
 
 
 if __name__ == "__main__":
-    run_main("eval", main)
+    run_main("eval", main, doc=__doc__)

@@ -1,8 +1,9 @@
 """Stage finetune_spam: the book's chapter-6 spam classifier, with full-split metrics and a baseline.
 
-Reads params `sources.sms_spam` and `finetune_spam`; writes `data/spam_raw/` (the verified
-download), `data/spam/{train,validation,test}.csv`, `models/spam/`, `metrics/curves/`
-(loss and accuracy curves) and `metrics/finetune_spam.json`.
+Reads params `finetune_spam`, the download `data/raw/sms_spam/` and the starting model; writes
+`data/spam/{train,validation,test}.csv`, `models/spam/`, the loss and accuracy curves and the
+test set's confusion matrix (`metrics/curves/`, DVC plots), `metrics/finetune_spam.json` and the
+wall times in `timings/finetune_spam.json`.
 """
 
 import time
@@ -24,7 +25,7 @@ from llm.classifier import (
     read_split_csv,
     save_classifier,
 )
-from llm.download import fetch_zip_member
+from llm.download import source_file
 from llm.errors import LLMError, run_main
 from llm.io import write_csv, write_json
 from llm.params import init_source, load_params
@@ -32,19 +33,20 @@ from llm.runtime import keep_freed_memory, select_device, set_seed
 from llm.tokenizer import get_tokenizer
 from llm.trainer import Trainer
 
-RAW = Path("data/spam_raw")
+RAW = Path("data/raw/sms_spam")
 SPLITS = Path("data/spam")
 MODEL_DIR = Path("models/spam")
 CURVE = Path("metrics/curves/finetune_spam.csv")
 ACC_CURVE = Path("metrics/curves/finetune_spam_accuracy.csv")
+CONFUSION = Path("metrics/curves/finetune_spam_confusion.json")
 METRICS = Path("metrics/finetune_spam.json")
+TIMINGS = Path("timings/finetune_spam.json")
 STATE = Path("models/resume/finetune_spam.pt")  # Ctrl-C/SIGTERM saves here; a rerun resumes
 
 
 def prepare_splits(params) -> dict:
-    src, f = params.sources["sms_spam"], params.finetune_spam
-    raw = fetch_zip_member(src.url, src.member, src.sha256, RAW / src.member)
-    df = load_sms_spam(raw)
+    f = params.finetune_spam
+    df = load_sms_spam(source_file(RAW))
     if f.balance:
         df = create_balanced_dataset(df, random_state=f.seed)
     df = df.assign(Label=df["Label"].map(LABELS))
@@ -59,15 +61,12 @@ def tfidf_baseline(splits, seed: int) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    started = time.perf_counter()
     vec = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1)
     x_train = vec.fit_transform(splits["train"]["Text"])
     clf = LogisticRegression(C=10.0, max_iter=1000, random_state=seed).fit(x_train, splits["train"]["Label"])
     pred = clf.predict(vec.transform(splits["test"]["Text"]))
     m = binary_metrics(splits["test"]["Label"].to_numpy(), pred)
-    out = {f"baseline_test_{k}": v for k, v in m.items() if k in ("accuracy", "precision", "recall", "f1")}
-    out["baseline_seconds"] = time.perf_counter() - started
-    return out
+    return {k: v for k, v in m.items() if k in ("accuracy", "precision", "recall", "f1")}
 
 
 def main(params_path: str = "params.yaml") -> dict:
@@ -108,11 +107,20 @@ def main(params_path: str = "params.yaml") -> dict:
             y, pred, _, _ = predict(model, loader(ds), device, f.pooling, f.eval_iter)
             row[f"{name}_accuracy"] = float((y == pred).mean())
         accuracy_rows.append(row)
+        write_csv(ACC_CURVE, accuracy_rows)
         print(f"epoch {epoch}: train accuracy {row['train_accuracy']:.2%}, val accuracy {row['val_accuracy']:.2%}")
 
     run_id = {"params": f.__dict__, "init": str(init), "examples": len(train_set)}
     trainer = Trainer(
-        model, train_set, val_set, f, loss_fn=loss_fn, on_epoch_end=epoch_accuracy, state_path=STATE, run_id=run_id
+        model,
+        train_set,
+        val_set,
+        f,
+        loss_fn=loss_fn,
+        on_epoch_end=epoch_accuracy,
+        on_record=lambda h: write_csv(CURVE, h.rows()),
+        state_path=STATE,
+        run_id=run_id,
     )
     started = time.perf_counter()
     history = trainer.fit()
@@ -122,31 +130,35 @@ def main(params_path: str = "params.yaml") -> dict:
     for name, ds in (("train", train_set), ("val", val_set), ("test", test_set)):
         y, pred, _, loss = predict(model, loader(ds), device, f.pooling)
         m = binary_metrics(y, pred)
-        metrics[f"{name}_accuracy"] = m["accuracy"]
-        metrics[f"{name}_loss"] = loss
+        metrics[name] = {"accuracy": m["accuracy"], "loss": loss}
         if name == "test":
-            metrics.update({f"test_{k}": v for k, v in m.items() if k != "accuracy"})
-    examples = history.steps * f.batch_size
-    metrics.update(
-        {
-            "max_length": train_set.max_length,
-            "train_examples": len(train_set),
-            "steps": history.steps,
-            "train_seconds": train_seconds,
-            "examples_per_sec": examples / history.train_seconds,
-        }
-    )
-    metrics.update(tfidf_baseline(splits, f.seed))
+            metrics["test"].update({k: v for k, v in m.items() if k != "accuracy"})
+            names = {v: k for k, v in LABELS.items()}  # DVC's confusion template: one row per example
+            confusion = [{"actual": names[int(a)], "predicted": names[int(b)]} for a, b in zip(y, pred, strict=True)]
+    metrics.update({"max_length": train_set.max_length, "train_examples": len(train_set), "steps": history.steps})
+    started = time.perf_counter()
+    metrics["baseline"] = {"test": tfidf_baseline(splits, f.seed)}
+    baseline_seconds = time.perf_counter() - started
     save_classifier(model, MODEL_DIR, train_set.max_length, f.pooling, extra={"training": {"init": str(init)}})
     write_csv(CURVE, history.rows())
     write_csv(ACC_CURVE, accuracy_rows)
+    write_json(CONFUSION, confusion)
     write_json(METRICS, metrics)
+    examples = history.steps * f.batch_size
+    timings = {
+        "train_seconds": train_seconds,
+        "examples_per_sec": examples / history.train_seconds if history.train_seconds else None,
+        "baseline_seconds": baseline_seconds,
+        "device": str(device),
+    }
+    write_json(TIMINGS, timings)
     print(
-        f"test accuracy {metrics['test_accuracy']:.2%} (TF-IDF baseline {metrics['baseline_test_accuracy']:.2%}), "
-        f"spam F1 {metrics['test_f1']:.3f}, {train_seconds:.0f} s"
+        f"test accuracy {metrics['test']['accuracy']:.2%} "
+        f"(TF-IDF baseline {metrics['baseline']['test']['accuracy']:.2%}), "
+        f"spam F1 {metrics['test']['f1']:.3f}, {train_seconds:.0f} s"
     )
     return metrics
 
 
 if __name__ == "__main__":
-    run_main("finetune_spam", main)
+    run_main("finetune_spam", main, doc=__doc__)

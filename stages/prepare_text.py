@@ -1,40 +1,43 @@
-"""Stage prepare_text: fetch the pretraining corpus, split it by characters, tokenize to uint16 files.
+"""Stage prepare_text: split the pretraining corpus by characters, tokenize to uint16 files.
 
-Reads params `sources`, `data`, `train.max_length`, `train.stride`; writes `data/raw/` (verified
-downloads), `data/tokens/{train,val}.bin` and `metrics/prepare_text.json`.
+Reads params `data`, `train.max_length`, `train.stride` and the corpus: each `data.corpus` entry
+is a source's folder `data/raw/NAME/` (the download stage's output), a URL (fetched to a
+temporary folder; DVC cannot see when its bytes change) or a local path (not a DVC dependency:
+list it under this stage's deps in dvc.yaml). Writes `data/tokens/{train,val}.bin` and
+`metrics/prepare_text.json`.
 """
 
+import tempfile
 from pathlib import Path
 
 from llm.corpus import tokenize_corpus
 from llm.data import TokenWindowDataset, read_tokens
-from llm.download import fetch
-from llm.errors import LLMError, run_main
+from llm.download import fetch, source_file
+from llm.errors import ConfigError, LLMError, run_main
 from llm.io import write_json
-from llm.params import load_params
+from llm.params import is_location, load_params
 
 RAW = Path("data/raw")
 TOKENS = Path("data/tokens")
 METRICS = Path("metrics/prepare_text.json")
 
 
-def corpus_files(params) -> list[Path]:
+def corpus_files(params, scratch: Path) -> list[Path]:
     files = []
-    for entry in params.data.corpus:
-        if entry in params.sources:
-            src = params.sources[entry]
-            url, sha = src.url, src.sha256
-        else:
-            url, sha = entry, None  # a user's own URL or path
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        files.append(fetch(url, sha, RAW / name))
+    for i, entry in enumerate(params.data.corpus):
+        if not is_location(entry):
+            if not (RAW / entry).is_dir():
+                raise ConfigError(f"data.corpus entry {entry!r} is not a source in sources.yaml (no {RAW / entry}/)")
+            files.append(source_file(RAW / entry))
+        else:  # a user's own URL or path, copied as it is (no sha256 to check)
+            files.append(fetch(entry, None, scratch / str(i) / (entry.rstrip("/").rsplit("/", 1)[-1] or "corpus")))
     return files
 
 
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
-    files = corpus_files(params)
-    stats = tokenize_corpus(files, params.data.train_ratio, TOKENS)
+    with tempfile.TemporaryDirectory(prefix="corpus-") as scratch:
+        stats = tokenize_corpus(corpus_files(params, Path(scratch)), params.data.train_ratio, TOKENS)
     t = params.train
     for split in ("train", "val"):
         n_windows = len(TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride))
@@ -45,10 +48,11 @@ def main(params_path: str = "params.yaml") -> dict:
                 f"data.train_ratio or a smaller train.max_length"
             )
         stats[f"{split}_windows"] = n_windows
-    write_json(METRICS, stats)
     print(", ".join(f"{k} {v:,}" for k, v in stats.items()))
-    return stats
+    metrics = {split: {k: stats[f"{split}_{k}"] for k in ("chars", "tokens", "windows")} for split in ("train", "val")}
+    write_json(METRICS, metrics)
+    return metrics
 
 
 if __name__ == "__main__":
-    run_main("prepare_text", main)
+    run_main("prepare_text", main, doc=__doc__)

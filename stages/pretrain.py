@@ -1,7 +1,9 @@
 """Stage pretrain: the book's chapter-5 pretraining loop on the token files.
 
-Reads params `model`, `train`; writes the checkpoint `models/pretrain/`, the loss curve
-`metrics/curves/pretrain.csv` and `metrics/pretrain.json`. Ctrl-C or SIGTERM saves a resumable
+Reads params `model`, `train` and `data/tokens/`; writes the checkpoint `models/pretrain/`, the
+loss curve `metrics/curves/pretrain.csv` (rewritten at every evaluation), `metrics/pretrain.json`
+and the wall times in `timings/pretrain.json` (outputs other than the timings depend only on code,
+data and params). Ctrl-C or SIGTERM saves a resumable
 state in `models/resume/`; running the stage again with the same params continues from it.
 `model.init` starts from scratch (the book) or from weights: GPT-2 or a checkpoint. With
 `train.num_epochs: 0` the stage only measures the starting weights and passes them on.
@@ -29,6 +31,7 @@ MODEL_DIR = Path("models/pretrain")
 STATE = Path("models/resume/pretrain.pt")
 CURVE = Path("metrics/curves/pretrain.csv")
 METRICS = Path("metrics/pretrain.json")
+TIMINGS = Path("timings/pretrain.json")
 
 
 def main(params_path: str = "params.yaml") -> dict:
@@ -49,21 +52,32 @@ def main(params_path: str = "params.yaml") -> dict:
             print(f"[epoch {epoch}] " + token_ids_to_text(out, tokenizer).replace("\n", " "))
 
     run_id = {"model": cfg, "init": params.model.init, "train": t.__dict__, "tokens": [len(train_ids), len(val_ids)]}
-    trainer = Trainer(model, train_set, val_set, t, on_epoch_end=sample, state_path=STATE, run_id=run_id)
+    trainer = Trainer(
+        model,
+        train_set,
+        val_set,
+        t,
+        on_epoch_end=sample,
+        on_record=lambda h: write_csv(CURVE, h.rows()),
+        state_path=STATE,
+        run_id=run_id,
+    )
     started = time.perf_counter()
     history = trainer.fit()
     wall = time.perf_counter() - started
 
     metrics = {
-        "train_loss": history.train_loss[-1],
-        "val_loss": history.val_loss[-1],
+        "train": {"loss": history.train_loss[-1]},
+        "val": {"loss": history.val_loss[-1]},
         "tokens_seen": history.total_tokens,
         "steps": history.steps,
         "epochs": t.num_epochs,
-        "tokens_per_sec": history.total_tokens / history.train_seconds if history.train_seconds else 0.0,
+        "params": model.num_params(),
+    }
+    timings = {
         "train_seconds": history.train_seconds,
         "wall_seconds": wall,
-        "params": model.num_params(),
+        "tokens_per_sec": history.total_tokens / history.train_seconds if history.train_seconds else None,
     }
     info = {
         "init": params.model.init,
@@ -76,9 +90,10 @@ def main(params_path: str = "params.yaml") -> dict:
     save_checkpoint(model, MODEL_DIR, extra={"training": {**metrics, **info}})
     write_csv(CURVE, history.rows())
     write_json(METRICS, metrics)
+    write_json(TIMINGS, {**timings, "device": info["device"]})
     print(
-        f"train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
-        f"{metrics['tokens_per_sec']:.0f} tokens/s on {info['device']}"
+        f"train loss {metrics['train']['loss']:.3f}, val loss {metrics['val']['loss']:.3f}, "
+        f"{timings['train_seconds']:.1f} s on {info['device']}"
     )
     return metrics
 
@@ -103,4 +118,4 @@ def initial_model(params) -> tuple[GPTModel, dict]:
 
 
 if __name__ == "__main__":
-    run_main("pretrain", main)
+    run_main("pretrain", main, doc=__doc__)

@@ -1,17 +1,70 @@
+"""Shared test setup: the committed defaults, the public inputs, a tiny model config.
+
+The suite never reads the working params.yaml (which `dvc exp apply` rewrites): `committed()`
+gives the file as of HEAD. Public inputs come the way the pipeline gets them: LLM_MIRROR when set
+(CI points it at ../shared/mirror), the canonical URL otherwise; `public_input` skips a test
+only when neither answers and this is not CI, where it fails instead.
+"""
+
+import functools
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = ROOT.parent / "shared" / "mirror"
-
-# Offline by default: tiktoken reads the mirrored gpt2 files unless the caller set a cache dir.
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (MIRROR / "tiktoken").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(MIRROR / "tiktoken")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+MIRROR = os.environ.get("LLM_MIRROR") or None  # read once: some tests unset it for themselves
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@functools.cache
+def committed(rel: str) -> str:
+    """The text of a repository file as of HEAD (the file itself outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / rel).read_text()
+
+
+def committed_yaml(rel: str):
+    return yaml.safe_load(committed(rel))
+
+
+def unavailable(reason: str):
+    """Skip, or fail in CI, where every test must run."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: nothing may be skipped)")
+    pytest.skip(reason)
+
+
+@functools.cache
+def _fetched(name: str, folder: str) -> Path:
+    from llm.download import fetch_source
+    from llm.params import parse_sources
+
+    return fetch_source(parse_sources(committed_yaml("sources.yaml"))[name], Path(folder) / name, mirror=MIRROR)
+
+
+@pytest.fixture(scope="session")
+def public_input(tmp_path_factory):
+    """`public_input("the-verdict")` → the verified file of that source in sources.yaml."""
+    folder = tmp_path_factory.mktemp("public-inputs")
+
+    def get(name: str) -> Path:
+        from llm.errors import LLMError
+
+        try:
+            return _fetched(name, str(folder))
+        except LLMError as exc:
+            unavailable(f"public input {name} unavailable (set LLM_MIRROR or go online): {exc}")
+
+    return get
 
 
 def tiny_cfg(**overrides):
@@ -30,8 +83,5 @@ def tiny_cfg(**overrides):
 
 
 @pytest.fixture
-def verdict_text():
-    path = MIRROR / "the-verdict.txt"
-    if not path.is_file():
-        pytest.skip("the-verdict.txt mirror not available")
-    return path.read_text(encoding="utf-8")
+def verdict_text(public_input):
+    return public_input("the-verdict").read_text(encoding="utf-8")

@@ -21,23 +21,19 @@ from llm.classifier import (
     save_classifier,
 )
 from llm.cli import main
-from llm.download import fetch_zip_member
 from llm.errors import LLMError
 from llm.model import GPTModel
 from llm.tokenizer import get_tokenizer
 from llm.train import make_optimizer
-from tests.conftest import MIRROR, tiny_cfg
+from tests.conftest import tiny_cfg
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_SHA = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 
 
 @pytest.fixture(scope="module")
-def sms(tmp_path_factory):
-    if not (MIRROR / "sms+spam+collection.zip").is_file():
-        pytest.skip("needs the mirrored SMS Spam Collection")
-    dest = tmp_path_factory.mktemp("spam") / "SMSSpamCollection"
-    return load_sms_spam(fetch_zip_member(SPAM_URL, "SMSSpamCollection", SPAM_SHA, dest, mirror=str(MIRROR)))
+def sms(public_input):
+    return load_sms_spam(public_input("sms_spam"))
 
 
 def test_data_preparation_matches_the_book(sms):

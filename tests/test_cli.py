@@ -67,3 +67,31 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, args, message):
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def _pyproject_version() -> str:
+    import re
+
+    return re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+
+
+def test_version_prints_the_distribution_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"llm {_pyproject_version()}\n"  # the venv installs this checkout
+
+
+def test_version_falls_back_to_pyproject_when_not_installed(monkeypatch, capsys):
+    import importlib.metadata
+
+    from llm.cli import build_parser
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"llm {_pyproject_version()}\n"

@@ -1,11 +1,12 @@
 """`llm compare`: a readable table of metric changes and a gate on regressions."""
 
 import json
+import math
 
 import pytest
 
 from llm.cli import main
-from llm.compare import Gate, compare, flatten, from_dvc_diff, load_gates, table, verdict
+from llm.compare import Gate, compare, flatten, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
 from llm.errors import ConfigError
 
 GATES = {
@@ -65,10 +66,50 @@ def test_nan_metrics():
 
 def test_flatten_and_dvc_diff():
     assert flatten({"a": 1, "b": {"c": 2.5, "d": "text"}, "e": True, "f": [1]}) == {"a": 1.0, "b.c": 2.5}
-    diff = {"metrics/eval.json": {"val_loss": {"old": 6.0, "new": 5.5, "diff": -0.5}, "x": {"old": None, "new": 1}}}
+    assert flatten({"a": None, "b": {"c": None}}) == {"a": None, "b.c": None}  # null is kept, not dropped
+    diff = {
+        "metrics/eval.json": {
+            "val_loss": {"old": 6.0, "new": 5.5, "diff": -0.5},
+            "x": {"old": None, "new": 1},  # DVC: null or absent in the old revision
+            "device": {"old": None, "new": "cpu"},  # text: not a metric here
+        }
+    }
     old, new = from_dvc_diff(diff)
-    assert old == {"metrics/eval.json": {"val_loss": 6.0}}
+    assert old == {"metrics/eval.json": {"val_loss": 6.0, "x": None}}
     assert new == {"metrics/eval.json": {"val_loss": 5.5, "x": 1.0}}
+    assert status(compare(old, new), "x") == "new"
+
+
+def test_null_metrics_fail_their_gates_and_show_as_null():
+    gates = {"m.json": {name: Gate("higher", 0.0, False) for name in ("nulled", "absent", "both_null", "revived")}}
+    old = {"m.json": {"nulled": 1.0, "absent": 1.0, "both_null": None, "revived": None, "free": 2.0, "still": None}}
+    new = {"m.json": {"nulled": None, "both_null": None, "revived": 0.5, "free": None, "still": None}}
+    rows = compare(old, new, gates)
+    assert {r.name: r.status for r in rows} == {
+        "absent": "MISSING",
+        "both_null": "MISSING",  # a gate on a value that is null fails, never passes vacuously
+        "free": "null",
+        "nulled": "MISSING",
+        "revived": "new",
+        "still": "unchanged",
+    }
+    text = verdict(rows)
+    assert text.startswith("FAIL: 3 of 4 gated metrics regressed or missing")
+    assert "m.json:nulled (missing: null)" in text and "m.json:absent (missing: absent)" in text
+    assert "m.json:both_null (missing: null)" in text
+    md = table(rows, markdown=True)
+    assert "| m.json:nulled | 1 | null | - | rise <= 0 | MISSING |" in md
+    assert "| m.json:absent | 1 | - | - | rise <= 0 | MISSING |" in md
+    assert "| m.json:revived | null | 0.5 | - | rise <= 0 | new |" in md
+
+
+def test_read_metrics_dir_keeps_nulls(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "a.json").write_text('{"loss": null, "acc": 0.5, "nested": {"ppl": null}}')
+    (tmp_path / "metrics" / "old.json").write_text('{"loss": NaN, "ppl": Infinity}')  # written before write_json
+    metrics = read_metrics_dir(tmp_path / "metrics")
+    assert metrics["metrics/a.json"] == {"loss": None, "acc": 0.5, "nested.ppl": None}
+    assert math.isnan(metrics["metrics/old.json"]["loss"]) and metrics["metrics/old.json"]["ppl"] == math.inf
 
 
 def test_thresholds_file(tmp_path):
@@ -95,7 +136,7 @@ def test_committed_thresholds_gate_existing_metrics():
     gates = load_gates(ROOT / "thresholds.yaml")
     for file, names in gates.items():
         committed = json.loads((ROOT / "ci" / "baseline" / file).read_text())  # the CI profile's
-        assert set(names) <= set(committed), file
+        assert set(names) <= set(flatten(committed)), file  # nested keys joined with "."
 
 
 def test_cli_on_two_directories(tmp_path, capsys):
@@ -115,3 +156,16 @@ def test_cli_on_two_directories(tmp_path, capsys):
     assert main([*args, "--thresholds", str(tmp_path / "t.yaml")]) == 0
     assert main([*args, "--thresholds", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read thresholds" in capsys.readouterr().err
+
+
+def test_cli_fails_when_a_gated_metric_became_null(tmp_path, capsys):
+    from llm.io import write_json
+
+    write_json(tmp_path / "old/metrics/pretrain.json", {"val_loss": 5.0})
+    write_json(tmp_path / "new/metrics/pretrain.json", {"val_loss": float("nan")})
+    (tmp_path / "t.yaml").write_text("metrics/pretrain.json:\n  val_loss: {worse: higher, max_change: 2%}\n")
+    args = ["compare", "--old", str(tmp_path / "old/metrics"), "--new", str(tmp_path / "new/metrics")]
+    assert main([*args, "--thresholds", str(tmp_path / "t.yaml")]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].split() == ["metrics/pretrain.json:val_loss", "5", "null", "-", "rise", "<=", "2%", "MISSING"]
+    assert out[-1] == "FAIL: 1 of 1 gated metrics regressed or missing: metrics/pretrain.json:val_loss (missing: null)"

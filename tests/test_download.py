@@ -17,7 +17,7 @@ import pytest
 
 from llm.download import DownloadError, fetch, fetch_zip_member, sha256_file
 from llm.errors import LLMError
-from tests.conftest import MIRROR
+from tests.test_progress import on_terminal
 
 BODY = bytes(range(256)) * 40 + b"the end"  # a few KiB, not a multiple of anything
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -113,11 +113,12 @@ def test_fetch_downloads_and_verifies(server, tmp_path):
     assert server.requests == [("/data/file.txt", None)]
 
 
-def test_fetch_accepts_uppercase_hash_and_shows_progress(server, tmp_path, capsys):
+def test_fetch_accepts_uppercase_hash_and_shows_progress(server, tmp_path, monkeypatch):
+    terminal = on_terminal(monkeypatch)
     server.files["/f"] = BODY
     fetch(server.url("/f"), SHA.upper(), tmp_path / "f", progress=True)
     assert (tmp_path / "f").read_bytes() == BODY
-    assert "10.0k" in capsys.readouterr().err  # the bar counts bytes against Content-Length
+    assert "10.0k" in terminal.getvalue()  # the bar counts bytes against Content-Length
 
 
 def test_skip_when_already_verified(server, tmp_path):
@@ -231,6 +232,16 @@ def test_mirror_directory_hit(server, tmp_path):
     fetch(server.url("/static/sms+spam+collection.zip"), SHA, dest, mirror=str(mirror), progress=False)
     assert server.requests == []
     assert dest.read_bytes() == BODY
+
+
+def test_mirror_link_copied_as_a_file_is_followed(server, tmp_path):
+    """A mirror whose symlink `input.txt -> tinyshakespeare.txt` was copied as a 19-byte text file."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "tinyshakespeare.txt").write_bytes(BODY)
+    (mirror / "input.txt").write_text("tinyshakespeare.txt")
+    fetch(server.url("/data/input.txt"), SHA, tmp_path / "out.txt", mirror=str(mirror), progress=False)
+    assert server.requests == [] and (tmp_path / "out.txt").read_bytes() == BODY
 
 
 def test_mirror_directory_percent_decoded_name(server, tmp_path):
@@ -374,10 +385,6 @@ def test_fetch_zip_member_replaces_a_damaged_cache(server, tmp_path):
     assert (tmp_path / "out").read_bytes() == BODY and len(server.requests) == 1
 
 
-def test_real_mirror_the_verdict(tmp_path):
-    if not (MIRROR / "the-verdict.txt").is_file():
-        pytest.skip("the-verdict.txt mirror not available")
-    url = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
-    url += "the-verdict.txt"
-    dest = fetch(url, VERDICT_SHA, tmp_path / "the-verdict.txt", mirror=str(MIRROR), progress=False)
-    assert sha256_file(dest) == VERDICT_SHA
+def test_real_source_the_verdict(public_input):
+    """sources.yaml's entry, fetched from LLM_MIRROR or the canonical URL, is the book's file."""
+    assert sha256_file(public_input("the-verdict")) == VERDICT_SHA

@@ -24,7 +24,7 @@ from llm.instruct import (
 from llm.judge import judge_prompt, judge_responses, parse_score
 from llm.model import GPTModel
 from llm.tokenizer import get_tokenizer
-from tests.conftest import MIRROR, tiny_cfg
+from tests.conftest import tiny_cfg
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by Sam.", "output": "Sam baked the cake."}
 
@@ -60,11 +60,8 @@ def test_prompt_format_is_the_books_character_for_character():
     assert get_tokenizer().decode(ids[prompt_length:]) == "Sam baked the cake."
 
 
-def test_real_data_splits_as_the_book(tmp_path):
-    path = MIRROR / "instruction-data.json"
-    if not path.is_file():
-        pytest.skip("needs the mirrored instruction data")
-    data = load_instructions(path)
+def test_real_data_splits_as_the_book(public_input, tmp_path):
+    data = load_instructions(public_input("instructions"))
     train, test, val = split_instructions(data, 0.85, 0.1)
     assert (len(data), len(train), len(test), len(val)) == (1100, 935, 110, 55)
     assert train[0] == data[0] and val[-1] == data[-1]

@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from llm.errors import ConfigError
-from llm.params import load_params, parse_params
-from tests.conftest import ROOT
+from llm.params import load_params, load_sources, parse_params, parse_sources
+from tests.conftest import committed, committed_yaml
 
-RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+RAW = committed_yaml("params.yaml")  # the committed defaults, whatever `dvc exp apply` left in the workspace
 
 
 def with_change(path, value):
@@ -25,11 +25,22 @@ def with_change(path, value):
     return raw
 
 
-def test_committed_params_are_valid_and_typed():
-    p = load_params(ROOT / "params.yaml")
+def test_committed_params_are_valid_and_typed(tmp_path):
+    (tmp_path / "params.yaml").write_text(committed("params.yaml"))
+    p = load_params(tmp_path / "params.yaml")
     assert p.train.lr == 0.0004 and isinstance(p.train.lr, float)
     assert p.model.config()["emb_dim"] == 256
-    assert p.data.corpus == ["the-verdict"] and p.sources["the-verdict"].sha256.startswith("b41e41a6")
+    assert p.data.corpus == ["the-verdict"]
+
+
+def test_sources_are_their_own_file_not_params(tmp_path):
+    (tmp_path / "sources.yaml").write_text(committed("sources.yaml"))
+    sources = load_sources(tmp_path / "sources.yaml")
+    assert sources["the-verdict"].sha256.startswith("b41e41a6") and sources["sms_spam"].member == "SMSSpamCollection"
+    with pytest.raises(ConfigError, match="sources.the-verdict.sha256 must be 64 hex"):
+        parse_sources({"the-verdict": {"url": "x.txt", "sha256": "abc"}})
+    with pytest.raises(ConfigError, match="sources belong in sources.yaml"):
+        parse_params({**RAW, "sources": {}})
 
 
 def test_preset_and_overrides():
@@ -55,9 +66,7 @@ def test_preset_and_overrides():
         ("model.n_heads", 5, "divisible"),
         ("train.precision", "fp16", "train.precision must be one of fp32, bf16-mixed"),
         ("train.lr_schedule", "linear", "train.lr_schedule must be constant or cosine"),
-        ("data.corpus", ["nonsense"], "data.corpus entry 'nonsense' is neither a name in sources"),
         ("eval.top_k", 0, "eval.top_k must be > 0"),
-        ("sources.the-verdict", {"url": "x.txt", "sha256": "abc"}, "sources.the-verdict.sha256 must be 64 hex"),
         ("finetune_spam.train_frac", 0.95, "finetune_spam.train_frac and validation_frac must be in (0, 1)"),
         ("finetune_spam.pooling", "max", "finetune_spam.pooling must be last, last_nonpad or mean"),
         ("finetune_spam.trainable_blocks", -2, "finetune_spam.trainable_blocks must be -1 (all) or >= 0"),
@@ -119,7 +128,7 @@ def test_init_values():
 
 def test_scientific_notation_is_a_number_however_yaml_read_it(tmp_path):
     """PyYAML reads 4e-4 as text, and `dvc exp run -S finetune_spam.lr=5.0e-5` writes `5e-05`."""
-    text = (ROOT / "params.yaml").read_text().replace("lr: 0.0004", "lr: 4e-4").replace("lr: 2.0e-4", "lr: 5e-05")
+    text = committed("params.yaml").replace("lr: 0.0004", "lr: 4e-4").replace("lr: 2.0e-4", "lr: 5e-05")
     (tmp_path / "params.yaml").write_text(text)
     assert yaml.safe_load(text)["train"]["lr"] == "4e-4"  # the YAML 1.1 reading this guards against
     p = load_params(tmp_path / "params.yaml")

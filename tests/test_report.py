@@ -34,9 +34,6 @@ def full_inputs():
         "tokens_seen": 46080,
         "steps": 90,
         "epochs": 10,
-        "tokens_per_sec": 600.0,
-        "train_seconds": 70.0,
-        "wall_seconds": 75.5,
         "params": 29_000_000,
     }
     metrics["finetune_spam"] = json.loads((ROOT / "ci/baseline/metrics/finetune_spam.json").read_text())
@@ -70,7 +67,7 @@ def full_inputs():
                 "training": {"device": "cpu", "precision": "fp32"},
             }
         },
-        environment={"git_commit": "abc1234", "torch": "2.13.0", "python": "3.11.7"},
+        environment={"torch": "2.13.0", "python": "3.11.7"},
     )
 
 
@@ -93,7 +90,8 @@ def test_full_report(tmp_path):
     ms = full_inputs().metrics["finetune_spam"]
     accuracy = f"{100 * ms['test_accuracy']:.2f}% ({100 * ms['baseline_test_accuracy']:.2f}%)"
     assert f"| finetune_spam | test accuracy (baseline) | {accuracy} |" in md
-    assert "| all | torch / Python / git commit | 2.13.0 / 3.11.7 / abc1234 |" in md
+    assert "| all | torch / Python | 2.13.0 / 3.11.7 |" in md
+    assert "seconds" not in md and "tokens/s" not in md  # the page depends only on code, data and params
     assert "| Name a \\| color. |  | Red. | Blue. |" in md  # pipes in text do not break the table
     assert md.count("| Name a") == 5  # the first five test instructions
     assert "Every effort moves you |x|" in md  # samples as preformatted text

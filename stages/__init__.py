@@ -1,0 +1,1 @@
+"""The pipeline's stage scripts: `python -m stages.NAME`, one per DVC stage in dvc.yaml."""
