@@ -4,9 +4,9 @@ Metrics are `{file: {name: value}}` (nested keys flattened with "."). Gates come
 versioned YAML file:
 
     metrics/pretrain.json:
-      val_loss: {worse: higher, max_change: 2%}      # may rise at most 2 % of the old value
+      val.loss: {worse: higher, max_change: 2%}      # may rise at most 2 % of the old value
     metrics/finetune_spam.json:
-      test_accuracy: {worse: lower, max_change: 0.01} # may fall at most 0.01 (one point)
+      test.accuracy: {worse: lower, max_change: 0.01} # may fall at most 0.01 (one point)
 
 A gated metric that got worse by more than its `max_change`, that disappeared, or whose new value
 is null (`write_json` writes NaN and infinities as null) fails as MISSING.

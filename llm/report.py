@@ -52,7 +52,9 @@ def read_curve(path: Path) -> list[dict] | None:
 
 def fmt(value: Any) -> str:
     """A number as a reader wants it: integers with separators, floats to 4 significant digits."""
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return "null (not computable)"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
         return f"{int(value):,}"

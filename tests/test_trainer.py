@@ -190,3 +190,10 @@ def test_too_little_data_is_a_clear_error():
     train, val = datasets(n_train=40)
     with pytest.raises(LLMError, match="too few for one batch"):
         Trainer(fresh_model(), train, val, settings(batch_size=8), progress=False)
+
+
+def test_on_record_sees_every_evaluation_as_it_happens():
+    """The stages rewrite their curve file here: while training runs it holds every point so far."""
+    seen = []
+    _, history = run(settings(num_epochs=2), on_record=lambda h: seen.append(len(h.rows())))
+    assert seen == list(range(1, len(history.rows()) + 1)) and len(seen) > 2
