@@ -29,8 +29,8 @@ def full_inputs():
         name: json.loads((ROOT / f"ci/baseline/metrics/{name}.json").read_text()) for name in ("prepare_text", "eval")
     }
     metrics["pretrain"] = {
-        "train_loss": 4.9,
-        "val_loss": 6.3,
+        "train": {"loss": 4.9},
+        "val": {"loss": 6.3},
         "tokens_seen": 46080,
         "steps": 90,
         "epochs": 10,
@@ -88,7 +88,7 @@ def test_full_report(tmp_path):
     assert "not run" not in md
     assert "| pretrain | model | emb_dim 256, n_layers 4, n_heads 4, context_length 256 (29,000,000 parameters) |" in md
     ms = full_inputs().metrics["finetune_spam"]
-    accuracy = f"{100 * ms['test_accuracy']:.2f}% ({100 * ms['baseline_test_accuracy']:.2f}%)"
+    accuracy = f"{100 * ms['test']['accuracy']:.2f}% ({100 * ms['baseline']['test']['accuracy']:.2f}%)"
     assert f"| finetune_spam | test accuracy (baseline) | {accuracy} |" in md
     assert "| all | torch / Python | 2.13.0 / 3.11.7 |" in md
     assert "seconds" not in md and "tokens/s" not in md  # the page depends only on code, data and params
