@@ -346,7 +346,8 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def _load(path: str | Path, parse):
+    """`parse(yaml of path)`, every error one line naming the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -355,9 +356,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
-        return parse_params(raw)
+        return parse(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return _load(path, parse_params)
 
 
 def parse_sources(raw: Any) -> dict[str, Source]:
@@ -370,14 +375,4 @@ def parse_sources(raw: Any) -> dict[str, Source]:
 
 
 def load_sources(path: str | Path = "sources.yaml") -> dict[str, Source]:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    try:
-        return parse_sources(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return _load(path, parse_sources)

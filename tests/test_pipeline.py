@@ -144,10 +144,10 @@ def test_bad_param_stops_the_stage_with_one_line(repo):
 
 
 def test_experiment_then_the_run_cache_restores_a_parameter_set_run_before(repo):
-    """lr x10 is a deliberate regression: the gate fails. Back to the committed lr, nothing trains."""
+    """lr x10 is a deliberate regression: the gate fails. Back to the profile's lr, nothing trains."""
     path, env = repo
     baseline = metrics(path)
-    lr = committed_yaml("params.yaml")["train"]["lr"]
+    lr = yaml.safe_load(profiled_params())["train"]["lr"]  # the profile may set its own
     sh(["dvc", "exp", "run", "-n", "lr-x10", "-S", f"train.lr={lr * 10}"], path, env)
     assert metrics(path)["pretrain"]["val"]["loss"] != baseline["pretrain"]["val"]["loss"]
     out = gate(path, env)
@@ -159,7 +159,8 @@ def test_experiment_then_the_run_cache_restores_a_parameter_set_run_before(repo)
         assert f"Stage '{stage}' is cached - skipping run" in out, stage
     assert metrics(path) == baseline
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
-    assert "sources" not in json.dumps(shown)  # URLs and hashes are not experiment parameters
+    params = [rev["data"].get("params") or {} for rev in shown if rev.get("data")]
+    assert params and all(set(p) == {"params.yaml"} and "sources" not in p["params.yaml"]["data"] for p in params)
     sh(["git", "checkout", "-q", "--", "."], path, env)
     sh(["dvc", "checkout", "-q"], path, env)
 
@@ -208,7 +209,8 @@ def test_pretrain_and_eval_start_from_gpt2_weights(repo, tmp_path):
 
     path, env = repo
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=12, n_head=3, n_layer=1)
+    n_positions = PROFILE["model"].get("context_length") or 32  # so that emb_dim is the first conflict
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=12, n_head=3, n_layer=1)
     ref = transformers.GPT2LMHeadModel(cfg).eval()
     ref.save_pretrained(tmp_path / "gpt2")
     params = path / "params.yaml"
