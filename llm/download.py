@@ -142,6 +142,11 @@ def _get(src: str, expected: str | None, dest: Path, progress: bool, label: str)
             raise DownloadError(f"sha256 mismatch for {label}: expected {expected}, got {digest}")
 
 
+def url_file_name(url: str) -> str:
+    """The file name a URL or path ends in, percent-decoded ("" for none)."""
+    return Path(unquote(urlsplit(url).path.rsplit("/", 1)[-1])).name
+
+
 def _mirror_sources(url: str, mirror: str) -> tuple[str, list[str]]:
     """(the URL's last path segment, where the mirror may hold it: as written, then percent-decoded)."""
     segment = urlsplit(url).path.rsplit("/", 1)[-1]
@@ -249,7 +254,7 @@ def fetch_zip_member(
     if expected and dest.is_file() and sha256_file(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    name = Path(unquote(urlsplit(url).path.rsplit("/", 1)[-1])).name
+    name = url_file_name(url)
     archive = dest.parent / (name if name not in ("", ".", "..", dest.name) else dest.name + ".zip")
     if archive.is_file():
         try:
@@ -271,18 +276,19 @@ def fetch_source(src, dest_dir: str | os.PathLike, mirror: str | None = MIRROR_F
         dest = dest_dir / Path(src.member).name
         fetch_zip_member(src.url, src.member, src.sha256, dest, mirror=mirror)
     else:
-        name = Path(unquote(urlsplit(src.url).path.rstrip("/").rsplit("/", 1)[-1])).name or "download"
-        dest = fetch(src.url, src.sha256, dest_dir / name, mirror=mirror)
+        dest = fetch(src.url, src.sha256, dest_dir / (url_file_name(src.url) or "download"), mirror=mirror)
     for other in dest_dir.iterdir():  # e.g. the zip the member came from
         if other != dest:
             other.unlink()
     return dest
 
 
-def source_file(folder: str | os.PathLike) -> Path:
-    """The one file `fetch_source` left in `folder`."""
+def source_file(folder: str | os.PathLike, what: str) -> Path:
+    """The one file `fetch_source` left in `folder`; `what` names the setting that asked for it."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        raise DownloadError(f"{what} is not a source in sources.yaml (no {folder}/)")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
     if len(files) != 1:
         found = ", ".join(p.name for p in files) or "nothing"
         raise DownloadError(f"{folder} should hold one downloaded file, found {found}: run its download stage")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm.compare import flatten
 from llm.doc import Doc
 from llm.io import atomic_write_bytes
 
@@ -155,19 +156,9 @@ def plot_vs_baseline(m: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
-def flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    """A metrics file's values with nested keys joined by "." (`val.loss`), as `dvc exp show` names them."""
-    if not isinstance(data, dict):
-        return {prefix[:-1]: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flat(value, f"{prefix}{key}."))
-    return out
-
-
 def build(inputs: ReportInputs, out_dir: Path) -> Doc:
     """The report page; its figures are written to `out_dir/figures`."""
-    metrics = {stage: None if m is None else flat(m) for stage, m in inputs.metrics.items()}
+    metrics = {stage: None if m is None else flatten(m) for stage, m in inputs.metrics.items()}  # val.loss
     inputs = dataclasses.replace(inputs, metrics=metrics)
     m, env = inputs.metrics, inputs.environment
     doc = Doc("LLMs from scratch: pipeline report")

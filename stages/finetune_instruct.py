@@ -48,9 +48,7 @@ STATE = Path("models/resume/finetune_instruct.pt")  # Ctrl-C/SIGTERM saves here;
 def data_file(params) -> Path:
     f = params.finetune_instruct
     if not is_location(f.data):
-        if not (RAW / f.data).is_dir():
-            raise LLMError(f"finetune_instruct.data {f.data!r} is not a source in sources.yaml (no {RAW / f.data}/)")
-        return source_file(RAW / f.data)
+        return source_file(RAW / f.data, f"finetune_instruct.data {f.data!r}")
     path = Path(f.data)
     if not path.is_file():
         raise LLMError(f"finetune_instruct.data {f.data!r} is neither a name in sources.yaml nor an existing file")

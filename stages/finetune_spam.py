@@ -46,7 +46,7 @@ STATE = Path("models/resume/finetune_spam.pt")  # Ctrl-C/SIGTERM saves here; a r
 
 def prepare_splits(params) -> dict:
     f = params.finetune_spam
-    df = load_sms_spam(source_file(RAW))
+    df = load_sms_spam(source_file(RAW, "sms_spam"))
     if f.balance:
         df = create_balanced_dataset(df, random_state=f.seed)
     df = df.assign(Label=df["Label"].map(LABELS))

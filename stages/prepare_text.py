@@ -12,8 +12,8 @@ from pathlib import Path
 
 from llm.corpus import tokenize_corpus
 from llm.data import TokenWindowDataset, read_tokens
-from llm.download import fetch, source_file
-from llm.errors import ConfigError, LLMError, run_main
+from llm.download import fetch, source_file, url_file_name
+from llm.errors import LLMError, run_main
 from llm.io import write_json
 from llm.params import is_location, load_params
 
@@ -26,11 +26,9 @@ def corpus_files(params, scratch: Path) -> list[Path]:
     files = []
     for i, entry in enumerate(params.data.corpus):
         if not is_location(entry):
-            if not (RAW / entry).is_dir():
-                raise ConfigError(f"data.corpus entry {entry!r} is not a source in sources.yaml (no {RAW / entry}/)")
-            files.append(source_file(RAW / entry))
+            files.append(source_file(RAW / entry, f"data.corpus entry {entry!r}"))
         else:  # a user's own URL or path, copied as it is (no sha256 to check)
-            files.append(fetch(entry, None, scratch / str(i) / (entry.rstrip("/").rsplit("/", 1)[-1] or "corpus")))
+            files.append(fetch(entry, None, scratch / str(i) / (url_file_name(entry) or "corpus")))
     return files
 
 

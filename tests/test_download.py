@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.download import DownloadError, fetch, fetch_zip_member, sha256_file
+from llm.download import DownloadError, fetch, fetch_source, fetch_zip_member, sha256_file, source_file
 from llm.errors import LLMError
 from tests.test_progress import on_terminal
 
@@ -388,3 +388,17 @@ def test_fetch_zip_member_replaces_a_damaged_cache(server, tmp_path):
 def test_real_source_the_verdict(public_input):
     """sources.yaml's entry, fetched from LLM_MIRROR or the canonical URL, is the book's file."""
     assert sha256_file(public_input("the-verdict")) == VERDICT_SHA
+
+
+def test_fetch_source_leaves_one_verified_file_that_source_file_finds(server, tmp_path):
+    from llm.params import Source
+
+    server.files["/static/sms+spam+collection.zip"] = ZIP
+    src = Source(url=server.url("/static/sms+spam+collection.zip"), sha256=SHA, member="SMSSpamCollection")
+    path = fetch_source(src, tmp_path / "sms_spam", mirror=None)
+    assert [p.name for p in (tmp_path / "sms_spam").iterdir()] == ["SMSSpamCollection"]  # the zip is gone
+    assert source_file(tmp_path / "sms_spam", "x") == path and path.read_bytes() == BODY
+    with pytest.raises(DownloadError) as excinfo:
+        source_file(tmp_path / "nope", "data.corpus entry 'nope'")
+    expected = f"data.corpus entry 'nope' is not a source in sources.yaml (no {tmp_path / 'nope'}/)"
+    assert _one_line_error(excinfo) == expected
