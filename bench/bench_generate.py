@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from _common import load_book_reference, machine_lines, markdown_table, rotated, write_report
 
-from llm.config import GPT_CONFIG_124M
 from llm.generate import generate
-from llm.model import GPTModel
+from llm.model import GPT_CONFIG_124M, GPTModel
 from llm.runtime import set_seed
 
 

@@ -41,10 +41,10 @@ from _common import (
     write_report,
 )
 
-from llm.config import GPT_CONFIG_124M
-from llm.model import GPTModel, flops_per_token
+from llm.losses import calc_loss_batch
+from llm.model import GPT_CONFIG_124M, GPTModel, flops_per_token
 from llm.runtime import keep_freed_memory, set_seed
-from llm.train import calc_loss_batch, make_optimizer
+from llm.trainer import make_optimizer
 
 LR, WEIGHT_DECAY = 4e-4, 0.1  # the book's pretraining optimizer settings (chapter 5)
 

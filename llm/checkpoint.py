@@ -20,11 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llm.config import model_config
 from llm.errors import CheckpointError, ConfigError
 from llm.gpt2 import HUB_IDS, config_from_hf, gpt2_name, hf_to_book, hub_download, is_hf_config, is_hf_gpt2
 from llm.io import atomic_path, atomic_write_bytes
-from llm.model import GPTModel
+from llm.model import GPTModel, model_config
 
 WEIGHTS_NAME = "model.safetensors"
 HF_BIN_NAME = "pytorch_model.bin"  # older Hugging Face checkpoints

@@ -296,7 +296,7 @@ def _dvc_metrics_diff(baseline: str, target: str | None) -> dict:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from llm.compare import compare, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
+    from llm.pipeline.compare import compare, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
 
     gates = (
         load_gates(args.thresholds) if Path(args.thresholds).is_file() or args.thresholds != "thresholds.yaml" else {}

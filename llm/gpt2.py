@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from llm.config import model_config
 from llm.errors import CheckpointError
+from llm.model import model_config
 
 # Book-style names (chapter 5's `model_configs` keys) and the Hub repositories that hold them.
 HUB_IDS = {

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError
 from llm.io import atomic_path
+from llm.losses import calc_loss_batch, calc_loss_loader
 from llm.progress import progress_bar, write
 from llm.runtime import select_device
-from llm.train import calc_loss_batch, calc_loss_loader, make_optimizer
 
 LossFn = Callable[[torch.nn.Module, Any, torch.device, str], torch.Tensor]
 
@@ -44,6 +44,18 @@ class TrainingInterrupted(LLMError):
 def lm_loss(model, batch, device, precision):
     """Next-token cross-entropy over every position (the book's `calc_loss_batch`)."""
     return calc_loss_batch(batch[0], batch[1], model, device, precision)
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as in the book, fused into one kernel where the device supports it.
+
+    The per-parameter (foreach) AdamW step costs 0.4-0.9 s per step for 163M parameters on a
+    2-core CPU; the fused kernel does the same update in one pass over memory.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device.type if params else "cpu"
+    fused = device in ("cpu", "cuda", "mps")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -127,7 +139,7 @@ def fingerprint(obj: Any) -> str:
 class Trainer:
     """`Trainer(model, train_set, val_set, settings).fit()` → History.
 
-    `settings` is a `llm.params.TrainParams` (or anything with its attributes). `loss_fn(model,
+    `settings` is a `llm.pipeline.params.TrainParams` (or anything with its attributes). `loss_fn(model,
     batch, device, precision)` returns the mean loss of a batch; `evaluate_fn(model)`, if given,
     returns extra metrics logged at every evaluation (e.g. accuracies); `on_record(history)` runs on
     rank 0 after each evaluation (the stages rewrite their curve file there, so a curve is on disk

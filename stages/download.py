@@ -8,9 +8,9 @@ file. A cached DVC output: `dvc pull` or the run-cache restores it without the n
 
 from pathlib import Path
 
-from llm.download import fetch_source
 from llm.errors import ConfigError, run_main
-from llm.params import load_sources
+from llm.pipeline.download import fetch_source
+from llm.pipeline.params import load_sources
 
 SOURCES = Path("sources.yaml")
 RAW = Path("data/raw")

@@ -13,10 +13,10 @@ from llm.data import TokenWindowDataset, read_tokens
 from llm.errors import run_main
 from llm.generate import generate
 from llm.io import write_json
-from llm.params import init_source, load_params
+from llm.losses import calc_loss_loader, perplexity
+from llm.pipeline.params import init_source, load_params
 from llm.runtime import select_device
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from llm.train import calc_loss_loader, perplexity
 
 TOKENS = Path("data/tokens")
 SAMPLES = Path("data/eval/samples.json")

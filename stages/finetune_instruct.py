@@ -15,7 +15,6 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from llm.checkpoint import load_checkpoint, save_checkpoint
-from llm.download import source_file
 from llm.errors import LLMError, run_main
 from llm.generate import generate
 from llm.instruct import (
@@ -29,11 +28,12 @@ from llm.instruct import (
 )
 from llm.io import write_csv, write_json
 from llm.judge import judge_responses
-from llm.params import init_source, is_location, load_params
+from llm.losses import calc_loss_loader, perplexity
+from llm.pipeline.download import source_file
+from llm.pipeline.params import init_source, is_location, load_params
 from llm.progress import progress_bar
 from llm.runtime import keep_freed_memory, select_device, set_seed
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from llm.train import calc_loss_loader, perplexity
 from llm.trainer import Trainer
 
 RAW = Path("data/raw")

@@ -25,10 +25,10 @@ from llm.classifier import (
     read_split_csv,
     save_classifier,
 )
-from llm.download import source_file
 from llm.errors import LLMError, run_main
 from llm.io import write_csv, write_json
-from llm.params import init_source, load_params
+from llm.pipeline.download import source_file
+from llm.pipeline.params import init_source, load_params
 from llm.runtime import keep_freed_memory, select_device, set_seed
 from llm.tokenizer import get_tokenizer
 from llm.trainer import Trainer

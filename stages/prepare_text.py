@@ -12,10 +12,10 @@ from pathlib import Path
 
 from llm.corpus import tokenize_corpus
 from llm.data import TokenWindowDataset, read_tokens
-from llm.download import fetch, source_file, url_file_name
 from llm.errors import LLMError, run_main
 from llm.io import write_json
-from llm.params import is_location, load_params
+from llm.pipeline.download import fetch, source_file, url_file_name
+from llm.pipeline.params import is_location, load_params
 
 RAW = Path("data/raw")
 TOKENS = Path("data/tokens")

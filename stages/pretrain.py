@@ -21,7 +21,7 @@ from llm.errors import ConfigError, run_main
 from llm.generate import generate
 from llm.io import write_csv, write_json
 from llm.model import GPTModel
-from llm.params import load_params
+from llm.pipeline.params import load_params
 from llm.runtime import keep_freed_memory, set_seed
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.trainer import Trainer, fingerprint

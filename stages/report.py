@@ -15,8 +15,8 @@ import yaml
 
 from llm.errors import run_main
 from llm.io import write_json
-from llm.params import load_params
-from llm.report import STAGES, ReportInputs, read_curve, read_json, write_report
+from llm.pipeline.params import load_params
+from llm.pipeline.report import STAGES, ReportInputs, read_curve, read_json, write_report
 
 STAGE_METRICS = {stage: Path(f"metrics/{stage}.json") for stage in STAGES}
 CURVES = {

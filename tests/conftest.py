@@ -45,8 +45,8 @@ def unavailable(reason: str):
 
 @functools.cache
 def _fetched(name: str, folder: str) -> Path:
-    from llm.download import fetch_source
-    from llm.params import parse_sources
+    from llm.pipeline.download import fetch_source
+    from llm.pipeline.params import parse_sources
 
     return fetch_source(parse_sources(committed_yaml("sources.yaml"))[name], Path(folder) / name, mirror=MIRROR)
 

@@ -24,7 +24,7 @@ from llm.cli import main
 from llm.errors import LLMError
 from llm.model import GPTModel
 from llm.tokenizer import get_tokenizer
-from llm.train import make_optimizer
+from llm.trainer import make_optimizer
 from tests.conftest import tiny_cfg
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from llm.cli import main
-from llm.compare import Gate, compare, flatten, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
 from llm.errors import ConfigError
+from llm.pipeline.compare import Gate, compare, flatten, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
 
 GATES = {
     "metrics/pretrain.json": {"val_loss": Gate("higher", 0.02, True)},

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.download import DownloadError, fetch, fetch_source, fetch_zip_member, sha256_file, source_file
 from llm.errors import LLMError
+from llm.pipeline.download import DownloadError, fetch, fetch_source, fetch_zip_member, sha256_file, source_file
 from tests.test_progress import on_terminal
 
 BODY = bytes(range(256)) * 40 + b"the end"  # a few KiB, not a multiple of anything
@@ -391,7 +391,7 @@ def test_real_source_the_verdict(public_input):
 
 
 def test_fetch_source_leaves_one_verified_file_that_source_file_finds(server, tmp_path):
-    from llm.params import Source
+    from llm.pipeline.params import Source
 
     server.files["/static/sms+spam+collection.zip"] = ZIP
     src = Source(url=server.url("/static/sms+spam+collection.zip"), sha256=SHA, member="SMSSpamCollection")

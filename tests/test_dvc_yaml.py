@@ -84,7 +84,7 @@ def module_paths(module) -> set[str]:
         if name.isupper():
             visit(value)
     if hasattr(module, "init_source"):  # `init: pretrain` reads the pretrain stage's checkpoint
-        from llm.params import PRETRAINED
+        from llm.pipeline.params import PRETRAINED
 
         found.add(PRETRAINED.as_posix())
     if hasattr(module, "load_params"):

@@ -5,9 +5,8 @@ import io
 import pytest
 import torch
 
-from llm.config import GPT_CONFIG_124M, model_config, preset
 from llm.errors import ConfigError, LLMError
-from llm.model import GPTModel, MultiHeadAttention
+from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel, MultiHeadAttention, model_config
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
 
@@ -148,10 +147,8 @@ def test_missing_config_key_is_named():
 
 
 def test_presets_and_overrides():
-    assert preset("gpt2-medium")["emb_dim"] == 1024
-    assert preset("gpt2-xl", context_length=256)["context_length"] == 256
-    with pytest.raises(ConfigError, match="unknown model preset"):
-        preset("gpt5")
+    assert model_config(PRESETS["gpt2-medium"])["emb_dim"] == 1024
+    assert model_config({**PRESETS["gpt2-xl"], "context_length": 256})["context_length"] == 256
 
 
 def test_out_of_vocab_token_and_too_long_input_are_clear_errors():

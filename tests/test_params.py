@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from llm.errors import ConfigError
-from llm.params import load_params, load_sources, parse_params, parse_sources
+from llm.pipeline.params import load_params, load_sources, parse_params, parse_sources
 from tests.conftest import committed, committed_yaml
 
 RAW = committed_yaml("params.yaml")  # the committed defaults, whatever `dvc exp apply` left in the workspace

@@ -10,13 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm import judge
+from llm.book import train_model_simple
 from llm.corpus import tokenize_corpus
 from llm.data import TokenWindowDataset, token_dataloader
 from llm.generate import generate
 from llm.model import GPTModel
 from llm.progress import progress_bar, shown, write
 from llm.tokenizer import get_tokenizer
-from llm.train import train_model_simple
 from llm.trainer import Trainer
 from tests import book_reference as book
 from tests.conftest import ROOT, tiny_cfg

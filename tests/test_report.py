@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from llm.report import ReportInputs, read_curve, read_json, write_report
+from llm.pipeline.report import ReportInputs, read_curve, read_json, write_report
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

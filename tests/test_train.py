@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from llm.book import train_model_simple
 from llm.data import token_dataloader
 from llm.errors import LLMError
+from llm.losses import calc_loss_batch, calc_loss_loader, perplexity
 from llm.model import GPTModel
 from llm.runtime import autocast, keep_freed_memory, select_device
 from llm.tokenizer import get_tokenizer
-from llm.train import calc_loss_batch, calc_loss_loader, make_optimizer, perplexity, train_model_simple
+from llm.trainer import make_optimizer
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
 

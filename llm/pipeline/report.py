@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.compare import flatten
-from llm.doc import Doc
 from llm.io import atomic_write_bytes
+from llm.pipeline.compare import flatten
+from llm.pipeline.doc import Doc
 
 STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct")
 _TITLES = {

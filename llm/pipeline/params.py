@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from llm.config import PRESETS, model_config
 from llm.errors import ConfigError
+from llm.model import PRESETS, model_config
 from llm.runtime import PRECISIONS
 
 
@@ -56,7 +56,7 @@ SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
 
 @dataclass(frozen=True)
 class ModelParams:
-    preset: str  # a shape from llm.config.PRESETS; keys below that are not null override it
+    preset: str  # a shape from llm.model.PRESETS; keys below that are not null override it
     init: str = "scratch"  # pretrain's start: scratch, a GPT-2 name (gpt2-small...) or a checkpoint path
     vocab_size: int | None = None
     context_length: int | None = None

@@ -266,7 +266,7 @@ def fetch_zip_member(
 
 
 def fetch_source(src, dest_dir: str | os.PathLike, mirror: str | None = MIRROR_FROM_ENV) -> Path:
-    """Fetch a `llm.params.Source` (a file, or a member of a zip) into `dest_dir`, verified.
+    """Fetch a `llm.pipeline.params.Source` (a file, or a member of a zip) into `dest_dir`, verified.
 
     `dest_dir` ends up holding exactly one file, named after the URL's last segment or the zip
     member, so a reader needs only the folder (`source_file`).
