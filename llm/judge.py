@@ -12,6 +12,9 @@ from llm.errors import LLMError
 from llm.instruct import format_input
 from llm.progress import progress_bar
 
+# `finetune_instruct.judge`: none, or the book's judge through a local Ollama server.
+JUDGES = ("none", "ollama")
+
 
 def judge_prompt(entry: dict) -> str:
     """The book's scoring prompt, word for word."""

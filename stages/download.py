@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llm.errors import ConfigError, run_main
 from llm.pipeline.download import fetch_source
-from llm.pipeline.params import load_sources
+from llm.pipeline.sources import load_sources
 
 SOURCES = Path("sources.yaml")
 RAW = Path("data/raw")

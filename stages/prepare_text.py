@@ -15,7 +15,8 @@ from llm.data import TokenWindowDataset, read_tokens
 from llm.errors import LLMError, run_main
 from llm.io import write_json
 from llm.pipeline.download import fetch, source_file, url_file_name
-from llm.pipeline.params import is_location, load_params
+from llm.pipeline.params import load_params
+from llm.pipeline.sources import is_location
 
 RAW = Path("data/raw")
 TOKENS = Path("data/tokens")

@@ -46,7 +46,7 @@ def unavailable(reason: str):
 @functools.cache
 def _fetched(name: str, folder: str) -> Path:
     from llm.pipeline.download import fetch_source
-    from llm.pipeline.params import parse_sources
+    from llm.pipeline.sources import parse_sources
 
     return fetch_source(parse_sources(committed_yaml("sources.yaml"))[name], Path(folder) / name, mirror=MIRROR)
 

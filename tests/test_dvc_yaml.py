@@ -7,6 +7,7 @@ DVC reruns that stage; forget to declare it and this test fails.
 """
 
 import ast
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def declared(entries) -> set[str]:
 
 
 def module_paths(module) -> set[str]:
-    """Paths a stage script names at module level (also inside dicts and tuples), as posix strings."""
+    """Paths a stage script names at module level (also inside dicts, tuples and dataclasses), as posix strings."""
     found: set[str] = set()
 
     def visit(value):
@@ -76,6 +77,9 @@ def module_paths(module) -> set[str]:
         elif isinstance(value, dict):
             for v in value.values():
                 visit(v)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for v in vars(value).values():
+                visit(v)
         elif isinstance(value, (tuple, list)):
             for v in value:
                 visit(v)
@@ -83,11 +87,14 @@ def module_paths(module) -> set[str]:
     for name, value in vars(module).items():
         if name.isupper():
             visit(value)
-    if hasattr(module, "init_source"):  # `init: pretrain` reads the pretrain stage's checkpoint
+    from llm.pipeline.finetune import FinetuneStage
+
+    finetunes = any(isinstance(v, type) and issubclass(v, FinetuneStage) for v in vars(module).values())
+    if hasattr(module, "init_source") or finetunes:  # `init: pretrain` reads the pretrain stage's checkpoint
         from llm.pipeline.params import PRETRAINED
 
         found.add(PRETRAINED.as_posix())
-    if hasattr(module, "load_params"):
+    if hasattr(module, "load_params") or finetunes:
         found.add("params.yaml")
     return found
 

@@ -1,0 +1,49 @@
+"""`sources.yaml`: where each public input comes from (URL, sha256, zip member). Not a parameter.
+
+Only the download stage reads it; every other stage finds a source's bytes under
+`data/raw/<name>/`. A `data.corpus` or `finetune_instruct.data` entry is either such a name or a
+location of the user's own (`is_location`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import RootModel, field_validator
+
+from llm.pipeline.validate import Settings, load, validate
+
+
+class Source(Settings):
+    url: str
+    """https:// URL, file:// URL or local path."""
+    sha256: str | None = None
+    """sha256 of the file (of the member, for a zip); null only for a user's own local files."""
+    member: str | None = None
+    """For a zip: the file inside it."""
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError(f"must be 64 hex digits, got {value!r}")
+        return value
+
+
+class Sources(RootModel[dict[str, Source]]):
+    pass
+
+
+def parse_sources(raw) -> dict[str, Source]:
+    """Validate a parsed sources.yaml: `{name: {url, sha256, member?}}`."""
+    return validate(Sources, raw).root
+
+
+def load_sources(path: str | Path = "sources.yaml") -> dict[str, Source]:
+    return load(Sources, path).root
+
+
+def is_location(entry: str) -> bool:
+    """Whether a corpus/data entry is a URL or path rather than the name of a source."""
+    return "/" in entry or entry.startswith(("http://", "https://", "file:")) or bool(Path(entry).suffix)
