@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from llm.pipeline.validate import read_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "ci" / "profile.yaml"
 BASELINE = ROOT / "ci" / "baseline"
@@ -35,7 +37,7 @@ def make_workspace(dest: Path, profile: dict) -> Path:
     for rel in project_files(ROOT):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params = read_yaml(dest / "params.yaml")  # YAML 1.2, as DVC and the stages read it
     for section, values in profile.items():
         params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

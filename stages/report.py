@@ -11,7 +11,6 @@ import platform
 from pathlib import Path
 
 import torch
-import yaml
 
 from llm.errors import run_main
 from llm.io import write_json
@@ -35,9 +34,9 @@ METRICS = Path("metrics/report.json")
 
 
 def main(params_path: str = "params.yaml") -> dict:
-    load_params(params_path)  # valid, or one line naming the key
+    params = load_params(params_path)  # valid, or one line naming the key
     inputs = ReportInputs(
-        params=yaml.safe_load(Path(params_path).read_text()),
+        params=params.model_dump(),  # every setting, those left at their default too
         metrics={stage: read_json(path) for stage, path in STAGE_METRICS.items()},
         curves={name: read_curve(path) for name, path in CURVES.items()},
         samples=read_json(SAMPLES),

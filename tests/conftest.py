@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -33,7 +32,10 @@ def committed(rel: str) -> str:
 
 
 def committed_yaml(rel: str):
-    return yaml.safe_load(committed(rel))
+    """A committed YAML file, read as YAML 1.2 like DVC and the project read it."""
+    from llm.pipeline.validate import parse_yaml
+
+    return parse_yaml(committed(rel))
 
 
 def unavailable(reason: str):

@@ -1,4 +1,5 @@
-"""A page built once and written twice: Markdown (renders on GitHub) and standalone HTML.
+"""Text for people: one Markdown table writer, one aligned-text table, one number format, and a
+page built once and written twice: Markdown (renders on GitHub) and standalone HTML.
 
 Only what a report needs: headings, paragraphs, tables, images and preformatted text. Text is
 plain (escaped for both formats); `code` spans in Markdown become <code> in HTML. The HTML can
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,41 @@ _CSS = (
 )
 
 
+def number(value: float | int, digits: int = 4) -> str:
+    """A number as a reader wants it: integers (and whole floats from 1,000) with thousands
+    separators, other floats to `digits` significant digits, NaN as `nan`."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.{digits}g}"
+
+
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list], right: list[bool] | None = None) -> str:
+    """A GitHub Markdown table. `right[i]`: right-align column i; by default, the columns whose
+    every cell is a number (with an optional %, s or × unit) are right-aligned."""
+    rows = [[str(c) for c in row] for row in rows]
+    if right is None:
+        right = [bool(rows) and all(_is_number(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
+    lines.append("| " + " | ".join("---:" if r else "---" for r in right) + " |")
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list]) -> str:
+    """Columns padded to their widest cell, two spaces apart, for a terminal or a log."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
 
 
 def _html_inline(text: str) -> str:
@@ -61,12 +96,7 @@ class Doc:
             elif kind == "p":
                 out += [args[0], ""]
             elif kind == "table":
-                header, rows = args
-                aligns = ["---:" if rows and all(_is_number(r[i]) for r in rows) else "---" for i in range(len(header))]
-                out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
-                out.append("| " + " | ".join(aligns) + " |")
-                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-                out.append("")
+                out += [markdown_table(*args), ""]
             elif kind == "img":
                 out += [f"![{args[1]}]({args[0]})", ""]
             elif kind == "pre":

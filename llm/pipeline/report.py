@@ -9,14 +9,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm.io import atomic_write_bytes
 from llm.pipeline.compare import flatten
-from llm.pipeline.doc import Doc
+from llm.pipeline.doc import Doc, number
 
 STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct")
 _TITLES = {
@@ -52,18 +51,10 @@ def read_curve(path: Path) -> list[dict] | None:
 
 
 def fmt(value: Any) -> str:
-    """A number as a reader wants it: integers with separators, floats to 4 significant digits."""
+    """A metric for the page: `doc.number`, or what a null means."""
     if value is None:
         return "null (not computable)"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
-        return f"{int(value):,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4g}"
-    return str(value)
+    return number(value) if isinstance(value, (int, float)) else str(value)
 
 
 def _figure(path: Path):

@@ -28,6 +28,11 @@ class Settings(BaseModel):
     )
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2 text parsed as DVC parses it (`4e-4` is a float); raises ruamel's YAMLError."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def read_yaml(path: str | Path) -> Any:
     """The parsed YAML 1.2 file; an unreadable or malformed file is one line naming it."""
     path = Path(path)
@@ -36,7 +41,7 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        return YAML(typ="safe", pure=True).load(text)
+        return parse_yaml(text)
     except YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path} is not valid YAML: {first}") from None
