@@ -2,12 +2,12 @@
 
 import json
 
-import yaml
-
+from llm.pipeline.doc import markdown_table, number, text_table
+from llm.pipeline.params import Params
 from llm.pipeline.report import ReportInputs, read_curve, read_json, write_report
 from tests.conftest import ROOT
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = Params().model_dump()  # the committed defaults
 
 
 def curve(n, lr=0.0004):
@@ -125,3 +125,16 @@ def test_readers_return_none_for_absent_files(tmp_path):
     assert read_json(tmp_path / "x.json") is None and read_curve(tmp_path / "x.csv") is None
     (tmp_path / "c.csv").write_text("step,train_loss\n0,1.5\n5,1.25\n")
     assert read_curve(tmp_path / "c.csv") == [{"step": 0.0, "train_loss": 1.5}, {"step": 5.0, "train_loss": 1.25}]
+
+
+def test_one_table_writer_and_one_number_format():
+    rows = [["pretrain", number(6.21583), number(12345.0)], ["a|b", number(0.5), number(7)]]
+    assert markdown_table(["stage", "loss", "tokens"], rows).splitlines() == [
+        "| stage | loss | tokens |",
+        "| --- | ---: | ---: |",
+        "| pretrain | 6.216 | 12,345 |",
+        "| a\\|b | 0.5 | 7 |",
+    ]
+    assert markdown_table(["a", "b"], [["1", "x"]], right=[False, True]).splitlines()[1] == "| --- | ---: |"
+    assert text_table(["metric", "old"], [["val.loss", "6.2"]]).splitlines() == ["metric    old", "val.loss  6.2"]
+    assert (number(float("nan")), number(0.000123456, digits=6), number(True)) == ("nan", "0.000123456", "True")
