@@ -1,11 +1,20 @@
-"""Checkpoints: safetensors weights plus a JSON of the model config, written atomically.
+"""Checkpoints: the one module that reads and writes them (safetensors weights + a JSON config).
 
 A checkpoint is a directory holding `model.safetensors` and `config.json` (the book's seven
-config keys under "model"). `load_checkpoint` also takes the `.safetensors` file itself, a
-book-style `.pth`/`.pt` state_dict (read with `weights_only=True`), whose config comes from a
-`config.json` beside it or, failing that, from the tensor shapes, and OpenAI's GPT-2 in Hugging
-Face's layout: a name (`gpt2-small`…, fetched from the Hub), a directory, `.safetensors` or
-`pytorch_model.bin` (see `llm.gpt2`).
+config keys under "model", plus what a stage recorded: "training", "instruct", "classifier"…).
+Every file is written atomically. Reading also takes the `.safetensors` file itself, a book-style
+`.pth`/`.pt` state_dict (read with `weights_only=True`), whose config comes from a `config.json`
+beside it or, failing that, from the tensor shapes, and OpenAI's GPT-2 in Hugging Face's layout:
+a name (`gpt2-small`…, fetched from the Hub), a directory, `.safetensors` or `pytorch_model.bin`
+(`llm.gpt2` recognises and converts it).
+
+Public API:
+- `save_checkpoint(model, path, extra)` / `load_checkpoint(path, map_location)`: language models;
+- `read_checkpoint(path) -> Checkpoint` (weights, config and metadata, in the book's layout) and
+  `Checkpoint.model(map_location, num_classes)`, e.g. for a classifier's head;
+- `checkpoint_meta(path)`: what a stage recorded in `config.json`, without reading the weights;
+- `export_hf(model, out_dir)`: a Hugging Face GPT-2 directory;
+- `weights_state_dict`, `load_weights`, `reconfigure`, `resolve_checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,43 +22,70 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from llm.errors import CheckpointError, ConfigError
-from llm.gpt2 import HUB_IDS, config_from_hf, gpt2_name, hf_to_book, hub_download, is_hf_config, is_hf_gpt2
+from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
 from llm.io import atomic_path, atomic_write_bytes
-from llm.model import GPTModel, model_config
+from llm.model import MASK_SUFFIX, GPTModel, model_config
 
-WEIGHTS_NAME = "model.safetensors"
-HF_BIN_NAME = "pytorch_model.bin"  # older Hugging Face checkpoints
+WEIGHTS_NAME = "model.safetensors"  # the same file names as Hugging Face's
 CONFIG_NAME = "config.json"
-FORMAT = "llm.GPTModel"
+_FORMAT = "llm.GPTModel"  # config.json's "format"
 
-# GPT-2's head counts by width: the only config a bare state_dict cannot reveal.
-_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read into memory, in the book's layout whatever its source."""
+
+    state: dict[str, torch.Tensor]  # the book's state_dict keys
+    cfg: dict[str, Any]  # the book's model config
+    meta: dict[str, Any]  # the parsed config.json ({} when there is none)
+    source: Path  # the weights file, named in errors
+
+    def model(self, map_location: str | torch.device = "cpu", num_classes: int | None = None) -> GPTModel:
+        """A GPTModel holding these weights, loaded strictly, in eval mode. `num_classes`: the
+        weights hold a classification head of that many outputs instead of the language-model head."""
+        model = GPTModel(self.cfg)
+        if num_classes is not None:
+            model.out_head = nn.Linear(self.cfg["emb_dim"], num_classes)
+        load_weights(model, self.state, self.source)
+        return model.to(map_location).eval()
 
 
 def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors without the book's recomputable attention-mask buffers."""
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith(".att.mask")}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
 
 
-def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write `path/model.safetensors` and `path/config.json`; each file appears whole or not at all."""
-    path = Path(path)
+def _write(path: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+    """`path/model.safetensors` and `path/config.json`; each file appears whole or not at all."""
     with atomic_path(path / WEIGHTS_NAME) as tmp:
-        save_file(weights_state_dict(model), tmp, metadata={"format": "pt"})
-    meta = {"format": FORMAT, "model": model.cfg, **(dict(extra) if extra else {})}
-    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+        save_file(dict(state), tmp, metadata={"format": "pt"})
+    atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return path
 
 
-def read_meta(file: Path) -> dict[str, Any]:
+def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `path/model.safetensors` and `path/config.json` (the model config and `extra`)."""
+    meta = {"format": _FORMAT, "model": model.cfg, **(dict(extra) if extra else {})}
+    return _write(Path(path), weights_state_dict(model), meta)
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write `model` as a Hugging Face GPT-2 checkpoint directory (`config.json` + `model.safetensors`)."""
+    config, state = book_to_hf(model)
+    return _write(Path(out_dir), state, config)
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
     """The parsed `config.json` of a checkpoint: the model config and what stages added to it."""
     try:
         meta = json.loads(file.read_text())
@@ -60,49 +96,18 @@ def read_meta(file: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_config(file: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model config in a checkpoint's `config.json` (`meta`: the file, already parsed)."""
-    meta = read_meta(file) if meta is None else meta
+def _model_config(meta: Mapping[str, Any], file: Path) -> dict[str, Any]:
+    """The model config in a checkpoint's parsed `config.json` (`file`, named in errors)."""
     try:
         return model_config(meta.get("model", meta))
     except ConfigError as exc:
         raise CheckpointError(f"bad model config in {file}: {exc}") from None
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor], source: Path) -> dict[str, Any]:
-    """A book-style config from a state_dict's shapes (n_heads from GPT-2's width table).
-
-    Takes the book's names or Hugging Face GPT-2's (with or without `transformer.`).
-    """
-    hf = is_hf_gpt2(state_dict)
-    prefix = "transformer." if "transformer.wte.weight" in state_dict else ""
-    emb_key, pos_key, blocks = (
-        (f"{prefix}wte.weight", f"{prefix}wpe.weight", f"{prefix}h.")
-        if hf
-        else ("tok_emb.weight", "pos_emb.weight", "trf_blocks.")
-    )
-    try:
-        vocab, emb = state_dict[emb_key].shape
-        context = state_dict[pos_key].shape[0]
-    except KeyError as exc:
-        raise CheckpointError(f"{source} is not a GPTModel state_dict: no {exc.args[0]!r}") from None
-    n_layers = len({k[len(blocks) :].split(".")[0] for k in state_dict if k.startswith(blocks)})
-    if emb not in _HEADS_BY_WIDTH:
-        raise CheckpointError(
-            f"cannot tell n_heads of {source} from its shapes (emb_dim {emb}): "
-            f"put a {CONFIG_NAME} with the model config beside it"
-        )
-    return model_config(
-        {
-            "vocab_size": int(vocab),
-            "context_length": int(context),
-            "emb_dim": int(emb),
-            "n_heads": _HEADS_BY_WIDTH[emb],
-            "n_layers": n_layers,
-            "drop_rate": 0.0,
-            "qkv_bias": hf or "trf_blocks.0.att.W_query.bias" in state_dict,
-        }
-    )
+def _infer_config(state: Mapping[str, torch.Tensor], source: Path) -> dict[str, Any]:
+    """A config for a book-style state_dict without a config.json, from its shapes."""
+    qkv_bias = "trf_blocks.0.att.W_query.bias" in state
+    return config_from_shapes(state, source, "tok_emb.weight", "pos_emb.weight", "trf_blocks.", qkv_bias)
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -139,33 +144,51 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, config if config.is_file() else None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPTModel:
-    """Build a GPTModel from a checkpoint or GPT-2 name and load its weights strictly (eval mode).
+def _is_gpt2_name(path: str | os.PathLike) -> bool:
+    """A GPT-2 name (`gpt2-small`…) that is not also an existing path (the path wins)."""
+    return not Path(path).exists() and gpt2_name(str(path)) is not None
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """What was recorded beside a checkpoint's weights: its parsed `config.json` (the model config
+    under "model" and what the stage added, e.g. "instruct" or "classifier"), without reading the
+    weights; {} for a GPT-2 name or a weights file without a config.json."""
+    if _is_gpt2_name(path):
+        return {}
+    _, config = resolve_checkpoint(path)
+    return _read_meta(config) if config is not None and config.is_file() else {}
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The weights (in the book's names), model config and metadata of a checkpoint or GPT-2 name.
 
     A path that exists wins over a GPT-2 name of the same spelling.
     """
-    if not Path(path).exists() and gpt2_name(str(path)):
+    if _is_gpt2_name(path):
         path = hub_download(str(path))
     weights, config = resolve_checkpoint(path)
     state = _read_weights(weights)
-    meta = read_meta(config) if config is not None and config.is_file() else None
+    meta = _read_meta(config) if config is not None and config.is_file() else None
     if config is not None and meta is None:
         raise CheckpointError(f"checkpoint {Path(path)} has no {CONFIG_NAME}")
     if is_hf_gpt2(state):
-        cfg = config_from_hf(meta, config) if meta is not None and is_hf_config(meta) else infer_config(state, weights)
-        state = hf_to_book(state, cfg, weights)
+        state, cfg = from_hf(state, weights, meta, config)
     elif meta is not None:
-        cfg = _read_config(config, meta)
+        cfg = _model_config(meta, config)
     else:
-        cfg = infer_config(state, weights)
-    model = GPTModel(cfg)
-    load_weights(model, state, weights)
-    return model.to(map_location).eval()
+        cfg = _infer_config(state, weights)
+    return Checkpoint(state, cfg, meta or {}, weights)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPTModel:
+    """Build a language model (GPTModel) from a checkpoint or GPT-2 name and load its weights
+    strictly (eval mode). A path that exists wins over a GPT-2 name of the same spelling."""
+    return read_checkpoint(path).model(map_location)
 
 
 def load_weights(model: GPTModel, state: Mapping[str, torch.Tensor], source: os.PathLike | str) -> None:
     """Strict `load_state_dict` with a one-line error naming the first mismatching key."""
-    missing = [k for k in model.state_dict() if k not in state and not k.endswith(".att.mask")]
+    missing = [k for k in model.state_dict() if k not in state and not k.endswith(MASK_SUFFIX)]
     if missing:
         raise CheckpointError(f"{source} lacks {missing[0]!r} (and {len(missing) - 1} more keys)")
     try:

@@ -1,9 +1,9 @@
 """Spam classification (chapter 6): the book's data preparation, dataset, head swap and metrics.
 
-`create_balanced_dataset`, `random_split`, `SpamDataset`, `calc_accuracy_loader` and the
-`[:, -1, :]` pooling keep the book's semantics; `pooling="last_nonpad"` reads the last real token
-instead, since right padding otherwise makes the "last token" a pad for every short message, and
-`pooling="mean"` averages over the real tokens.
+`create_balanced_dataset`, `random_split`, `SpamDataset` and the `[:, -1, :]` pooling keep the
+book's semantics; `pooling="last_nonpad"` reads the last real token instead, since right padding
+otherwise makes the "last token" a pad for every short message, and `pooling="mean"` averages over
+the real tokens. `classify` scores new messages with a checkpoint that `save_classifier` wrote.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from llm.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    _read_config,
-    _read_weights,
-    load_weights,
-    read_meta,
-    save_checkpoint,
-)
+from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_checkpoint
 from llm.errors import CheckpointError, LLMError
 from llm.model import GPTModel
+from llm.pooling import POOLINGS, pool  # noqa: F401 - POOLINGS: the names class_logits takes
 from llm.runtime import autocast
-from llm.tokenizer import EOT_ID
+from llm.tokenizer import EOT_ID, get_tokenizer
 
 LABELS = {"ham": 0, "spam": 1}
 CLASS_NAMES = ["not spam", "spam"]
-POOLINGS = ("last", "last_nonpad", "mean")
 
 
 def load_sms_spam(path: str | os.PathLike) -> pd.DataFrame:
@@ -94,7 +87,10 @@ def encode_texts(texts: Sequence[str], tokenizer) -> list[list[int]]:
 
 
 class SpamDataset(Dataset):
-    """The book's SpamDataset: pad with 50256 to `max_length` (default: the longest text), truncating."""
+    """The book's SpamDataset: pad with 50256 to `max_length` (default: the longest text), truncating.
+
+    `truncated` counts the texts cut to `max_length` tokens.
+    """
 
     def __init__(self, df: pd.DataFrame, tokenizer, max_length: int | None = None, pad_token_id: int = EOT_ID):
         self.labels = df["Label"].to_numpy(dtype=np.int64)
@@ -103,7 +99,8 @@ class SpamDataset(Dataset):
             self.max_length = max((len(t) for t in encoded), default=1)
         else:
             self.max_length = max_length
-            encoded = [t[:max_length] for t in encoded]
+        self.truncated = sum(len(t) > self.max_length for t in encoded)
+        encoded = [t[: self.max_length] for t in encoded]
         self.tokens = torch.full((len(encoded), self.max_length), pad_token_id, dtype=torch.long)
         for i, ids in enumerate(encoded):
             self.tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -135,16 +132,8 @@ def add_classification_head(model: GPTModel, num_classes: int = 2, trainable_blo
 
 
 def class_logits(model, input_batch: torch.Tensor, pooling: str = "last", pad_token_id: int = EOT_ID):
-    """Logits (B, num_classes) at the last position (the book), at the last non-pad token, or
-    averaged over the non-pad tokens (the head is linear: the same as classifying the mean state)."""
-    logits = model(input_batch)
-    if pooling == "last":
-        return logits[:, -1, :]
-    real = input_batch != pad_token_id
-    lengths = real.sum(dim=1).clamp(min=1)
-    if pooling == "mean":
-        return (logits * real.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
-    return logits[torch.arange(len(input_batch), device=logits.device), lengths - 1]
+    """Logits (B, num_classes) of a batch, pooled as `pooling` names (`llm.pooling.POOLINGS`)."""
+    return pool(model(input_batch), input_batch, pooling, pad_token_id)
 
 
 def classification_loss(pooling: str = "last"):
@@ -181,23 +170,31 @@ def predict(model, loader, device, pooling: str = "last", num_batches: int | Non
     return y, torch.cat(preds).numpy(), torch.cat(probs).numpy(), sum(losses) / len(y)
 
 
-def calc_accuracy_loader(data_loader, model, device, num_batches=None, pooling: str = "last") -> float:
-    """The book's accuracy: share of correct argmax predictions over the first `num_batches`."""
-    y, pred, _, _ = predict(model, data_loader, device, pooling, num_batches)
-    return float((y == pred).mean()) if len(y) else float("nan")
-
-
 def binary_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Accuracy, spam precision/recall/F1 and the confusion matrix (rows: true, cols: predicted)."""
-    tp = int(((pred == 1) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
-    fn = int(((pred == 0) & (y == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    """Accuracy, spam precision/recall/F1 and the confusion matrix (rows: true, cols: predicted).
+
+    F1 is the harmonic mean of scikit-learn's precision and recall, as the committed metrics were
+    computed; scikit-learn's own `f1_score` (2·tp / (2·tp + fp + fn)) can differ in the last bit.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    if len(y) == 0:  # scikit-learn refuses empty input
+        return {
+            "accuracy": float("nan"),
+            "precision": 0.0,
+            "recall": 0.0,
+            "f1": 0.0,
+            "tn": 0,
+            "fp": 0,
+            "fn": 0,
+            "tp": 0,
+        }
+    (tn, fp), (fn, tp) = confusion_matrix(y, pred, labels=[0, 1]).tolist()
+    p, r, _, _ = precision_recall_fscore_support(y, pred, labels=[1], average=None, zero_division=0)
+    precision, recall = float(p[0]), float(r[0])
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "accuracy": (tp + tn) / len(y) if len(y) else float("nan"),
+        "accuracy": float(accuracy_score(y, pred)),
         "precision": precision,
         "recall": recall,
         "f1": f1,
@@ -218,11 +215,41 @@ def load_classifier(path, map_location="cpu") -> tuple[GPTModel, dict]:
     path = Path(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"classifier checkpoint {path} has no {WEIGHTS_NAME} (expected a directory)")
-    meta = read_meta(path / CONFIG_NAME)
-    if "classifier" not in meta:
+    checkpoint = read_checkpoint(path)
+    if "classifier" not in checkpoint.meta:
         raise CheckpointError(f"{path / CONFIG_NAME} is not a classifier config: no 'classifier' settings")
-    info = meta["classifier"]
-    model = GPTModel(_read_config(path / CONFIG_NAME))
-    model.out_head = nn.Linear(model.cfg["emb_dim"], info["num_classes"])
-    load_weights(model, _read_weights(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
-    return model.to(map_location).eval(), info
+    info = checkpoint.meta["classifier"]
+    return checkpoint.model(map_location, num_classes=info["num_classes"]), info
+
+
+@dataclass(frozen=True)
+class Scores:
+    """`classify`'s answer: the spam probability of each message, and how many were truncated."""
+
+    spam_probability: list[float]
+    truncated: int  # messages longer than the classifier's max_length, cut to it
+
+    @property
+    def labels(self) -> list[str]:
+        return [CLASS_NAMES[int(p >= 0.5)] for p in self.spam_probability]
+
+
+@torch.inference_mode()
+def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int = 32, device=None) -> Scores:
+    """Spam probabilities of `texts` with a classifier and its settings (`load_classifier`).
+
+    Messages are padded and truncated to `info["max_length"]` tokens as in training (SpamDataset);
+    an empty message is read as a single space.
+    """
+    device = next(model.parameters()).device if device is None else device
+    df = pd.DataFrame({"Label": [0] * len(texts), "Text": [t or " " for t in texts]})
+    data = SpamDataset(df, get_tokenizer(), max_length=info["max_length"])
+    was_training = model.training
+    model.eval()
+    probs: list[float] = []
+    for start in range(0, len(data), batch_size):
+        batch = data.tokens[start : start + batch_size].to(device)
+        logits = class_logits(model, batch, info["pooling"]).float()
+        probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
+    model.train(was_training)
+    return Scores(probs, data.truncated)

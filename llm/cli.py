@@ -1,25 +1,21 @@
-"""`llm` command line: `llm generate …` (also `python -m llm`). Errors print as one line.
+"""`llm` command line: `llm generate …` (also `llm-from-scratch …` and `python -m llm`).
 
-Wherever a command takes a model (`--model`, alias `--checkpoint`) it accepts a checkpoint
-directory or weights file of this project, the book's `.pth`, a Hugging Face GPT-2 directory or
-file, or a GPT-2 name (`gpt2-small`…, fetched once from the Hub).
+Each command parses its arguments, calls the library, and prints; errors print as one line
+(`llm.errors.report_error`). Wherever a command takes a model (`--model`, alias `--checkpoint`)
+it accepts a checkpoint directory or weights file of this project, the book's `.pth`, a Hugging
+Face GPT-2 directory or file, or a GPT-2 name (`gpt2-small`…, fetched once from the Hub).
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
+from pathlib import Path
 
-from llm.errors import LLMError
+from llm.errors import LLMError, report_error
 
-
-def _decoded(tokenizer, steps):
-    """Text pieces of streamed token ids; BPE tokens can split a UTF-8 character, so decode bytes."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in steps:
-        yield decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
-    yield decoder.decode(b"", final=True)
+DISTRIBUTION = "llm-from-scratch-dvc"
+PROGRAMS = ("llm", "llm-from-scratch")  # the console scripts; the first is the default name
 
 
 def _positive_int(text: str) -> int:
@@ -35,10 +31,9 @@ def version() -> str:
     from importlib.metadata import version as installed
 
     try:
-        return installed("llm")
+        return installed(DISTRIBUTION)
     except PackageNotFoundError:
         import re
-        from pathlib import Path
 
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         text = pyproject.read_text(encoding="utf-8") if pyproject.is_file() else ""
@@ -49,9 +44,18 @@ def version() -> str:
 MODEL_HELP = "checkpoint directory, .safetensors, .pth or .bin file, or a GPT-2 name (gpt2-small...)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm", description="The book's GPT: generate, classify, answer, export.")
-    parser.add_argument("--version", action="version", version=f"llm {version()}")
+def program_name(argv0: str | None = None) -> str:
+    """The command the user typed (`sys.argv[0]`'s name) when it is one of ours, else "llm"
+    (e.g. for `python -m llm`)."""
+    name = Path(sys.argv[0] if argv0 is None else argv0).name.removesuffix(".exe")
+    return name if name in PROGRAMS else PROGRAMS[0]
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or program_name()
+    parser = argparse.ArgumentParser(prog=prog, description="The book's GPT: generate, classify, answer, export.")
+    parser.add_argument("--version", action="version", version=f"{prog} {version()}")
+    parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint, token by token")
@@ -115,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from llm.checkpoint import load_checkpoint
-    from llm.generate import generate_stream
+    from llm.generate import decode_stream, generate_stream
     from llm.runtime import select_device
     from llm.tokenizer import EOT_ID, encode, get_tokenizer
 
@@ -143,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         eos_id=EOT_ID if args.eos else None,
         seed=args.seed,
     )
-    for piece in _decoded(tokenizer, steps):
+    for piece in decode_stream(tokenizer, steps):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -151,7 +155,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _read_messages(path: str) -> list[str]:
     import csv
-    from pathlib import Path
 
     file = Path(path)
     if not file.is_file():
@@ -169,12 +172,9 @@ def cmd_classify(args: argparse.Namespace) -> None:
     import csv
     import io
 
-    import torch
-
-    from llm.classifier import CLASS_NAMES, class_logits, encode_texts, load_classifier
+    from llm.classifier import classify, load_classifier
     from llm.io import atomic_write_bytes
     from llm.runtime import select_device
-    from llm.tokenizer import EOT_ID, get_tokenizer
 
     if (args.text is None) == (args.file is None):
         raise LLMError("give a message to classify or --file, not both")
@@ -183,30 +183,19 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise LLMError("the message is empty: give some text to classify")
     device = select_device(args.device)
     model, info = load_classifier(args.checkpoint, map_location=device)
-    max_length = info["max_length"]
-    encoded = encode_texts([m or " " for m in messages], get_tokenizer())
-    truncated = sum(len(ids) > max_length for ids in encoded)
-    if truncated:
-        print(f"llm classify: {truncated} message(s) truncated to {max_length} tokens", file=sys.stderr)
-    probs = []
-    with torch.inference_mode():
-        for start in range(0, len(encoded), args.batch_size):
-            chunk = encoded[start : start + args.batch_size]
-            batch = torch.full((len(chunk), max_length), EOT_ID, dtype=torch.long)
-            for i, ids in enumerate(chunk):
-                ids = ids[:max_length] or [EOT_ID]
-                batch[i, : len(ids)] = torch.tensor(ids)
-            logits = class_logits(model, batch.to(device), info["pooling"]).float()
-            probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
+    scores = classify(model, info, messages, args.batch_size, device)
+    if scores.truncated:
+        n, max_length = scores.truncated, info["max_length"]
+        print(f"{args.prog} classify: {n} message(s) truncated to {max_length} tokens", file=sys.stderr)
+    probs, labels = scores.spam_probability, scores.labels
     if args.file is None:
-        p = probs[0]
-        print(f"{CLASS_NAMES[int(p >= 0.5)]} (spam probability {p:.3f})")
+        print(f"{labels[0]} (spam probability {probs[0]:.3f})")
         return
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["text", "label", "spam_probability"])
-    for message, p in zip(messages, probs, strict=True):
-        writer.writerow([message, CLASS_NAMES[int(p >= 0.5)], f"{p:.4f}"])
+    for message, label, p in zip(messages, labels, probs, strict=True):
+        writer.writerow([message, label, f"{p:.4f}"])
     if args.output == "-":
         sys.stdout.write(buf.getvalue())
     else:
@@ -216,16 +205,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_instruct(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
-    import torch
-
-    from llm.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
-    from llm.generate import generate_stream
-    from llm.instruct import format_input, load_instructions, response_header
+    from llm.checkpoint import checkpoint_meta, load_checkpoint
+    from llm.instruct import load_instructions, respond
     from llm.io import write_json
+    from llm.prompts import recorded_prompt_style
     from llm.runtime import select_device
-    from llm.tokenizer import EOT_ID, encode, get_tokenizer
 
     if (args.instruction is None) == (args.file is None):
         raise LLMError("give an instruction or --file, not both")
@@ -235,29 +220,17 @@ def cmd_instruct(args: argparse.Namespace) -> None:
         entries = [dict(e) for e in load_instructions(Path(args.file), require_output=False)]
     else:
         entries = [{"instruction": args.instruction, "input": args.input}]
-    device = select_device(args.device)
-    model = load_checkpoint(args.checkpoint, map_location=device)
-    meta = {}
-    if Path(args.checkpoint).exists():  # a finetune_instruct checkpoint records its prompt style
-        _, config = resolve_checkpoint(args.checkpoint)
-        meta = read_meta(config) if config and config.is_file() else {}
-    style = meta.get("instruct", {}).get("prompt_style", "alpaca")
-    tokenizer = get_tokenizer()
-    context = model.cfg["context_length"]
+    model = load_checkpoint(args.checkpoint, map_location=select_device(args.device))
+    style = recorded_prompt_style(checkpoint_meta(args.checkpoint))
     stream = args.file is None
     for entry in entries:
-        # The model was trained to write this header itself; giving it lets the answer stream alone.
-        prompt = format_input(entry, style) + response_header(style)
-        ids = encode(prompt, tokenizer)[-context:]
-        steps = generate_stream(model, torch.tensor([ids], device=device), args.max_new_tokens, context, eos_id=EOT_ID)
         pieces = []
-        for piece in _decoded(tokenizer, steps):
+        for piece in respond(model, entry, style, args.max_new_tokens):
             pieces.append(piece)
             if stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        text = "".join(pieces)
-        entry["model_response"] = text.strip()
+        entry["model_response"] = "".join(pieces).strip()
         if stream:
             sys.stdout.write("\n")
     if args.file is not None:
@@ -269,34 +242,23 @@ def cmd_instruct(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from llm.checkpoint import load_checkpoint
-    from llm.gpt2 import export_hf
+    from llm.checkpoint import export_hf, load_checkpoint
 
     model = load_checkpoint(args.checkpoint)
     out = export_hf(model, args.out)
     print(f"wrote {out}/config.json and {out}/model.safetensors (transformers.GPT2LMHeadModel.from_pretrained)")
 
 
-def _dvc_metrics_diff(baseline: str, target: str | None) -> dict:
-    import json
-    import shutil
-    import subprocess
-
-    dvc = shutil.which("dvc")
-    if dvc is None:
-        raise LLMError("dvc is not on PATH: activate the project's .venv, or compare directories with --old/--new")
-    args = [dvc, "metrics", "diff", "--json", "--all", baseline, *([target] if target else [])]
-    out = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        lines = (out.stderr or out.stdout).strip().splitlines()
-        raise LLMError(f"{' '.join(args[1:])} failed: {lines[-1] if lines else out.returncode}")
-    return json.loads(out.stdout or "{}")
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from llm.pipeline.compare import compare, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
+    from llm.pipeline.compare import (
+        compare,
+        dvc_metrics_diff,
+        from_dvc_diff,
+        load_gates,
+        read_metrics_dir,
+        table,
+        verdict,
+    )
 
     gates = (
         load_gates(args.thresholds) if Path(args.thresholds).is_file() or args.thresholds != "thresholds.yaml" else {}
@@ -307,7 +269,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         if args.new:
             raise LLMError("--new needs --old (two metrics directories)")
-        old, new = from_dvc_diff(_dvc_metrics_diff(args.baseline, args.target))
+        old, new = from_dvc_diff(dvc_metrics_diff(args.baseline, args.target))
         label = f"{args.baseline} -> {args.target or 'workspace'}"
     rows = compare(old, new, gates)
     result = verdict(rows)
@@ -325,11 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except LLMError as exc:
-        print(f"llm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except (LLMError, KeyboardInterrupt) as exc:
+        return report_error(f"{args.prog} {args.command}", exc)
     return code or 0
 
 

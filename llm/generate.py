@@ -8,7 +8,8 @@ model instead of the whole prefix, and greedy output is the same token for token
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -128,3 +129,12 @@ def generate(
     )
     new = [t for t in progress_bar(steps, total=max_new_tokens, desc="generate", unit="tok", disable=not progress)]
     return torch.cat([idx, *new], dim=1) if new else idx.clone()
+
+
+def decode_stream(tokenizer, steps: Iterable[torch.Tensor]) -> Iterator[str]:
+    """Text pieces of streamed (1, 1) token ids; BPE tokens can split a UTF-8 character, so the
+    bytes are decoded incrementally."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in steps:
+        yield decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+    yield decoder.decode(b"", final=True)

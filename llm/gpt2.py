@@ -1,14 +1,16 @@
-"""OpenAI's GPT-2 weights on the book's GPTModel: convert, fetch from the Hugging Face Hub, export.
+"""OpenAI's GPT-2 on the book's GPTModel: the one module that knows Hugging Face's layout.
 
 GPT-2 checkpoints (Hugging Face layout) store attention and MLP weights as `Conv1D`, i.e.
 `[in, out]`, and fuse query/key/value into one `c_attn`; the book's model uses `nn.Linear`
 (`[out, in]`) and three separate projections. `hf_to_book` and `book_to_hf` are exact inverses
 up to the head: GPT-2 ties `lm_head` to `wte`, the book's model keeps its own `out_head`.
+
+This module converts state_dicts and configs and fetches GPT-2 from the Hub; it reads and writes
+no checkpoint files itself: `llm.checkpoint` does, asking `is_hf_gpt2` and `from_hf` here.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +32,10 @@ HUB_IDS = {
 _ALIASES = {"gpt2": "gpt2-small", **{repo: name for name, repo in HUB_IDS.items()}}
 _ALIASES.update({repo.split("/")[1]: name for name, repo in HUB_IDS.items() if name != "gpt2-small"})
 HUB_FILES = ("config.json", "model.safetensors")
+HF_BIN_NAME = "pytorch_model.bin"  # the weights file of older Hugging Face checkpoints
+
+# GPT-2's head counts by width: the only config a bare state_dict cannot reveal.
+HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 
 # Buffers of older `transformers` versions: a causal mask and a constant, both recomputed here.
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
@@ -46,7 +52,62 @@ def is_hf_gpt2(state: Mapping[str, Any]) -> bool:
 
 
 def is_hf_config(meta: Mapping[str, Any]) -> bool:
+    """Whether a parsed `config.json` is a Hugging Face `GPT2Config` (not the book's config)."""
     return meta.get("model_type") == "gpt2" or "n_embd" in meta
+
+
+def config_from_shapes(
+    state: Mapping[str, torch.Tensor],
+    source: os.PathLike | str,
+    embedding: str,
+    positions: str,
+    blocks: str,
+    qkv_bias: bool,
+) -> dict[str, Any]:
+    """A book-style config from a GPT-2-sized state_dict's shapes: vocabulary and width from the
+    `embedding` weight, context from `positions`, layers from the keys under `blocks`, n_heads
+    from GPT-2's width table (the one thing shapes cannot tell)."""
+    try:
+        vocab, emb = state[embedding].shape
+        context = state[positions].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"{source} is not a GPTModel state_dict: no {exc.args[0]!r}") from None
+    n_layers = len({k[len(blocks) :].split(".")[0] for k in state if k.startswith(blocks)})
+    if emb not in HEADS_BY_WIDTH:
+        raise CheckpointError(
+            f"cannot tell n_heads of {source} from its shapes (emb_dim {emb}): "
+            "put a config.json with the model config beside it"
+        )
+    return model_config(
+        {
+            "vocab_size": int(vocab),
+            "context_length": int(context),
+            "emb_dim": int(emb),
+            "n_heads": HEADS_BY_WIDTH[emb],
+            "n_layers": n_layers,
+            "drop_rate": 0.0,
+            "qkv_bias": qkv_bias,
+        }
+    )
+
+
+def from_hf(
+    state: Mapping[str, torch.Tensor],
+    source: os.PathLike | str,
+    meta: Mapping[str, Any] | None = None,
+    meta_source: os.PathLike | str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the book's state_dict, the book's config) for a Hugging Face GPT-2 state_dict.
+
+    The config comes from `meta` (the parsed `config.json` beside the weights, named
+    `meta_source` in errors) when it is a `GPT2Config`, else from the tensor shapes.
+    """
+    if meta is not None and is_hf_config(meta):
+        cfg = config_from_hf(meta, meta_source if meta_source is not None else source)
+    else:
+        prefix = "transformer." if "transformer.wte.weight" in state else ""
+        cfg = config_from_shapes(state, source, f"{prefix}wte.weight", f"{prefix}wpe.weight", f"{prefix}h.", True)
+    return hf_to_book(state, cfg, source), cfg
 
 
 def config_from_hf(meta: Mapping[str, Any], source: os.PathLike | str) -> dict[str, Any]:
@@ -194,20 +255,6 @@ def book_to_hf(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.
         "torch_dtype": str(sd["tok_emb.weight"].dtype).removeprefix("torch."),
     }
     return config, {k: t.contiguous() for k, t in out.items()}
-
-
-def export_hf(model: torch.nn.Module, out_dir: os.PathLike | str) -> Path:
-    """Write `model` as a Hugging Face GPT-2 checkpoint directory (`config.json` + `model.safetensors`)."""
-    from safetensors.torch import save_file
-
-    from llm.io import atomic_path, atomic_write_bytes
-
-    out_dir = Path(out_dir)
-    config, state = book_to_hf(model)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
-    atomic_write_bytes(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    return out_dir
 
 
 def hub_download(name: str) -> Path:

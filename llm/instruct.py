@@ -3,7 +3,8 @@ response extraction, and offline evaluation (loss on response tokens, ROUGE-L, e
 
 `format_input`, `InstructionDataset` and `custom_collate_fn` keep the book's names and outputs
 character for character and token for token; a second prompt style (Phi-3) and masking of the
-prompt tokens in the loss (the book's exercise 7.2) are options.
+prompt tokens in the loss (the book's exercise 7.2) are options. `respond` streams a finetuned
+model's answer to one entry as text (what `llm instruct` prints).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,16 @@ import torch
 from torch.utils.data import Dataset
 
 from llm.errors import LLMError
-from llm.tokenizer import EOT_ID
+from llm.generate import decode_stream, generate_stream
+from llm.prompts import (  # noqa: F401 - the book's chapter-7 names, importable from here
+    PROMPT_STYLES,
+    extract_response,
+    format_input,
+    recorded_prompt_style,
+    response_header,
+)
+from llm.tokenizer import EOT_ID, encode, get_tokenizer
 
-PROMPT_STYLES = ("alpaca", "phi3")
 IGNORE_INDEX = -100
 
 
@@ -60,27 +68,19 @@ def split_instructions(data: Sequence[dict], train_frac: float = 0.85, test_frac
     return list(data[:train_end]), list(data[train_end:test_end]), list(data[test_end:])
 
 
-def format_input(entry: dict, style: str = "alpaca") -> str:
-    """The prompt: the book's Alpaca format (default) or the Phi-3 style of exercise 7.1."""
-    if style == "phi3":
-        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
-    instruction_text = (
-        f"Below is an instruction that describes a task. "
-        f"Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
-    input_text = f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""
-    return instruction_text + input_text
+def respond(model, entry: dict, style: str = "alpaca", max_new_tokens: int = 256, tokenizer=None) -> Iterator[str]:
+    """The model's greedy answer to one {instruction, input} entry, as text pieces while it is generated.
 
-
-def response_header(style: str = "alpaca") -> str:
-    return "\n<|assistant|>:\n" if style == "phi3" else "\n\n### Response:\n"
-
-
-def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:
-    """The book's extraction: drop the prompt and the response marker, strip whitespace."""
-    marker = response_header(style).strip()
-    return generated_text[len(prompt) :].replace(marker, "").strip()
+    The prompt ends with the response header, which the model was trained to write itself, so
+    the answer streams alone; a prompt longer than the context keeps its last tokens; generation
+    stops at <|endoftext|>. Join the pieces (and strip) for the whole answer.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    context = model.cfg["context_length"]
+    prompt = format_input(entry, style) + response_header(style)
+    ids = encode(prompt, tokenizer)[-context:]
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    yield from decode_stream(tokenizer, generate_stream(model, idx, max_new_tokens, context, eos_id=EOT_ID))
 
 
 class InstructionDataset(Dataset):

@@ -9,8 +9,8 @@ import urllib.request
 from collections.abc import Sequence
 
 from llm.errors import LLMError
-from llm.instruct import format_input
 from llm.progress import progress_bar
+from llm.prompts import format_input
 
 # `finetune_instruct.judge`: none, or the book's judge through a local Ollama server.
 JUDGES = ("none", "ollama")

@@ -154,6 +154,12 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+# The book's causal-mask buffer: MultiHeadAttention emits it in `state_dict()` under this name,
+# so in a GPTModel's state dict its keys end in MASK_SUFFIX (`trf_blocks.<i>.att.mask`).
+MASK_NAME = "mask"
+MASK_SUFFIX = f".att.{MASK_NAME}"
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention with the book's `W_query`/`W_key`/`W_value`/`out_proj`.
 
@@ -182,14 +188,14 @@ class MultiHeadAttention(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "mask"] = self.book_mask().to(self.W_query.weight.device)
+        destination[prefix + MASK_NAME] = self.book_mask().to(self.W_query.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        mask = state_dict.pop(prefix + "mask", None)  # load_state_dict passes its own copy
+        mask = state_dict.pop(prefix + MASK_NAME, None)  # load_state_dict passes its own copy
         expected = (self.context_length, self.context_length)
         if mask is not None and tuple(mask.shape) != expected:
             errors.append(
-                f"size mismatch for {prefix}mask: checkpoint has {tuple(mask.shape)}, "
+                f"size mismatch for {prefix}{MASK_NAME}: checkpoint has {tuple(mask.shape)}, "
                 f"model has {expected} (context_length {self.context_length})"
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

@@ -129,3 +129,66 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     write_json(tmp_path / "m.json", {"a": 1})
     for file in (ckpt / WEIGHTS_NAME, ckpt / CONFIG_NAME, tmp_path / "m.json"):
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
+
+
+def test_read_checkpoint_and_checkpoint_meta(tmp_path):
+    from llm.checkpoint import checkpoint_meta, read_checkpoint
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg())
+    ckpt = save_checkpoint(model, tmp_path / "c", extra={"instruct": {"prompt_style": "phi3"}})
+    meta = checkpoint_meta(ckpt)
+    assert meta == {"format": "llm.GPTModel", "model": model.cfg, "instruct": {"prompt_style": "phi3"}}
+    assert checkpoint_meta(ckpt / WEIGHTS_NAME) == meta  # a weights file finds the config beside it
+    checkpoint = read_checkpoint(ckpt)
+    assert (checkpoint.cfg, checkpoint.meta, checkpoint.source) == (model.cfg, meta, ckpt / WEIGHTS_NAME)
+    assert not any(k.endswith(".att.mask") for k in checkpoint.state)
+    assert _same_weights(checkpoint.model(), model)
+    torch.save(book.GPTModel(tiny_cfg()).state_dict(), tmp_path / "m.pth")
+    assert checkpoint_meta(tmp_path / "m.pth") == {}  # no config.json beside it
+    assert checkpoint_meta("gpt2-small") == {}  # a GPT-2 name: nothing recorded, nothing fetched
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint_meta(tmp_path / "nowhere")
+
+
+def test_a_classifier_head_loads_only_when_asked(tmp_path):
+    from llm.checkpoint import read_checkpoint
+
+    model = GPTModel(tiny_cfg())
+    model.out_head = torch.nn.Linear(36, 2)
+    ckpt = save_checkpoint(model, tmp_path / "cls")
+    with pytest.raises(CheckpointError, match="does not fit the model: .*out_head"):
+        load_checkpoint(ckpt)  # a language model is what load_checkpoint builds
+    assert _same_weights(read_checkpoint(ckpt).model(num_classes=2), model)
+
+
+def test_checkpoint_files_keep_their_bytes(tmp_path):
+    """The writer's output is pinned: config.json's text, and safetensors with the masks left out."""
+    from safetensors import safe_open
+
+    from llm.model import MASK_SUFFIX
+
+    model = GPTModel(tiny_cfg(n_layers=1))
+    ckpt = save_checkpoint(model, tmp_path / "c", extra={"training": {"tokens_seen": 7}})
+    cfg = ",\n".join(f'    "{k}": {json.dumps(v)}' for k, v in model.cfg.items())
+    expected = f'{{\n  "format": "llm.GPTModel",\n  "model": {{\n{cfg}\n  }},\n  "training": {{\n'
+    expected += '    "tokens_seen": 7\n  }\n}\n'
+    assert (ckpt / CONFIG_NAME).read_text() == expected
+    with safe_open(ckpt / WEIGHTS_NAME, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == {k for k in model.state_dict() if not k.endswith(MASK_SUFFIX)}
+    assert MASK_SUFFIX == ".att.mask" and "trf_blocks.0.att.mask" in model.state_dict()
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """Modules talk through public names (the checkpoint API among them)."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    offenders = []
+    for file in sorted([*(ROOT / "llm").rglob("*.py"), *(ROOT / "stages").glob("*.py")]):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("llm", "stages")):
+                offenders += [f"{file.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert offenders == []

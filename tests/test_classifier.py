@@ -1,31 +1,37 @@
 """Chapter 6: the book's data preparation, dataset, frozen layers, metrics, and `llm classify`."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from llm.checkpoint import save_checkpoint
 from llm.classifier import (
+    LABELS,
     SpamDataset,
     add_classification_head,
     binary_metrics,
-    calc_accuracy_loader,
     class_logits,
     classification_loss,
+    classify,
     create_balanced_dataset,
+    encode_texts,
     load_classifier,
     load_sms_spam,
+    predict,
     random_split,
     read_split_csv,
     save_classifier,
 )
 from llm.cli import main
-from llm.errors import LLMError
+from llm.errors import CheckpointError, LLMError
 from llm.model import GPTModel
-from llm.tokenizer import get_tokenizer
+from llm.tokenizer import EOT_ID, get_tokenizer
 from llm.trainer import make_optimizer
-from tests.conftest import tiny_cfg
+from tests.conftest import committed, tiny_cfg
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_SHA = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
@@ -61,6 +67,7 @@ def test_dataset_pads_and_truncates():
     assert ds[0][0].tolist() == tok.encode("hi") + [50256] * 4 and ds[1][1].item() == 1
     short = SpamDataset(df, tok, max_length=3)
     assert short[1][0].tolist() == tok.encode("one two three four five")[:3]
+    assert (ds.truncated, short.truncated) == (0, 1)
     assert SpamDataset(pd.DataFrame({"Label": [0], "Text": ["a <|endoftext|> b"]}), tok).max_length > 1
 
 
@@ -116,8 +123,39 @@ def test_accuracy_and_binary_metrics_by_hand():
 
     xs = torch.tensor([[2, 0], [3, 0], [4, 0], [5, 0]])
     loader = DataLoader(list(zip(xs, torch.tensor([1, 0, 0, 0]), strict=True)), batch_size=2)
-    assert calc_accuracy_loader(loader, Fixed(), "cpu") == 0.75  # the [4, 0] row is wrong
-    assert calc_accuracy_loader(loader, Fixed(), "cpu", num_batches=1) == 1.0
+    y, pred, probs, _ = predict(Fixed(), loader, "cpu")
+    assert (y.tolist(), pred.tolist()) == ([1, 0, 0, 0], [1, 0, 1, 0])  # the [4, 0] row is wrong
+    assert np.allclose(probs, [np.e / (1 + np.e), 0.5, np.e / (1 + np.e), 0.5])
+    y, pred, _, _ = predict(Fixed(), loader, "cpu", num_batches=1)
+    assert (y == pred).mean() == 1.0 and len(y) == 2
+    empty = binary_metrics(np.zeros(0, int), np.zeros(0, int))
+    assert np.isnan(empty.pop("accuracy")) and set(empty.values()) == {0}
+    nothing_predicted = binary_metrics(np.array([1, 0]), np.array([0, 0]))
+    assert (nothing_predicted["precision"], nothing_predicted["f1"]) == (0.0, 0.0)
+
+
+def _as_arrays(tp, tn, fp, fn):
+    return np.array([1] * tp + [0] * tn + [0] * fp + [1] * fn), np.array([1] * tp + [0] * tn + [1] * fp + [0] * fn)
+
+
+def test_binary_metrics_reproduce_the_committed_numbers_digit_for_digit():
+    """scikit-learn computes them; the committed test predictions give the committed metrics."""
+    rows = json.loads(committed("metrics/curves/finetune_spam_confusion.json"))
+    y = np.array([LABELS[r["actual"]] for r in rows])
+    pred = np.array([LABELS[r["predicted"]] for r in rows])
+    metrics = json.loads(committed("metrics/finetune_spam.json"))
+    m = binary_metrics(y, pred)
+    assert {k: metrics["test"][k] for k in m} == m
+    assert all(type(m[k]) is int for k in ("tn", "fp", "fn", "tp"))
+    # CI's baseline keeps only the counts; the TF-IDF baseline's counts follow from its rates
+    # (tp 144, fp 3, fn 7 of 300). F1 is the harmonic mean of precision and recall: scikit-learn's
+    # f1_score (2tp / (2tp + fp + fn)) gives 0.9664429530201343 here, one ulp from the committed value.
+    ci = json.loads(committed("ci/baseline/metrics/finetune_spam.json"))["test"]
+    m = binary_metrics(*_as_arrays(ci["tp"], ci["tn"], ci["fp"], ci["fn"]))
+    assert {k: ci[k] for k in m} == m
+    m = binary_metrics(*_as_arrays(144, 146, 3, 7))
+    assert {k: m[k] for k in metrics["baseline"]["test"]} == metrics["baseline"]["test"]
+    assert m["f1"] == 0.9664429530201342
 
 
 @pytest.mark.parametrize(
@@ -157,12 +195,47 @@ def classifier_ckpt(tmp_path_factory):
     return path, model.eval()
 
 
-def test_classifier_checkpoint_roundtrip(classifier_ckpt):
+def test_classifier_checkpoint_roundtrip(classifier_ckpt, tmp_path):
     path, model = classifier_ckpt
     loaded, info = load_classifier(path)
     assert info == {"num_classes": 2, "max_length": 8, "pooling": "mean"}
+    assert not loaded.training and loaded.out_head.out_features == 2
     x = torch.randint(0, 50257, (2, 8))
     assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match="is not a classifier config: no 'classifier' settings"):
+        load_classifier(save_checkpoint(GPTModel(tiny_cfg()), tmp_path / "lm"))
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        load_classifier(path / "model.safetensors")
+
+
+def _classify_as_before(model, info, texts, batch_size):
+    """`llm classify`'s own batching before `classify` (the reference)."""
+    max_length = info["max_length"]
+    encoded = encode_texts([m or " " for m in texts], get_tokenizer())
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            batch = torch.full((len(chunk), max_length), EOT_ID, dtype=torch.long)
+            for i, ids in enumerate(chunk):
+                ids = ids[:max_length] or [EOT_ID]
+                batch[i, : len(ids)] = torch.tensor(ids)
+            logits = class_logits(model, batch, info["pooling"]).float()
+            probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
+    return probs
+
+
+@pytest.mark.parametrize("pooling", ["last", "last_nonpad", "mean"])
+def test_classify_pads_and_truncates_as_training_did(classifier_ckpt, pooling):
+    path, _ = classifier_ckpt
+    model, info = load_classifier(path)
+    info = {**info, "pooling": pooling}
+    texts = ["WIN a prize now", "", "hi", "long " * 30, "a <|endoftext|> b", "ok then"]
+    scores = classify(model, info, texts, batch_size=4)
+    assert scores.spam_probability == _classify_as_before(model, info, texts, 4)  # empty text included
+    assert scores.truncated == 2 and len(scores.labels) == len(texts)  # "long …" and "<|endoftext|>" as text
+    assert set(scores.labels) <= {"spam", "not spam"}
+    assert classify(model, info, [], batch_size=4).spam_probability == []
 
 
 def test_cli_classify_text_file_and_errors(classifier_ckpt, tmp_path, capsys):

@@ -87,7 +87,10 @@ def test_version_falls_back_to_pyproject_when_not_installed(monkeypatch, capsys)
 
     from llm.cli import build_parser
 
+    asked = []
+
     def not_installed(name):
+        asked.append(name)
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
@@ -95,3 +98,26 @@ def test_version_falls_back_to_pyproject_when_not_installed(monkeypatch, capsys)
         build_parser().parse_args(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"llm {_pyproject_version()}\n"
+    assert asked == ["llm-from-scratch-dvc"]  # the distribution's name, not the package's
+
+
+def test_errors_name_the_command_the_user_typed(monkeypatch, capsys):
+    from llm.cli import program_name
+
+    assert program_name("/venv/bin/llm-from-scratch") == "llm-from-scratch"
+    assert program_name("/venv/Scripts/llm-from-scratch.exe") == "llm-from-scratch"
+    assert program_name("/repo/llm/__main__.py") == program_name("/usr/bin/pytest") == "llm"
+    monkeypatch.setattr("sys.argv", ["/venv/bin/llm-from-scratch"])
+    assert main(["generate", "--checkpoint", "/no/such/ckpt", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.startswith("llm-from-scratch generate: error: checkpoint /no/such/ckpt")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(ckpt, monkeypatch, capsys):
+    path, _ = ckpt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llm.generate.generate_stream", interrupted)
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "Hi"]) == 130
+    assert capsys.readouterr().err == "llm generate: interrupted\n"

@@ -6,8 +6,18 @@ import math
 import pytest
 
 from llm.cli import main
-from llm.errors import ConfigError
-from llm.pipeline.compare import Gate, compare, flatten, from_dvc_diff, load_gates, read_metrics_dir, table, verdict
+from llm.errors import ConfigError, LLMError
+from llm.pipeline.compare import (
+    Gate,
+    compare,
+    dvc_metrics_diff,
+    flatten,
+    from_dvc_diff,
+    load_gates,
+    read_metrics_dir,
+    table,
+    verdict,
+)
 
 GATES = {
     "metrics/pretrain.json": {"val_loss": Gate("higher", 0.02, True)},
@@ -169,3 +179,28 @@ def test_cli_fails_when_a_gated_metric_became_null(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2].split() == ["metrics/pretrain.json:val_loss", "5", "null", "-", "rise", "<=", "2%", "MISSING"]
     assert out[-1] == "FAIL: 1 of 1 gated metrics regressed or missing: metrics/pretrain.json:val_loss (missing: null)"
+
+
+def test_dvc_metrics_diff_runs_dvc_and_reports_its_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    """A stand-in `dvc` on PATH: the arguments it gets, its JSON, its failure's last line."""
+    fake = tmp_path / "dvc"
+    diff = {"metrics/pretrain.json": {"val.loss": {"old": 5.0, "new": 4.0, "diff": -1.0}}}
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {tmp_path / "args"}\n'
+        'if [ "$6" = "bad" ]; then echo "ERROR: unknown revision" >&2; echo "more detail" >&2; exit 255; fi\n'
+        f"echo '{json.dumps(diff)}'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert dvc_metrics_diff("HEAD") == diff
+    assert (tmp_path / "args").read_text() == "metrics diff --json --all HEAD\n"
+    assert dvc_metrics_diff("main", "exp-1") == diff
+    assert (tmp_path / "args").read_text() == "metrics diff --json --all main exp-1\n"
+    with pytest.raises(LLMError, match="^metrics diff --json --all HEAD bad failed: more detail$"):
+        dvc_metrics_diff("HEAD", "bad")
+    assert main(["compare", "--baseline", "HEAD", "--target", "bad"]) == 2
+    assert capsys.readouterr().err == "llm compare: error: metrics diff --json --all HEAD bad failed: more detail\n"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(LLMError, match="dvc is not on PATH"):
+        dvc_metrics_diff("HEAD")

@@ -74,3 +74,22 @@ def test_errors_are_one_line_with_their_exit_status(exc, code, line, capsys):
         raise exc
 
     assert _run(main, [], capsys) == (code, "", line)
+
+
+def test_one_exit_code_path_for_every_error(capsys):
+    from llm.errors import INTERRUPTED, CheckpointError, LLMError, exit_code, report_error
+
+    class Gone(LLMError):
+        exit_code = 3
+
+    assert (LLMError.exit_code, CheckpointError("x").exit_code, Gone("x").exit_code) == (2, 2, 3)
+    assert TrainingInterrupted("x").exit_code == INTERRUPTED == 130
+    assert (exit_code(KeyboardInterrupt()), exit_code(ValueError("a bug"))) == (130, 1)
+    assert report_error("llm generate", Gone("it went")) == 3
+    assert report_error("llm generate", KeyboardInterrupt()) == 130
+    assert capsys.readouterr() == ("", "llm generate: error: it went\nllm generate: interrupted\n")
+
+    def main():
+        raise Gone("the file went away")
+
+    assert _run(main, [], capsys) == (3, "", "pretrain: error: the file went away\n")

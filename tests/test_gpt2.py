@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import export_hf, load_checkpoint, read_checkpoint
 from llm.errors import CheckpointError
 from llm.generate import generate
-from llm.gpt2 import export_hf, gpt2_name
+from llm.gpt2 import from_hf, gpt2_name, is_hf_gpt2
 from llm.model import GPTModel
 from tests.conftest import ROOT, tiny_cfg
 
@@ -99,6 +99,25 @@ def test_bare_state_dict_without_config_uses_gpt2_widths(tmp_path):
     assert model.cfg["n_heads"] == 12 and model.cfg["n_layers"] == 1
     ids = torch.randint(0, 50, (1, 16))
     assert (our_logits(model, ids) - hf_logits(ref, ids)).abs().max() <= 1e-4
+
+
+def test_from_hf_converts_a_state_dict_and_its_config(tmp_path):
+    """`llm.checkpoint` asks `llm.gpt2` whether weights are GPT-2's and to convert them."""
+    ref = hf_model(*SHAPES[2])
+    path = save_as(ref, tmp_path / "ckpt", "hub")
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.meta["model_type"] == "gpt2" and checkpoint.source == path / "model.safetensors"
+    hf_state = load_file(path / "model.safetensors")
+    assert is_hf_gpt2(hf_state) and not is_hf_gpt2(checkpoint.state)
+    state, cfg = from_hf(hf_state, "weights", checkpoint.meta, "config")
+    assert cfg == checkpoint.cfg and state.keys() == checkpoint.state.keys()
+    assert all(torch.equal(state[k], checkpoint.state[k]) for k in state)
+    for meta in (None, {"model": checkpoint.cfg}):  # no GPT2Config: the shapes, but width 12 is not GPT-2's
+        with pytest.raises(CheckpointError, match=r"cannot tell n_heads of weights .*emb_dim 12"):
+            from_hf(hf_state, "weights", meta)
+    bad = {**checkpoint.meta, "layer_norm_epsilon": 1e-6}
+    with pytest.raises(CheckpointError, match="^config: layer_norm_epsilon"):
+        from_hf(hf_state, "weights", bad, "config")
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])

@@ -7,9 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from llm.checkpoint import save_checkpoint
+from llm.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from llm.cli import main
 from llm.errors import LLMError
+from llm.generate import generate
 from llm.instruct import (
     InstructionDataset,
     custom_collate_fn,
@@ -17,13 +18,16 @@ from llm.instruct import (
     extract_response,
     format_input,
     load_instructions,
+    recorded_prompt_style,
+    respond,
+    response_header,
     response_metrics,
     rouge_l,
     split_instructions,
 )
 from llm.judge import judge_prompt, judge_responses, parse_score
 from llm.model import GPTModel
-from llm.tokenizer import get_tokenizer
+from llm.tokenizer import EOT_ID, encode, get_tokenizer
 from tests.conftest import tiny_cfg
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by Sam.", "output": "Sam baked the cake."}
@@ -165,3 +169,26 @@ def test_cli_instruct_streams_and_runs_files(instruct_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert main(["instruct", "--checkpoint", str(instruct_ckpt), " "]) == 2
     assert "the instruction is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_respond_streams_the_greedy_answer_after_the_response_header(style):
+    torch.manual_seed(4)
+    model = GPTModel(tiny_cfg(context_length=40)).eval()
+    tok = get_tokenizer()
+    entry = {"instruction": "Name a color. " * 12, "input": "é"}  # longer than the context: cut on the left
+    prompt_ids = encode(format_input(entry, style) + response_header(style), tok)
+    assert len(prompt_ids) > 40
+    full = generate(model, torch.tensor([prompt_ids[-40:]]), 9, 40, eos_id=EOT_ID)[0, 40:].tolist()
+    pieces = list(respond(model, entry, style, max_new_tokens=9))
+    assert "".join(pieces) == tok.decode(full) and len(pieces) == len(full) + 1  # + the decoder's flush
+
+
+def test_the_prompt_style_a_checkpoint_recorded(instruct_ckpt, tmp_path):
+    assert recorded_prompt_style(checkpoint_meta(instruct_ckpt)) == "alpaca"
+    phi = save_checkpoint(
+        load_checkpoint(instruct_ckpt), tmp_path / "phi", extra={"instruct": {"prompt_style": "phi3"}}
+    )
+    assert recorded_prompt_style(checkpoint_meta(phi)) == "phi3"
+    assert recorded_prompt_style(checkpoint_meta("gpt2-small")) == "alpaca"  # a GPT-2 name records nothing
+    assert recorded_prompt_style({}) == "alpaca"

@@ -6,11 +6,11 @@ import json
 import pytest
 import yaml
 
-from llm.classifier import POOLINGS
 from llm.errors import ConfigError
-from llm.instruct import PROMPT_STYLES
 from llm.pipeline.params import Params, load_params, parse_params, schema_text
 from llm.pipeline.sources import load_sources, parse_sources
+from llm.pooling import POOLINGS
+from llm.prompts import PROMPT_STYLES
 from tests.conftest import committed, committed_yaml
 
 RAW = committed_yaml("params.yaml")  # the committed defaults, whatever `dvc exp apply` left in the workspace

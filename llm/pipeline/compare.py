@@ -9,20 +9,24 @@ versioned YAML file:
       test.accuracy: {worse: lower, max_change: 0.01} # may fall at most 0.01 (one point)
 
 A gated metric that got worse by more than its `max_change`, that disappeared, or whose new value
-is null (`write_json` writes NaN and infinities as null) fails as MISSING.
+is null (`write_json` writes NaN and infinities as null) fails as MISSING. The metrics of two
+revisions or experiments come from `dvc metrics diff` (`dvc_metrics_diff`, then `from_dvc_diff`),
+those of two directories from `read_metrics_dir`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, LLMError
 
 Metrics = dict[str, dict[str, float | None]]  # None: null in the file
 
@@ -83,6 +87,19 @@ def read_metrics_dir(root: str | Path, base: str | Path | None = None) -> Metric
         except ValueError as exc:
             raise ConfigError(f"{file} is not valid JSON: {exc}") from None
     return out
+
+
+def dvc_metrics_diff(baseline: str, target: str | None = None) -> dict[str, Any]:
+    """The parsed `dvc metrics diff --json --all BASELINE [TARGET]` (TARGET: default the workspace)."""
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise LLMError("dvc is not on PATH: activate the project's .venv, or compare directories with --old/--new")
+    args = [dvc, "metrics", "diff", "--json", "--all", baseline, *([target] if target else [])]
+    out = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        raise LLMError(f"{' '.join(args[1:])} failed: {lines[-1] if lines else out.returncode}")
+    return json.loads(out.stdout or "{}")
 
 
 def from_dvc_diff(diff: dict[str, Any]) -> tuple[Metrics, Metrics]:

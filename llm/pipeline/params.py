@@ -3,8 +3,8 @@
 Each section is a pydantic model (`llm.pipeline.validate.Settings`: no unknown keys, no
 coercion, no NaN). Every field's default is the committed `params.yaml`'s value (a test keeps
 them equal), so a key deleted from the file keeps its documented value. Allowed values come from
-the modules that implement them (`llm.model.PRESETS`, `llm.classifier.POOLINGS`,
-`llm.instruct.PROMPT_STYLES`, `llm.runtime.PRECISIONS`, `llm.schedule.LR_SCHEDULES`,
+the modules that implement them (`llm.model.PRESETS`, `llm.pooling.POOLINGS`,
+`llm.prompts.PROMPT_STYLES`, `llm.runtime.PRECISIONS`, `llm.schedule.LR_SCHEDULES`,
 `llm.judge.JUDGES`). A bad value stops the stage before any work with one line naming
 `section.key`. `params.schema.json`, generated from these models (`python -m llm.pipeline.params`),
 lets an editor check params.yaml as you type.
@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llm.classifier import POOLINGS
 from llm.errors import ConfigError
-from llm.instruct import PROMPT_STYLES
 from llm.judge import JUDGES
 from llm.model import PRESETS, model_config
 from llm.pipeline.validate import Settings, read_yaml, validate
+from llm.pooling import POOLINGS
+from llm.prompts import PROMPT_STYLES
 from llm.runtime import PRECISIONS
 from llm.schedule import LR_SCHEDULES
 
@@ -198,7 +198,7 @@ class SpamParams(LoopParams):
     """null = the longest training message (the book: 120 tokens)."""
     trainable_blocks: int = Field(-1, ge=-1)
     """The last N transformer blocks train, with final_norm and the head (the book: 1); -1 = all."""
-    pooling: Literal[POOLINGS] = "mean"
+    pooling: Literal[tuple(POOLINGS)] = "mean"
     """last (the book), last_nonpad or mean."""
     num_epochs: int = Field(3, gt=0)
     """The book: 5."""
@@ -222,7 +222,7 @@ class InstructParams(LoopParams):
     train_frac: float = 0.85
     """The book: 935 / 110 / 55 entries."""
     test_frac: float = 0.1
-    prompt_style: Literal[PROMPT_STYLES] = "alpaca"
+    prompt_style: Literal[tuple(PROMPT_STYLES)] = "alpaca"
     """alpaca (the book) or phi3."""
     mask_prompt: bool = False
     """true: the loss covers the response tokens only (the book's exercise 7.2)."""
