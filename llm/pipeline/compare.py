@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from llm.errors import ConfigError, LLMError
+from llm.pipeline.doc import markdown_table, number, text_table
 
 Metrics = dict[str, dict[str, float | None]]  # None: null in the file
 
@@ -203,7 +204,7 @@ def _status(old: float | None, new: float | None, gate: Gate | None, old_null: b
 def _num(value: float | None, null: bool = False) -> str:
     if value is None:
         return "null" if null else "-"
-    return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.6g}"
+    return number(value, digits=6)
 
 
 def _change(row: Row) -> str:
@@ -230,13 +231,8 @@ def table(rows: list[Row], markdown: bool = False, changed_only: bool = False) -
         for r in shown
     ]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---|---|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
-    )
+        return markdown_table(header, body, right=[False, True, True, True, False, False])
+    return text_table(header, body)
 
 
 def verdict(rows: list[Row]) -> str:
