@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from llm.checkpoint import checkpoint_meta
 from llm.errors import run_main
 from llm.io import write_json
 from llm.pipeline.params import load_params
@@ -41,7 +42,7 @@ def main(params_path: str = "params.yaml") -> dict:
         curves={name: read_curve(path) for name, path in CURVES.items()},
         samples=read_json(SAMPLES),
         responses=read_json(RESPONSES),
-        runs={stage: read_json(path / "config.json") or {} for stage, path in CHECKPOINTS.items()},
+        runs={stage: checkpoint_meta(path) if path.is_dir() else {} for stage, path in CHECKPOINTS.items()},
         environment={"torch": torch.__version__, "python": platform.python_version()},
     )
     metrics = write_report(inputs, OUT)
