@@ -165,6 +165,7 @@ def test_allowed_values_come_from_the_registries():
     schema = json.loads(schema_text())["$defs"]
     assert schema["SpamParams"]["properties"]["pooling"]["enum"] == list(POOLINGS)
     assert schema["InstructParams"]["properties"]["prompt_style"]["enum"] == list(PROMPT_STYLES)
+    assert "the book" in schema["SpamParams"]["properties"]["pooling"]["description"]  # what an editor shows
 
 
 def test_the_committed_json_schema_is_current_and_accepts_params_yaml():
