@@ -32,5 +32,5 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
-	$(BIN)/python bench/bench_train.py
-	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python -m bench.bench_train
+	$(BIN)/python -m bench.bench_generate

@@ -1,14 +1,12 @@
-"""Helpers shared by the bench/ scripts: the book's reference code, machine facts, Markdown tables."""
+"""Helpers shared by the bench/ scripts: machine facts, Markdown tables, the mirrored tokenizer."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TypeVar
 
 import torch
@@ -17,18 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT.parent / "shared" / "mirror"
 
 T = TypeVar("T")
-
-
-def load_book_reference() -> ModuleType:
-    """`tests/book_reference.py` (the book's verbatim code), loaded by path: tests/ is no package."""
-    path = ROOT / "tests" / "book_reference.py"
-    spec = importlib.util.spec_from_file_location("book_reference", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load the book's reference code from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["book_reference"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def use_mirrored_tiktoken() -> None:

@@ -10,8 +10,10 @@ method that still has runs to do (`--repeats` for the cached methods, `--uncache
 slow uncached ones), the first method rotating each round, so the machine's drifts in speed hit
 every method alike. Each method reports its best run; every run's tokens must equal the book's.
 
-    .venv/bin/python bench/bench_generate.py               # full run (~2.5 min), writes bench/results/generate.md
-    .venv/bin/python bench/bench_generate.py --new-tokens 5 --out /tmp/generate.md   # smoke test
+Run from the repository root (the book's code is `tests/book_reference.py`, imported as a module):
+
+    .venv/bin/python -m bench.bench_generate               # full run (~2.5 min), writes bench/results/generate.md
+    .venv/bin/python -m bench.bench_generate --new-tokens 5 --out /tmp/generate.md   # smoke test
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import load_book_reference, machine_lines, markdown_table, rotated, write_report
 
+from bench._common import machine_lines, markdown_table, rotated, write_report
 from llm.generate import generate
 from llm.model import GPT_CONFIG_124M, GPTModel
 from llm.runtime import set_seed
+from tests import book_reference
 
 
 def log(msg: str) -> None:
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats and --uncached-repeats must be >= 1")
 
     torch.set_num_threads(args.threads)
-    book = load_book_reference()
+    book = book_reference
     cfg = {**GPT_CONFIG_124M, "drop_rate": 0.0}
     ctx = cfg["context_length"]
     if args.prompt_tokens + args.new_tokens > ctx:

@@ -12,8 +12,10 @@ Then a bf16-vs-fp32 check: the project's model at the small config, trained from
 the same batches of the-verdict once in fp32 and once under bf16-mixed; the per-step losses are
 compared.
 
-    .venv/bin/python bench/bench_train.py                  # full run (~8 min), writes bench/results/train.md
-    .venv/bin/python bench/bench_train.py --steps 2 --warmup 1 --curve-steps 2 --configs small \\
+Run from the repository root (the book's code is `tests/book_reference.py`, imported as a module):
+
+    .venv/bin/python -m bench.bench_train                  # full run (~8 min), writes bench/results/train.md
+    .venv/bin/python -m bench.bench_train --steps 2 --warmup 1 --curve-steps 2 --configs small \\
         --out /tmp/train.md                                # smoke test
 """
 
@@ -31,20 +33,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import (
-    MIRROR,
-    load_book_reference,
-    machine_lines,
-    markdown_table,
-    rotated,
-    use_mirrored_tiktoken,
-    write_report,
-)
 
+from bench._common import MIRROR, machine_lines, markdown_table, rotated, use_mirrored_tiktoken, write_report
 from llm.losses import calc_loss_batch
 from llm.model import GPT_CONFIG_124M, GPTModel, flops_per_token
 from llm.runtime import keep_freed_memory, set_seed
 from llm.trainer import make_optimizer
+from tests import book_reference
 
 LR, WEIGHT_DECAY = 4e-4, 0.1  # the book's pretraining optimizer settings (chapter 5)
 
@@ -409,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     use_mirrored_tiktoken()
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
-    book = load_book_reference()
+    book = book_reference
     start = time.perf_counter()
 
     log("matmul peak ...")

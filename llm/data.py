@@ -103,25 +103,3 @@ def create_dataloader_v1(
         num_workers=num_workers,
         generator=generator,
     )
-
-
-def token_dataloader(
-    token_ids: np.ndarray,
-    batch_size: int,
-    max_length: int,
-    stride: int,
-    shuffle: bool,
-    drop_last: bool,
-    seed: int | None = None,
-    num_workers: int = 0,
-) -> DataLoader:
-    """A DataLoader over a token file's windows; `seed` fixes the shuffle order."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(
-        TokenWindowDataset(token_ids, max_length, stride),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        generator=generator,
-    )

@@ -9,6 +9,11 @@ a progress bar, and resumable checkpoints (model, optimizer, step, data order, R
 periodically and on Ctrl-C/SIGTERM, after which a resumed run ends with the same weights as an
 uninterrupted one. Multi-process (DDP) training is not supported yet: nothing initialises a
 process group or averages gradients.
+
+The book's own functions (`llm.book.ch05.train_model_simple`, `llm.book.ch06.train_classifier_simple`)
+run this loop too: they pass the DataLoaders and the optimizer they are given (`train_loader=`,
+`val_loader=`, `optimizer=`) and a `LoopSettings`. The training loss is then measured on the
+training loader itself, as the book does, and resumable checkpoints are not available.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ from llm.io import atomic_path
 from llm.losses import calc_loss_batch, calc_loss_loader
 from llm.progress import progress_bar, write
 from llm.runtime import select_device
+from llm.schedule import lr_at
 
 LossFn = Callable[[torch.nn.Module, Any, torch.device, str], torch.Tensor]
 
 
 class TrainingInterrupted(LLMError):
     """Training stopped on a signal after saving a resumable checkpoint."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def lm_loss(model, batch, device, precision):
@@ -94,15 +102,27 @@ class EpochSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
-def lr_at(step: int, total_steps: int, s) -> float:
-    """Learning rate for optimizer step `step` (0-based): warmup, then constant or cosine to min_lr."""
-    if s.warmup_steps and step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    if s.lr_schedule == "constant":
-        return s.lr
-    span = max(1, total_steps - s.warmup_steps)
-    progress = min(1.0, (step - s.warmup_steps) / span)
-    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * progress))
+@dataclass
+class LoopSettings:
+    """The attributes `Trainer` reads, with the book's defaults: a constant lr with no warmup, no
+    clipping, no accumulation, fp32, no periodic checkpoints. The book's functions build one; the
+    pipeline's stages pass their own params section, which has the same attributes."""
+
+    num_epochs: int
+    eval_freq: int
+    eval_iter: int
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    batch_size: int = 1  # only read when the Trainer builds its own loaders
+    seed: int | None = None  # not read by the loop: the caller seeds torch
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+    grad_accum_steps: int = 1
+    precision: str = "fp32"
+    device: str = "cpu"
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -139,21 +159,30 @@ def fingerprint(obj: Any) -> str:
 class Trainer:
     """`Trainer(model, train_set, val_set, settings).fit()` → History.
 
-    `settings` is a `llm.pipeline.params.TrainParams` (or anything with its attributes). `loss_fn(model,
-    batch, device, precision)` returns the mean loss of a batch; `evaluate_fn(model)`, if given,
-    returns extra metrics logged at every evaluation (e.g. accuracies); `on_record(history)` runs on
-    rank 0 after each evaluation (the stages rewrite their curve file there, so a curve is on disk
-    while training runs and after an interruption). `state_path` enables
-    resumable checkpoints; `run_id` (e.g. a fingerprint of params and data) guards against
-    resuming a different run.
+    `settings` is a training params section (or a `LoopSettings`, or anything with its attributes).
+    `loss_fn(model, batch, device, precision)` returns the mean loss of a batch; `evaluate_fn(model)`,
+    if given, returns extra metrics logged at every evaluation (e.g. accuracies); `on_epoch_end(model,
+    epoch)` runs after each epoch (the model is put back in training mode after it); `on_record(history)`
+    runs on rank 0 after each evaluation (the stages rewrite their curve file there, so a curve is on
+    disk while training runs and after an interruption). `state_path` enables resumable checkpoints;
+    `run_id` (e.g. a fingerprint of params and data) guards against resuming a different run.
+
+    Prebuilt loaders and optimizer (what the book's functions receive) instead of datasets:
+    `Trainer(model, settings=s, train_loader=..., val_loader=..., optimizer=...)`. The loop then
+    iterates those loaders as they are (their batch size, shuffling, collate and `drop_last`), and
+    evaluates the training loss on the training loader itself, as the book does: for a shuffled
+    loader each evaluation draws a fresh order from torch's global RNG exactly where the book's loop
+    draws it. Resuming is not supported with a given loader (its data order cannot be restored), so
+    `state_path` must be None; `settings.batch_size` is not read. A given `optimizer` is used as is:
+    with a constant lr and no warmup the loop never touches its learning rate.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        train_set: Dataset,
-        val_set: Dataset,
-        settings,
+        train_set: Dataset | None = None,
+        val_set: Dataset | None = None,
+        settings=None,
         loss_fn: LossFn = lm_loss,
         collate_fn=None,
         evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
@@ -163,34 +192,67 @@ class Trainer:
         run_id: Any = None,
         progress: bool = True,
         log: Callable[[str], None] = write,
+        *,
+        train_loader: DataLoader | None = None,
+        val_loader: DataLoader | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
+        if settings is None:
+            raise LLMError("Trainer needs settings (a params section or a LoopSettings)")
+        given_loaders = train_loader is not None
+        kinds = {train_set is None, val_set is None, train_loader is not None, val_loader is not None}
+        if kinds != {given_loaders}:
+            raise LLMError("Trainer takes either train_set and val_set, or train_loader and val_loader")
+        if given_loaders and collate_fn is not None:
+            raise LLMError("collate_fn belongs to the given DataLoaders: build them with it")
+        if given_loaders and state_path is not None:
+            raise LLMError(
+                "resumable checkpoints (state_path) need the Trainer to build its own loaders: "
+                "the data order of a given DataLoader cannot be saved and restored"
+            )
         self.s = settings
         self.device = select_device(settings.device)
         self.model = model.to(self.device)
         self.loss_fn, self.evaluate_fn, self.on_epoch_end = loss_fn, evaluate_fn, on_epoch_end
         self.on_record = on_record
-        self.rank, self.world_size = _dist_rank_world()
-        self.is_main = self.rank == 0
-        self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size)
+        if given_loaders:
+            self.rank, self.world_size = 0, 1
+            self.is_main = True
+            self.sampler = None
+            self.train_loader = train_loader
+            # The book evaluates on the training loader itself (a fresh pass: a new shuffle).
+            self.train_eval_loader = train_loader
+            self.val_loader = val_loader
+        else:
+            self.rank, self.world_size = _dist_rank_world()
+            self.is_main = self.rank == 0
+            self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size)
 
-        def loader(ds, sampler):
-            return DataLoader(
-                ds,
-                settings.batch_size,
-                sampler=sampler,
-                drop_last=sampler is self.sampler,
-                collate_fn=collate_fn,
-            )
+            def loader(ds, sampler):
+                return DataLoader(
+                    ds,
+                    settings.batch_size,
+                    sampler=sampler,
+                    drop_last=sampler is self.sampler,
+                    collate_fn=collate_fn,
+                )
 
-        self.train_loader = loader(train_set, self.sampler)
-        # The book evaluates on a fresh shuffled pass of the training loader and on the val loader.
-        self.train_eval_loader = loader(train_set, EpochSampler(len(train_set), True, self.rank, self.world_size))
-        self.val_loader = loader(val_set, EpochSampler(len(val_set), False, self.rank, self.world_size))
+            self.train_loader = loader(train_set, self.sampler)
+            # The book evaluates on a fresh shuffled pass of the training loader and on the val loader.
+            self.train_eval_loader = loader(train_set, EpochSampler(len(train_set), True, self.rank, self.world_size))
+            self.val_loader = loader(val_set, EpochSampler(len(val_set), False, self.rank, self.world_size))
+            if len(self.train_loader) == 0:
+                raise LLMError(
+                    f"the training set has {len(train_set)} examples: too few for one batch of {settings.batch_size}"
+                )
         if len(self.train_loader) == 0:
-            raise LLMError(
-                f"the training set has {len(train_set)} examples: too few for one batch of {settings.batch_size}"
-            )
-        self.optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
+            raise LLMError("the training loader yields no batches")
+        if optimizer is None:
+            optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
+        self.optimizer = optimizer
+        # A constant rate without warmup is never written into the optimizer: a given optimizer keeps
+        # its own lr, and one built here already holds settings.lr.
+        self.scheduled = bool(settings.warmup_steps) or settings.lr_schedule != "constant"
         self.steps_per_epoch = math.ceil(len(self.train_loader) / settings.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * settings.num_epochs
         self.state_path = Path(state_path) if state_path else None
@@ -324,9 +386,12 @@ class Trainer:
                 if accumulated < s.grad_accum_steps and not last_in_epoch:
                     continue
                 accumulated = 0
-                lr = lr_at(self.step, self.total_steps, s)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                if self.scheduled:
+                    lr = lr_at(self.step, self.total_steps, s)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                else:
+                    lr = opt.param_groups[0]["lr"]
                 if s.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
                 opt.step()
@@ -346,6 +411,10 @@ class Trainer:
                     raise TrainingInterrupted(f"training interrupted at step {self.step}{where}")
                 if s.checkpoint_every and self.step % s.checkpoint_every == 0:
                     self.save_state()
+            if self.batches_done:  # the loader stopped short of its len(): the epoch would never end
+                raise LLMError(
+                    f"the training loader yielded {self.batches_done} of its {len(self.train_loader)} batches"
+                )
             if self.on_epoch_end and self.is_main:
                 self.on_epoch_end(model, self.epoch)
                 model.train()

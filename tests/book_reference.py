@@ -1,8 +1,14 @@
-"""The book's own code (rasbt/LLMs-from-scratch, chapters 2, 4 and 5), kept verbatim as the oracle.
+"""The book's own code (rasbt/LLMs-from-scratch, chapters 2-6), kept verbatim as the oracle.
 
-Tests load its state_dicts into the project's model (and back) and compare outputs; bench/
-times it as the baseline. Do not "improve" this file: its slowness and quirks are the point.
+Copyright (c) Sebastian Raschka under Apache License 2.0 (the code; the comments naming sources are
+ours). Tests load its state_dicts into the project's model (and back) and compare outputs; bench/
+times it as the baseline (`from tests import book_reference`). Do not "improve" this file: its
+slowness and quirks are the point. Chapter 6 redefines chapter 5's `calc_loss_batch`,
+`calc_loss_loader` and `evaluate_model`, so its code lives in the `ch6` namespace below
+(`book.ch6.train_classifier_simple`), where each function calls its own chapter's helpers.
 """
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -40,6 +46,26 @@ def create_dataloader_v1(
 
 
 # --- chapter 3 -------------------------------------------------------------------------------
+# Listing 3.2 (ch03/01_main-chapter-code/ch03.ipynb)
+class SelfAttention_v2(nn.Module):
+    def __init__(self, d_in, d_out, qkv_bias=False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x):
+        keys = self.W_key(x)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+
+        attn_scores = queries @ keys.T
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+
+        context_vec = attn_weights @ values
+        return context_vec
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
@@ -175,6 +201,32 @@ class GPTModel(nn.Module):
         return logits
 
 
+# ch04/01_main-chapter-code/gpt.py
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    # idx is (B, T) array of indices in the current context
+    for _ in range(max_new_tokens):
+        # Crop current context if it exceeds the supported context size
+        # E.g., if LLM supports only 5 tokens, and the context size is 10
+        # then only the last 5 tokens are used as context
+        idx_cond = idx[:, -context_size:]
+
+        # Get the predictions
+        with torch.no_grad():
+            logits = model(idx_cond)
+
+        # Focus only on the last time step
+        # (batch, n_token, vocab_size) becomes (batch, vocab_size)
+        logits = logits[:, -1, :]
+
+        # Get the idx of the vocab entry with the highest logits value
+        idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (batch, 1)
+
+        # Append sampled index to the running sequence
+        idx = torch.cat((idx, idx_next), dim=1)  # (batch, n_tokens+1)
+
+    return idx
+
+
 # --- chapter 5 -------------------------------------------------------------------------------
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
     for _ in range(max_new_tokens):
@@ -264,3 +316,126 @@ def train_model_simple(
 
         # (the book prints a greedy sample here; greedy decoding draws no random numbers)
     return train_losses, val_losses, track_tokens_seen
+
+
+# --- chapter 6 -------------------------------------------------------------------------------
+# ch06/01_main-chapter-code/gpt_class_finetune.py (calc_accuracy_loader ... train_classifier_simple;
+# train_classifier_simple with the chapter's signature: the script adds an unused `tokenizer`) and
+# ch06/01_main-chapter-code/ch06.ipynb, section 6.8 (classify_review, with its
+# `pos_emb.weight.shape[1]`, the embedding size, where the context length is meant; later
+# revisions use shape[0]). Defined in a closure so that they call chapter 6's helpers.
+def _chapter_6():
+    def calc_accuracy_loader(data_loader, model, device, num_batches=None):
+        model.eval()
+        correct_predictions, num_examples = 0, 0
+
+        if num_batches is None:  # noqa: SIM108
+            num_batches = len(data_loader)
+        else:
+            num_batches = min(num_batches, len(data_loader))
+        for i, (input_batch, target_batch) in enumerate(data_loader):
+            if i < num_batches:
+                input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+
+                with torch.no_grad():
+                    logits = model(input_batch)[:, -1, :]  # Logits of last output token
+                predicted_labels = torch.argmax(logits, dim=-1)
+
+                num_examples += predicted_labels.shape[0]
+                correct_predictions += (predicted_labels == target_batch).sum().item()
+            else:
+                break
+        return correct_predictions / num_examples
+
+    def calc_loss_batch(input_batch, target_batch, model, device):
+        input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+        logits = model(input_batch)[:, -1, :]  # Logits of last output token
+        loss = torch.nn.functional.cross_entropy(logits, target_batch)
+        return loss
+
+    def calc_loss_loader(data_loader, model, device, num_batches=None):
+        total_loss = 0.0
+        if len(data_loader) == 0:
+            return float("nan")
+        elif num_batches is None:
+            num_batches = len(data_loader)
+        else:
+            num_batches = min(num_batches, len(data_loader))
+        for i, (input_batch, target_batch) in enumerate(data_loader):
+            if i < num_batches:
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                total_loss += loss.item()
+            else:
+                break
+        return total_loss / num_batches
+
+    def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+        model.eval()
+        with torch.no_grad():
+            train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+            val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+        model.train()
+        return train_loss, val_loss
+
+    def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter):
+        # Initialize lists to track losses and tokens seen
+        train_losses, val_losses, train_accs, val_accs = [], [], [], []
+        examples_seen, global_step = 0, -1
+
+        # Main training loop
+        for epoch in range(num_epochs):
+            model.train()  # Set model to training mode
+
+            for input_batch, target_batch in train_loader:
+                optimizer.zero_grad()  # Reset loss gradients from previous batch iteration
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+                loss.backward()  # Calculate loss gradients
+                optimizer.step()  # Update model weights using loss gradients
+                examples_seen += input_batch.shape[0]  # New: track examples instead of tokens
+                global_step += 1
+
+                # Optional evaluation step
+                if global_step % eval_freq == 0:
+                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                    train_losses.append(train_loss)
+                    val_losses.append(val_loss)
+                    print(
+                        f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+                    )
+
+            # Calculate accuracy after each epoch
+            train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
+            val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
+            print(f"Training accuracy: {train_accuracy * 100:.2f}% | ", end="")
+            print(f"Validation accuracy: {val_accuracy * 100:.2f}%")
+            train_accs.append(train_accuracy)
+            val_accs.append(val_accuracy)
+
+        return train_losses, val_losses, train_accs, val_accs, examples_seen
+
+    def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=50256):
+        model.eval()
+
+        # Prepare inputs to the model
+        input_ids = tokenizer.encode(text)
+        supported_context_length = model.pos_emb.weight.shape[1]
+
+        # Truncate sequences if they too long
+        input_ids = input_ids[: min(max_length, supported_context_length)]
+
+        # Pad sequences to the longest sequence
+        input_ids += [pad_token_id] * (max_length - len(input_ids))
+        input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # add batch dimension
+
+        # Model inference
+        with torch.no_grad():
+            logits = model(input_tensor)[:, -1, :]  # Logits of the last output token
+        predicted_label = torch.argmax(logits, dim=-1).item()
+
+        # Return the classified result
+        return "spam" if predicted_label == 1 else "not spam"
+
+    return SimpleNamespace(**{name: fn for name, fn in locals().items() if callable(fn)})
+
+
+ch6 = _chapter_6()

@@ -391,7 +391,7 @@ def test_real_source_the_verdict(public_input):
 
 
 def test_fetch_source_leaves_one_verified_file_that_source_file_finds(server, tmp_path):
-    from llm.pipeline.params import Source
+    from llm.pipeline.sources import Source
 
     server.files["/static/sms+spam+collection.zip"] = ZIP
     src = Source(url=server.url("/static/sms+spam+collection.zip"), sha256=SHA, member="SMSSpamCollection")

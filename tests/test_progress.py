@@ -10,15 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm import judge
-from llm.book import train_model_simple
 from llm.corpus import tokenize_corpus
-from llm.data import TokenWindowDataset, token_dataloader
+from llm.data import TokenWindowDataset
 from llm.generate import generate
 from llm.model import GPTModel
 from llm.progress import progress_bar, shown, write
-from llm.tokenizer import get_tokenizer
 from llm.trainer import Trainer
-from tests import book_reference as book
 from tests.conftest import ROOT, tiny_cfg
 
 
@@ -117,25 +114,3 @@ def test_trainer_logs_plain_lines_without_a_bar(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert "Ep 1 (Step 000000): Train loss" in out and "Ep 1 (Step 000002): Train loss" in out
-
-
-@pytest.mark.parametrize("progress", [False, True])
-def test_train_model_simple_draws_the_books_data_order_and_dropout(progress, capsys):
-    cfg = tiny_cfg(drop_rate=0.1)
-    ids = (np.arange(300) % 23 + 100).astype(np.uint16)
-    torch.manual_seed(0)
-    ref = book.GPTModel(cfg)
-    ours = GPTModel(cfg)
-    ours.load_state_dict(ref.state_dict())
-    runs = []
-    for model, train_fn, kw in ((ref, book.train_model_simple, {}), (ours, train_model_simple, {"progress": progress})):
-        torch.manual_seed(1)
-        train = DataLoader(TokenWindowDataset(ids[:250], 12, 12), batch_size=4, shuffle=True, drop_last=True)
-        val = token_dataloader(ids[250:], 4, 12, 12, False, False)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-        runs.append(train_fn(model, train, val, opt, "cpu", 3, 2, 2, "Every", get_tokenizer(), **kw))
-    (book_train, book_val, book_seen), (train_losses, val_losses, seen) = runs
-    assert seen == book_seen
-    np.testing.assert_allclose(train_losses, book_train, atol=2e-4)
-    np.testing.assert_allclose(val_losses, book_val, atol=2e-4)
-    assert "\r" not in capsys.readouterr().err

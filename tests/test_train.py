@@ -1,18 +1,19 @@
-"""Loss helpers and the training loop against the book's, plus bf16 autocast."""
+"""Loss helpers against the book's, the fused AdamW update, bf16 autocast, runtime helpers.
+
+The book's training loops (`llm.book`) are tested against the book's own in test_book.py."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from llm.book import train_model_simple
-from llm.data import token_dataloader
+from llm.data import TokenWindowDataset
 from llm.errors import LLMError
 from llm.losses import calc_loss_batch, calc_loss_loader, perplexity
 from llm.model import GPTModel
 from llm.runtime import autocast, keep_freed_memory, select_device
-from llm.tokenizer import get_tokenizer
 from llm.trainer import make_optimizer
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
@@ -30,7 +31,7 @@ def models():
 
 def _loader(n_tokens=400, batch=3):
     ids = (np.arange(n_tokens) * 7 % 97).astype(np.uint16)
-    return token_dataloader(ids, batch, 12, 12, shuffle=False, drop_last=False)
+    return DataLoader(TokenWindowDataset(ids, 12, 12), batch_size=batch, shuffle=False, drop_last=False)
 
 
 def test_loss_helpers_equal_the_books(models):
@@ -55,24 +56,6 @@ def test_bf16_autocast_loss_is_close_to_fp32(models):
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)
     with pytest.raises(LLMError, match="unknown precision 'fp8'"):
         autocast(torch.device("cpu"), "fp8")
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_train_model_simple_learns_and_returns_the_books_histories(precision, capsys):
-    torch.manual_seed(1)
-    cfg = tiny_cfg(vocab_size=50257, drop_rate=0.1)
-    model = GPTModel(cfg)
-    text_ids = (np.arange(600) % 23 + 100).astype(np.uint16)  # a repeating pattern to memorise
-    train = token_dataloader(text_ids[:500], 4, 12, 12, True, True, seed=0)
-    val = token_dataloader(text_ids[500:], 4, 12, 12, False, False)
-    opt = make_optimizer(model, lr=3e-3, weight_decay=0.1)
-    train_losses, val_losses, seen = train_model_simple(
-        model, train, val, opt, "cpu", 6, 5, 2, "Every", get_tokenizer(), precision=precision, progress=False
-    )
-    assert len(train_losses) == len(val_losses) == len(seen) > 2
-    assert seen == sorted(seen) and seen[0] == 4 * 12
-    assert train_losses[-1] < 0.5 * train_losses[0]
-    assert "Ep 1 (Step 000000)" in capsys.readouterr().out
 
 
 def test_fused_adamw_matches_the_books_adamw_update(models):

@@ -11,7 +11,7 @@ import torch
 from llm.data import TokenWindowDataset
 from llm.errors import LLMError
 from llm.model import GPTModel
-from llm.trainer import EpochSampler, Trainer, TrainingInterrupted, lr_at
+from llm.trainer import EpochSampler, LoopSettings, Trainer, TrainingInterrupted, lr_at
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
 
@@ -197,3 +197,51 @@ def test_on_record_sees_every_evaluation_as_it_happens():
     seen = []
     _, history = run(settings(num_epochs=2), on_record=lambda h: seen.append(len(h.rows())))
     assert seen == list(range(1, len(history.rows()) + 1)) and len(seen) > 2
+
+
+def test_training_interrupted_exits_130_and_is_an_llm_error():
+    assert TrainingInterrupted.exit_code == 130 and issubclass(TrainingInterrupted, LLMError)
+
+
+def loaders(batch_size=2):
+    train, val = datasets()
+    return (
+        torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True),
+        torch.utils.data.DataLoader(val, batch_size=batch_size),
+    )
+
+
+def test_given_loaders_and_optimizer_run_and_keep_the_optimizers_lr():
+    train_loader, val_loader = loaders()
+    model = fresh_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    s = LoopSettings(num_epochs=1, eval_freq=4, eval_iter=1, lr=5.0)  # a constant lr is never written
+    history = Trainer(model, settings=s, train_loader=train_loader, val_loader=val_loader, optimizer=opt,
+                      progress=False, log=lambda m: None).fit()  # fmt: skip
+    assert history.steps == len(train_loader) == 12 and history.step == [0, 4, 8]
+    assert opt.param_groups[0]["lr"] == 1e-3 and history.lr == [1e-3] * 3
+    warm = LoopSettings(num_epochs=1, eval_freq=4, eval_iter=1, lr=2e-3, warmup_steps=100)
+    Trainer(model, settings=warm, train_loader=train_loader, val_loader=val_loader, optimizer=opt,
+            progress=False, log=lambda m: None).fit()  # fmt: skip
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 12 / 100)  # a schedule is written
+
+
+def test_given_loaders_refuse_resume_state_and_mixed_inputs(tmp_path):
+    train_loader, val_loader = loaders()
+    train, val = datasets()
+    s = LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1)
+    with pytest.raises(LLMError, match="resumable checkpoints"):
+        Trainer(fresh_model(), settings=s, train_loader=train_loader, val_loader=val_loader,
+                state_path=tmp_path / "state.pt")  # fmt: skip
+    with pytest.raises(LLMError, match="collate_fn belongs to the given DataLoaders"):
+        Trainer(fresh_model(), settings=s, train_loader=train_loader, val_loader=val_loader, collate_fn=list)
+    for kw in (
+        {"train_set": train, "val_set": val, "train_loader": train_loader, "val_loader": val_loader},
+        {"train_set": train, "val_loader": val_loader},
+        {"train_loader": train_loader},
+    ):
+        with pytest.raises(LLMError, match="either train_set and val_set, or train_loader and val_loader"):
+            Trainer(fresh_model(), settings=s, **kw)
+    with pytest.raises(LLMError, match="yields no batches"):
+        empty = torch.utils.data.DataLoader(train, batch_size=len(train) + 1, drop_last=True)
+        Trainer(fresh_model(), settings=s, train_loader=empty, val_loader=val_loader)

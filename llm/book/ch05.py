@@ -1,17 +1,35 @@
-"""The book's own training functions, with its names, signatures and return values.
+"""Chapter 5, pretraining on unlabeled data: the loss helpers, text generation and the training
+loop, with the book's names, signatures and return values.
 
-These are what a reader of the book calls; the pipeline's stages use `llm.trainer.Trainer`.
+The loss helpers, `generate` and the text helpers are the engine's. `train_model_simple` runs the
+engine's loop (`llm.trainer.Trainer`) on the DataLoaders and optimizer it is given, so it draws the
+same data order and dropout masks from torch's global RNG as the book's loop and returns the
+same lists; `precision` and `progress` are the engine's additions.
 """
 
 from __future__ import annotations
 
+import torch
+
 from llm.generate import generate
 from llm.losses import calc_loss_batch, calc_loss_loader
-from llm.progress import progress_bar, write
 from llm.tokenizer import text_to_token_ids, token_ids_to_text
+from llm.trainer import LoopSettings, Trainer, lm_loss
+
+__all__ = [
+    "text_to_token_ids",
+    "token_ids_to_text",
+    "calc_loss_batch",
+    "calc_loss_loader",
+    "evaluate_model",
+    "generate_and_print_sample",
+    "train_model_simple",
+    "generate",
+]
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter, precision: str = "fp32"):
+    """(train loss, val loss) on the first `eval_iter` batches of each loader, in eval mode."""
     model.eval()
     train_loss = calc_loss_loader(train_loader, model, device, eval_iter, precision)
     val_loss = calc_loss_loader(val_loader, model, device, eval_iter, precision)
@@ -20,10 +38,24 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, precision
 
 
 def generate_and_print_sample(model, tokenizer, device, start_context, max_new_tokens: int = 50):
+    """Print a greedy continuation of `start_context` on one line (newlines as spaces)."""
     context_size = model.pos_emb.weight.shape[0]
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     token_ids = generate(model, encoded, max_new_tokens, context_size)
     print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+
+
+def book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter, precision="fp32") -> LoopSettings:
+    """The loop settings of the book's functions: its arguments, constant lr, nothing else on."""
+    return LoopSettings(
+        num_epochs=num_epochs,
+        eval_freq=eval_freq,
+        eval_iter=eval_iter,
+        lr=optimizer.param_groups[0]["lr"],
+        weight_decay=optimizer.param_groups[0].get("weight_decay", 0.0),
+        precision=precision,
+        device=str(torch.device(device)),
+    )
 
 
 def train_model_simple(
@@ -37,28 +69,27 @@ def train_model_simple(
     eval_iter,
     start_context,
     tokenizer,
+    *,
     precision: str = "fp32",
     progress: bool = True,
 ):
-    """The book's loop: returns (train_losses, val_losses, track_tokens_seen)."""
-    train_losses, val_losses, track_tokens_seen = [], [], []
-    tokens_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        bar = progress_bar(train_loader, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not progress)
-        for input_batch, target_batch in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = calc_loss_batch(input_batch, target_batch, model, device, precision)
-            loss.backward()
-            optimizer.step()
-            tokens_seen += input_batch.numel()
-            global_step += 1
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, precision)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-                write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        generate_and_print_sample(model, tokenizer, device, start_context)
-    return train_losses, val_losses, track_tokens_seen
+    """The book's loop: returns (train_losses, val_losses, track_tokens_seen).
+
+    Every `eval_freq` optimizer steps (from the first) it prints `Ep 1 (Step 000000): Train loss
+    ..., Val loss ...` for the first `eval_iter` batches of each loader, and after each epoch a
+    greedy sample of 50 tokens after `start_context`.
+    """
+    if num_epochs <= 0:
+        return [], [], []
+    trainer = Trainer(
+        model,
+        settings=book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter, precision),
+        loss_fn=lm_loss,
+        on_epoch_end=lambda m, epoch: generate_and_print_sample(m, tokenizer, device, start_context),
+        progress=progress,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        optimizer=optimizer,
+    )
+    history = trainer.fit()
+    return history.train_loss, history.val_loss, history.tokens_seen
