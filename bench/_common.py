@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import torch
 
+from llm.pipeline import doc
+
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT.parent / "shared" / "mirror"
 
@@ -44,14 +46,8 @@ def machine_lines(threads: int) -> list[str]:
 
 
 def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """A GitHub Markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
-    right = [i >= left for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if r else "---" for r in right) + "|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    """The project's Markdown table (`llm.pipeline.doc`), the first `left` columns left-aligned."""
+    return doc.markdown_table(header, rows, right=[i >= left for i in range(len(header))])
 
 
 def rotated(items: Sequence[T], shift: int) -> list[T]:

@@ -142,6 +142,8 @@ def test_generate_text_simple_gives_the_books_tokens(context_size):
     got = generate_text_simple(ours, idx, 30, context_size)
     assert got.shape == (2, 36) and torch.equal(got, expected)
     assert not ours.training
+    ours.train()  # called in training mode: generates in eval mode (no dropout), then puts the mode back
+    assert torch.equal(generate_text_simple(ours, idx, 30, context_size), expected) and ours.training
 
 
 # --- chapter 6 -------------------------------------------------------------------------------

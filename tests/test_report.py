@@ -4,10 +4,11 @@ import json
 
 from llm.pipeline.doc import markdown_table, number, text_table
 from llm.pipeline.params import Params
-from llm.pipeline.report import ReportInputs, read_curve, read_json, write_report
+from llm.pipeline.report import ReportInputs, plot_definitions, read_curve, read_json, write_report
 from tests.conftest import ROOT
 
 PARAMS = Params().model_dump()  # the committed defaults
+PLOTS = plot_definitions(ROOT / "dvc.yaml")
 
 
 def curve(n, lr=0.0004):
@@ -16,6 +17,7 @@ def curve(n, lr=0.0004):
             "step": i,
             "epoch": 1 + i // 5,
             "tokens_seen": 512 * i,
+            "examples_seen": 2 * i,
             "train_loss": 9 - i / 2,
             "val_loss": 9.5 - i / 3,
             "lr": lr,
@@ -42,14 +44,16 @@ def full_inputs():
         params=PARAMS,
         metrics=metrics,
         curves={
-            "pretrain": [dict(r, lr=0.0004 * (1 - r["step"] / 10)) for r in curve(10)],  # a schedule
-            "finetune_spam": curve(6),
-            "finetune_spam_accuracy": [
+            "metrics/curves/pretrain.csv": [dict(r, lr=0.0004 * (1 - r["step"] / 10)) for r in curve(10)],  # a schedule
+            "metrics/curves/finetune_spam.csv": curve(6),
+            "metrics/curves/finetune_spam_accuracy.csv": [
                 {"epoch": 1, "train_accuracy": 0.9, "val_accuracy": 0.85},
                 {"epoch": 2, "train_accuracy": 0.97, "val_accuracy": 0.93},
             ],
-            "finetune_instruct": curve(8),
+            "metrics/curves/finetune_instruct.csv": curve(8),
         },
+        plots=PLOTS,
+        confusion=[{"actual": "ham", "predicted": "ham"}] * 140 + [{"actual": "spam", "predicted": "ham"}] * 9,
         samples=[
             {
                 "prompt": "Every effort moves you",
@@ -100,6 +104,17 @@ def test_full_report(tmp_path):
     assert "<td>Name a | color.</td>" in html
 
 
+def test_the_curves_are_dvc_yamls_plot_definitions(tmp_path):
+    """One owner per figure: the page draws the curves dvc.yaml defines, under their ids."""
+    assert set(PLOTS) == {"pretrain_loss", "finetune_spam_loss", "finetune_spam_accuracy", "finetune_instruct_loss"}
+    inputs = full_inputs()
+    inputs.plots = {k: v for k, v in PLOTS.items() if k != "finetune_spam_accuracy"}
+    counts = write_report(inputs, tmp_path)
+    assert counts["figures"] == 5 and not (tmp_path / "figures/finetune_spam_accuracy.png").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert f"![{PLOTS['pretrain_loss']['title']}](figures/pretrain_loss.png)" in md
+
+
 def test_same_inputs_same_bytes(tmp_path):
     write_report(full_inputs(), tmp_path / "a")
     write_report(full_inputs(), tmp_path / "b")
@@ -110,7 +125,7 @@ def test_same_inputs_same_bytes(tmp_path):
 def test_missing_stages_show_as_not_run(tmp_path):
     inputs = full_inputs()
     inputs.metrics = {"prepare_text": inputs.metrics["prepare_text"], "pretrain": inputs.metrics["pretrain"]}
-    inputs.curves = {"pretrain": None}
+    inputs.curves = {"metrics/curves/pretrain.csv": None}
     inputs.samples = inputs.responses = None
     inputs.runs = {}
     counts = write_report(inputs, tmp_path)

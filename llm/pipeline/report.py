@@ -2,6 +2,11 @@
 
 `write_report` takes what the stages left (any of it may be missing: a stage that did not run
 is shown as "not run") and writes `report.md`, `report.html` and `figures/*.png`.
+
+Each figure is defined once. The curves are the plots `dvc.yaml` defines (title, x, y columns,
+axis labels; what `dvc plots show` and `dvc plots diff` draw): the page renders those definitions
+as PNGs, it does not define its own. The confusion matrix is drawn from the rows DVC's confusion
+plot reads. Only the comparison with the TF-IDF baseline, which DVC does not plot, is the page's.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ _TITLES = {
 class ReportInputs:
     params: dict[str, Any]  # params.yaml as parsed
     metrics: dict[str, dict | None]  # stage -> metrics/<stage>.json, None when it did not run
-    curves: dict[str, list[dict] | None] = field(default_factory=dict)  # metrics/curves/<name>.csv rows
+    curves: dict[str, list[dict] | None] = field(default_factory=dict)  # CSV path -> its rows
+    plots: dict[str, dict] = field(default_factory=dict)  # dvc.yaml's top-level plot definitions, by id
+    confusion: list[dict] | None = None  # the spam test set's {actual, predicted} rows (a DVC plot)
     samples: list[dict] | None = None  # data/eval/samples.json
     responses: list[dict] | None = None  # data/instruct/responses.json
     runs: dict[str, dict] = field(default_factory=dict)  # stage -> what its checkpoint recorded
@@ -41,6 +48,16 @@ class ReportInputs:
 def read_json(path: Path) -> Any:
     """The parsed file, or None when it is absent (the stage did not run)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def plot_definitions(dvc_yaml: Path) -> dict[str, dict]:
+    """The top-level `plots:` of a dvc.yaml, by id (`- id: {title, x, y: {file: [columns]}, …}`)."""
+    from llm.pipeline.validate import read_yaml
+
+    plots = (read_yaml(dvc_yaml) or {}).get("plots") or []
+    return {
+        pid: defn for entry in plots if isinstance(entry, dict) for pid, defn in entry.items() if isinstance(defn, dict)
+    }
 
 
 def read_curve(path: Path) -> list[dict] | None:
@@ -75,46 +92,38 @@ def _save(plt, fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot_loss(rows: list[dict], path: Path, title: str, tokens_per_epoch: float | None) -> None:
-    """Train/val loss against tokens seen, epochs on the top axis (as the book plots it); lr if scheduled."""
+def plot_definition(defn: dict, rows: list[dict], path: Path, per_epoch: float | None = None) -> None:
+    """A `dvc.yaml` plot definition drawn with matplotlib: each `y` column against `x`, with its
+    title and axis labels. `per_epoch` (x units per epoch) adds an epoch axis on top, as the book
+    plots its losses; when the rows' `lr` changes, the schedule is drawn below."""
     plt = _figure(path)
+    ((_, columns),) = defn["y"].items()
+    columns = [columns] if isinstance(columns, str) else columns
     lrs = [r.get("lr") for r in rows]
     scheduled = len({lr for lr in lrs if lr is not None}) > 1
     fig, axes = plt.subplots(2 if scheduled else 1, 1, figsize=(7, 5.5 if scheduled else 3.8), squeeze=False)
     ax = axes[0][0]
-    x = [r["tokens_seen"] for r in rows]
-    ax.plot(x, [r["train_loss"] for r in rows], label="training loss")
-    ax.plot(x, [r["val_loss"] for r in rows], linestyle="-.", label="validation loss")
-    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats)", title=title)
+    x = [r[defn["x"]] for r in rows]
+    for i, column in enumerate(columns):
+        ax.plot(x, [r.get(column) for r in rows], linestyle="-" if i == 0 else "-.", label=column.replace("_", " "))
+    ax.set(xlabel=defn.get("x_label", defn["x"]), ylabel=defn.get("y_label", ""), title=defn.get("title", ""))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    if tokens_per_epoch:
-        top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_epoch, lambda e: e * tokens_per_epoch))
+    ax.legend(loc="best")
+    if per_epoch:
+        top = ax.secondary_xaxis("top", functions=(lambda t: t / per_epoch, lambda e: e * per_epoch))
         top.set_xlabel("epochs")
     if scheduled:
         ax2 = axes[1][0]
         ax2.plot(x, lrs, color="tab:green")
-        ax2.set(xlabel="tokens seen", ylabel="learning rate", title="Learning-rate schedule")
+        ax2.set(xlabel=defn.get("x_label", defn["x"]), ylabel="learning rate", title="Learning-rate schedule")
         ax2.grid(alpha=0.3)
     _save(plt, fig, path)
 
 
-def plot_accuracy(rows: list[dict], path: Path) -> None:
+def plot_confusion(rows: list[dict], path: Path, labels: tuple[str, str] = ("ham", "spam")) -> None:
+    """The confusion matrix of {actual, predicted} rows (what DVC's `confusion` template reads)."""
     plt = _figure(path)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = [r["epoch"] for r in rows]
-    ax.plot(x, [100 * r["train_accuracy"] for r in rows], marker="o", label="training accuracy")
-    ax.plot(x, [100 * r["val_accuracy"] for r in rows], marker="s", linestyle="-.", label="validation accuracy")
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Spam classifier accuracy after each epoch")
-    ax.set_xticks(x)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    _save(plt, fig, path)
-
-
-def plot_confusion(m: dict, path: Path) -> None:
-    plt = _figure(path)
-    cells = [[m["test.tn"], m["test.fp"]], [m["test.fn"], m["test.tp"]]]
+    cells = [[sum(r["actual"] == a and r["predicted"] == p for r in rows) for p in labels] for a in labels]
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(cells, cmap="Blues")
     peak = max(max(r) for r in cells) or 1
@@ -122,8 +131,8 @@ def plot_confusion(m: dict, path: Path) -> None:
         for j in range(2):
             color = "white" if cells[i][j] > peak / 2 else "black"
             ax.text(j, i, f"{int(cells[i][j])}", ha="center", va="center", fontsize=14, color=color)
-    ax.set_xticks([0, 1], labels=["ham", "spam"])
-    ax.set_yticks([0, 1], labels=["ham", "spam"])
+    ax.set_xticks([0, 1], labels=list(labels))
+    ax.set_yticks([0, 1], labels=list(labels))
     ax.set(xlabel="predicted", ylabel="actual", title="Test set confusion matrix")
     _save(plt, fig, path)
 
@@ -190,21 +199,24 @@ def _settings(doc: Doc, params: dict, name: str, keys: list[str]) -> None:
         doc.para(f"Settings (`{name}` in params.yaml): " + ", ".join(shown) + ".")
 
 
-def _loss_figure(doc: Doc, inputs: ReportInputs, figures: Path, stage: str, title: str, section: str) -> None:
-    """The stage's loss curve, if it left one, with epochs from tokens seen per epoch."""
-    rows = inputs.curves.get(stage)
+def _curve_figure(doc: Doc, inputs: ReportInputs, figures: Path, plot_id: str, stage: str, section: str) -> None:
+    """dvc.yaml's plot `plot_id`, if it is defined and its curve exists, with epochs on top."""
+    defn = inputs.plots.get(plot_id)
+    if not defn:
+        return
+    ((file, _),) = defn["y"].items()
+    rows = inputs.curves.get(file)
     if not rows:
         return
     metrics = inputs.metrics[stage]
-    epochs = (inputs.params.get(section) or {}).get("num_epochs")
-    per_epoch = None
-    if epochs and metrics.get("tokens_seen"):
+    settings = inputs.params.get(section) or {}
+    epochs, per_epoch = settings.get("num_epochs"), None
+    if epochs and defn["x"] == "tokens_seen" and metrics.get("tokens_seen"):
         per_epoch = metrics["tokens_seen"] / epochs
-    elif epochs and metrics.get("steps") and rows[-1].get("step") is not None:
-        # spam batches all have the same padded size: tokens per step times steps per epoch
-        per_epoch = rows[-1]["tokens_seen"] / (rows[-1]["step"] + 1) * metrics["steps"] / epochs
-    plot_loss(rows, figures / f"{stage}_loss.png", title, per_epoch)
-    doc.image(f"figures/{stage}_loss.png", f"{title} against tokens seen")
+    elif epochs and defn["x"] == "examples_seen" and metrics.get("steps") and settings.get("batch_size"):
+        per_epoch = metrics["steps"] * settings["batch_size"] / epochs
+    plot_definition(defn, rows, figures / f"{plot_id}.png", per_epoch)
+    doc.image(f"figures/{plot_id}.png", defn.get("title", plot_id))
 
 
 def _data_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
@@ -215,7 +227,7 @@ def _data_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
 def _pretrain_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
     keys = ["num_epochs", "batch_size", "max_length", "lr", "lr_schedule", "weight_decay", "seed"]
     _settings(doc, inputs.params, "train", keys)
-    _loss_figure(doc, inputs, figures, "pretrain", "Pretraining loss", "train")
+    _curve_figure(doc, inputs, figures, "pretrain_loss", "pretrain", "train")
 
 
 def _eval_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
@@ -230,13 +242,10 @@ def _eval_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
 def _spam_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
     ms = inputs.metrics["finetune_spam"]
     _settings(doc, inputs.params, "finetune_spam", ["init", "trainable_blocks", "pooling", "num_epochs", "lr"])
-    _loss_figure(doc, inputs, figures, "finetune_spam", "Spam finetuning loss", "finetune_spam")
-    acc = inputs.curves.get("finetune_spam_accuracy")
-    if acc:
-        plot_accuracy(acc, figures / "finetune_spam_accuracy.png")
-        doc.image("figures/finetune_spam_accuracy.png", "spam classifier accuracy per epoch")
-    if all(f"test.{k}" in ms for k in ("tn", "fp", "fn", "tp")):
-        plot_confusion(ms, figures / "finetune_spam_confusion.png")
+    _curve_figure(doc, inputs, figures, "finetune_spam_loss", "finetune_spam", "finetune_spam")
+    _curve_figure(doc, inputs, figures, "finetune_spam_accuracy", "finetune_spam", "finetune_spam")
+    if inputs.confusion:
+        plot_confusion(inputs.confusion, figures / "finetune_spam_confusion.png")
         doc.image("figures/finetune_spam_confusion.png", "test confusion matrix")
     names = ["accuracy", "precision", "recall", "f1"]
     if all(f"baseline.test.{n}" in ms and f"test.{n}" in ms for n in names):
@@ -251,7 +260,7 @@ def _spam_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
 def _instruct_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
     keys = ["init", "prompt_style", "mask_prompt", "num_epochs", "lr"]
     _settings(doc, inputs.params, "finetune_instruct", keys)
-    _loss_figure(doc, inputs, figures, "finetune_instruct", "Instruction finetuning loss", "finetune_instruct")
+    _curve_figure(doc, inputs, figures, "finetune_instruct_loss", "finetune_instruct", "finetune_instruct")
     if inputs.responses:
         doc.para(f"The first test instructions ({len(inputs.responses)} in `data/instruct/responses.json`):")
         doc.table(
