@@ -44,7 +44,7 @@ GPT_CONFIG_124M: dict[str, Any] = {
 # OpenAI's GPT-2 shapes (chapter 5): these checkpoints use qkv bias and context 1024.
 _GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The pipeline's default: GPT_CONFIG_124M's design at a size that pretrains in ~1 minute on 2 CPU cores.
+    # The pipeline's default: GPT_CONFIG_124M's design, small enough to pretrain on a laptop CPU (README: timings).
     "mini": {**GPT_CONFIG_124M, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4},
     "gpt-config-124m": GPT_CONFIG_124M,
     "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
@@ -291,8 +291,8 @@ class GPTModel(nn.Module):
         """The head for KV-cache decoding, from a transposed copy of its weight.
 
         Each new token reads the whole [vocab, emb] head for one row of activations; that
-        matrix-vector product runs ~2.2x faster on CPU with the weight stored [emb, vocab]
-        (6.5 vs 14.3 ms at 124M). The copy costs vocab x emb more memory while generating and is
+        matrix-vector product runs faster on CPU with the weight stored [emb, vocab] (measured in
+        bench/bench_generate.py; README, Performance). The copy costs vocab x emb more memory while generating and is
         rebuilt whenever the weight changes (in-place updates bump its version).
         """
         w = self.out_head.weight

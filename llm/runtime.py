@@ -54,8 +54,8 @@ def keep_freed_memory() -> bool:
     """Stop glibc from returning large freed blocks to the OS after every step.
 
     By default each activation buffer above the mmap threshold is mmap'd, freed with munmap,
-    and faulted back in page by page on the next step (~0.5M minor faults per 124M step on
-    CPU). Serving them from the heap and never trimming it keeps the pages mapped. This is
+    and faulted back in page by page on the next step (bench/bench_train.py counts the faults
+    per step). Serving them from the heap and never trimming it keeps the pages mapped. This is
     process-wide: every model in the process benefits. Returns False where glibc is absent.
     """
     name = ctypes.util.find_library("c")

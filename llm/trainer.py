@@ -57,8 +57,8 @@ def lm_loss(model, batch, device, precision):
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW as in the book, fused into one kernel where the device supports it.
 
-    The per-parameter (foreach) AdamW step costs 0.4-0.9 s per step for 163M parameters on a
-    2-core CPU; the fused kernel does the same update in one pass over memory.
+    The per-parameter (foreach) AdamW step makes many passes over memory; the fused kernel does the
+    same update in one (bench/bench_train.py measures the step).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device.type if params else "cpu"

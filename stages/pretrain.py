@@ -37,7 +37,7 @@ TIMINGS = Path("timings/pretrain.json")
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     t = params.train
-    keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
+    keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
     train_ids, val_ids = read_tokens(TOKENS / "train.bin"), read_tokens(TOKENS / "val.bin")
     train_set = TokenWindowDataset(train_ids, t.max_length, t.stride)
     val_set = TokenWindowDataset(val_ids, t.max_length, t.stride)

@@ -1,8 +1,7 @@
 """Stage report: the whole run on one page, `reports/report.md` (and `.html`) with PNG figures.
 
 Reads every stage's metrics, curves, samples and responses (a stage that did not run is shown
-as "not run"), params.yaml, what the checkpoints recorded, and the plot definitions in dvc.yaml
-(the page draws the curves DVC defines); writes `reports/report.md`,
+as "not run"), params.yaml and what the checkpoints recorded; writes `reports/report.md`,
 `reports/report.html`, `reports/figures/` and `metrics/report.json`. Like every output of the
 pipeline, the page depends only on code, data and params: no wall times, no git commit (dvc.lock
 records which code and params made it).
@@ -17,7 +16,7 @@ from llm.checkpoint import checkpoint_meta
 from llm.errors import run_main
 from llm.io import write_json
 from llm.pipeline.params import load_params
-from llm.pipeline.report import STAGES, ReportInputs, plot_definitions, read_curve, read_json, write_report
+from llm.pipeline.report import STAGES, ReportInputs, read_curve, read_json, write_report
 
 STAGE_METRICS = {stage: Path(f"metrics/{stage}.json") for stage in STAGES}
 CURVES = [
@@ -25,7 +24,6 @@ CURVES = [
     for name in ("pretrain", "finetune_spam", "finetune_spam_accuracy", "finetune_instruct")
 ]
 CONFUSION = Path("metrics/curves/finetune_spam_confusion.json")
-PLOTS = Path("dvc.yaml")  # its top-level `plots:` define the curves
 SAMPLES = Path("data/eval/samples.json")
 RESPONSES = Path("data/instruct/responses.json")
 CHECKPOINTS = {
@@ -43,7 +41,6 @@ def main(params_path: str = "params.yaml") -> dict:
         params=params.model_dump(),  # every setting, those left at their default too
         metrics={stage: read_json(path) for stage, path in STAGE_METRICS.items()},
         curves={path.as_posix(): read_curve(path) for path in CURVES},
-        plots=plot_definitions(PLOTS),
         confusion=read_json(CONFUSION),
         samples=read_json(SAMPLES),
         responses=read_json(RESPONSES),

@@ -84,7 +84,7 @@ class FinetuneStage:
         s = self.settings(load_params(params_path))
         self.load_data(s)
         self.device = select_device(s.device)
-        keep_freed_memory()  # ~20% faster steps on CPU: see llm/runtime.py
+        keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
         init = init_source(s.init)
         model = load_checkpoint(init)
         train_set, val_set = self.datasets(s, model, get_tokenizer())

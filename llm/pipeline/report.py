@@ -3,10 +3,11 @@
 `write_report` takes what the stages left (any of it may be missing: a stage that did not run
 is shown as "not run") and writes `report.md`, `report.html` and `figures/*.png`.
 
-Each figure is defined once. The curves are the plots `dvc.yaml` defines (title, x, y columns,
-axis labels; what `dvc plots show` and `dvc plots diff` draw): the page renders those definitions
-as PNGs, it does not define its own. The confusion matrix is drawn from the rows DVC's confusion
-plot reads. Only the comparison with the TF-IDF baseline, which DVC does not plot, is the page's.
+Each figure is defined once. `CURVES` are the curves' definitions (title, x, y columns, axis
+labels) in the form of `dvc.yaml`'s top-level `plots:`, which must equal them (a test checks it):
+DVC draws them for `dvc plots show` and `dvc plots diff`, this module draws them as the page's
+PNGs. The confusion matrix is drawn from the rows DVC's confusion plot reads. Only the comparison
+with the TF-IDF baseline, which DVC does not plot, is the page's own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,42 @@ from typing import Any
 from llm.io import atomic_write_bytes
 from llm.pipeline.compare import flatten
 from llm.pipeline.doc import Doc, number
+
+
+def _curve(title: str, x: str, file: str, columns: list[str], x_label: str, y_label: str) -> dict:
+    return {"title": title, "template": "linear", "x": x, "y": {file: columns}, "x_label": x_label, "y_label": y_label}
+
+
+LOSS = ["train_loss", "val_loss"]
+CURVES: dict[str, dict] = {
+    "pretrain_loss": _curve(
+        "Pretraining loss", "tokens_seen", "metrics/curves/pretrain.csv", LOSS, "tokens seen", "cross-entropy loss"
+    ),
+    "finetune_spam_loss": _curve(
+        "Spam finetuning loss",
+        "examples_seen",
+        "metrics/curves/finetune_spam.csv",
+        LOSS,
+        "training examples seen",
+        "cross-entropy loss",
+    ),
+    "finetune_spam_accuracy": _curve(
+        "Spam finetuning accuracy (eval_iter batches, after each epoch)",
+        "epoch",
+        "metrics/curves/finetune_spam_accuracy.csv",
+        ["train_accuracy", "val_accuracy"],
+        "epoch",
+        "accuracy",
+    ),
+    "finetune_instruct_loss": _curve(
+        "Instruction finetuning loss",
+        "tokens_seen",
+        "metrics/curves/finetune_instruct.csv",
+        LOSS,
+        "tokens seen",
+        "cross-entropy loss",
+    ),
+}
 
 STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct")
 _TITLES = {
@@ -37,7 +74,7 @@ class ReportInputs:
     params: dict[str, Any]  # params.yaml as parsed
     metrics: dict[str, dict | None]  # stage -> metrics/<stage>.json, None when it did not run
     curves: dict[str, list[dict] | None] = field(default_factory=dict)  # CSV path -> its rows
-    plots: dict[str, dict] = field(default_factory=dict)  # dvc.yaml's top-level plot definitions, by id
+    plots: dict[str, dict] = field(default_factory=lambda: dict(CURVES))  # the curves to draw, by id
     confusion: list[dict] | None = None  # the spam test set's {actual, predicted} rows (a DVC plot)
     samples: list[dict] | None = None  # data/eval/samples.json
     responses: list[dict] | None = None  # data/instruct/responses.json
@@ -48,16 +85,6 @@ class ReportInputs:
 def read_json(path: Path) -> Any:
     """The parsed file, or None when it is absent (the stage did not run)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def plot_definitions(dvc_yaml: Path) -> dict[str, dict]:
-    """The top-level `plots:` of a dvc.yaml, by id (`- id: {title, x, y: {file: [columns]}, …}`)."""
-    from llm.pipeline.validate import read_yaml
-
-    plots = (read_yaml(dvc_yaml) or {}).get("plots") or []
-    return {
-        pid: defn for entry in plots if isinstance(entry, dict) for pid, defn in entry.items() if isinstance(defn, dict)
-    }
 
 
 def read_curve(path: Path) -> list[dict] | None:
@@ -109,6 +136,10 @@ def plot_definition(defn: dict, rows: list[dict], path: Path, per_epoch: float |
     ax.set(xlabel=defn.get("x_label", defn["x"]), ylabel=defn.get("y_label", ""), title=defn.get("title", ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    if all(float(v).is_integer() for v in x):  # epochs, steps: whole ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if per_epoch:
         top = ax.secondary_xaxis("top", functions=(lambda t: t / per_epoch, lambda e: e * per_epoch))
         top.set_xlabel("epochs")
