@@ -121,3 +121,18 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpt, monkeypatch, capsys):
     monkeypatch.setattr("llm.generate.generate_stream", interrupted)
     assert main(["generate", "--checkpoint", str(path), "--prompt", "Hi"]) == 130
     assert capsys.readouterr().err == "llm generate: interrupted\n"
+
+
+def test_both_console_scripts_are_installed_and_run():
+    """`llm` and the unambiguous `llm-from-scratch` are the same command of llm-from-scratch-dvc."""
+    import subprocess
+    import sys
+    from importlib.metadata import distribution
+    from pathlib import Path
+
+    scripts = {ep.name: ep.value for ep in distribution("llm-from-scratch-dvc").entry_points}
+    assert scripts == {"llm": "llm.cli:main", "llm-from-scratch": "llm.cli:main"}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "llm-from-scratch"), "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("llm-from-scratch ")
