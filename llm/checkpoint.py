@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +90,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
 def _read_meta(file: Path) -> dict[str, Any]:
     """The parsed `config.json` of a checkpoint: the model config and what stages added to it."""
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read model config {file}: {exc}") from None
     if not isinstance(meta, dict):
@@ -110,16 +112,37 @@ def _infer_config(state: Mapping[str, torch.Tensor], source: Path) -> dict[str, 
     return config_from_shapes(state, source, "tok_emb.weight", "pos_emb.weight", "trf_blocks.", qkv_bias)
 
 
+def _unsafe_pickle(file: Path, exc: pickle.UnpicklingError) -> CheckpointError | None:
+    """torch's refusal to unpickle more than tensors (`weights_only=True`) as one line; its own
+    text advises turning the protection off, which this one never does. None: another error."""
+    text = str(exc)
+    if not text.startswith("Weights only load failed"):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)  # the code it would import and run
+    what = f" (it refers to {found.group(1)})" if found else ", or not a checkpoint at all"
+    return CheckpointError(
+        f"{file} is not a safe checkpoint{what}: only tensors and plain containers (dicts, lists, "
+        "numbers, strings) are allowed in a .pth/.pt/.bin file, and it was not loaded"
+    )
+
+
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
         state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refusal = _unsafe_pickle(file, exc)
+        if refusal is not None:
+            raise refusal from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {file} (truncated or not a checkpoint?): {first}") from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {file} (truncated or not a checkpoint?): {first}") from None
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {file}: {type(exc).__name__}: {exc}") from None
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"cannot read checkpoint {file}: {type(exc).__name__}: {detail}") from None
     if isinstance(state, Mapping) and "model_state_dict" in state:  # the book's training checkpoints
         state = state["model_state_dict"]
     if not isinstance(state, Mapping):

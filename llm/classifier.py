@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_checkpoint
 from llm.errors import CheckpointError, LLMError
 from llm.model import GPTModel
-from llm.pooling import POOLINGS, pool  # noqa: F401 - POOLINGS: the names class_logits takes
+from llm.pooling import POOLINGS, pool
 from llm.runtime import autocast
 from llm.tokenizer import EOT_ID, get_tokenizer
 
@@ -40,7 +40,7 @@ def load_sms_spam(path: str | os.PathLike) -> pd.DataFrame:
             path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE, dtype=str,
             keep_default_na=False,
         )  # fmt: skip
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise LLMError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
     if df.empty:
         raise LLMError(f"{path} holds no messages")
@@ -71,7 +71,7 @@ def read_split_csv(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise LLMError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
     missing = [c for c in ("Label", "Text") if c not in df.columns]
     if missing:
@@ -218,8 +218,34 @@ def load_classifier(path, map_location="cpu") -> tuple[GPTModel, dict]:
     checkpoint = read_checkpoint(path)
     if "classifier" not in checkpoint.meta:
         raise CheckpointError(f"{path / CONFIG_NAME} is not a classifier config: no 'classifier' settings")
-    info = checkpoint.meta["classifier"]
+    info = classifier_settings(checkpoint.meta["classifier"], path / CONFIG_NAME, checkpoint.cfg["context_length"])
     return checkpoint.model(map_location, num_classes=info["num_classes"]), info
+
+
+def classifier_settings(info, file, context_length: int) -> dict:
+    """The "classifier" settings of a checkpoint's config.json (`file`, named in errors), checked:
+    `num_classes` a whole number >= 2, `max_length` one in [1, context_length], `pooling` a name
+    of `llm.pooling.POOLINGS`. A missing or unknown value is a CheckpointError, never a guess."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: 'classifier' must be an object with num_classes, max_length and pooling")
+
+    def whole(key: str, low: int, high: int | None = None) -> int:
+        if key not in info:
+            raise CheckpointError(f"{file}: classifier.{key} is missing (a whole number >= {low})")
+        value = info[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            allowed = f"in [{low}, {high}] (the model's context_length)" if high is not None else f">= {low}"
+            raise CheckpointError(f"{file}: classifier.{key} must be a whole number {allowed}, got {value!r}")
+        return value
+
+    whole("num_classes", 2)
+    whole("max_length", 1, context_length)
+    names = ", ".join(POOLINGS)
+    if "pooling" not in info:
+        raise CheckpointError(f"{file}: classifier.pooling is missing (one of {names})")
+    if not isinstance(info["pooling"], str) or info["pooling"] not in POOLINGS:
+        raise CheckpointError(f"{file}: classifier.pooling must be one of {names}, got {info['pooling']!r}")
+    return info
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """`llm` command line: `llm generate …` (also `llm-from-scratch …` and `python -m llm`).
 
 Each command parses its arguments, calls the library, and prints; errors print as one line
-(`llm.errors.report_error`). Wherever a command takes a model (`--model`, alias `--checkpoint`)
-it accepts a checkpoint directory or weights file of this project, the book's `.pth`, a Hugging
-Face GPT-2 directory or file, or a GPT-2 name (`gpt2-small`…, fetched once from the Hub).
+(`llm.errors.report_error`): bad arguments and input, unreadable or unwritable files (a full disk,
+a directory given as --output…) exit 2, Ctrl-C 130; when the reader of standard output goes away
+(`llm generate … | head -c 10`) the command stops quietly with status 141, as a Unix tool killed
+by SIGPIPE does. --output, --out and --markdown are written whole or not at all.
+
+Wherever a command takes a model (`--model`, alias `--checkpoint`) it accepts a checkpoint
+directory or weights file of this project, the book's `.pth`, a Hugging Face GPT-2 directory or
+file, or a GPT-2 name (`gpt2-small`…, fetched once from the Hub).
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from llm.errors import LLMError, report_error
+from llm.errors import LLMError, flush_stdout, report_error, reportable, write_stdout, writing
 
 DISTRIBUTION = "llm-from-scratch-dvc"
 PROGRAMS = ("llm", "llm-from-scratch")  # the console scripts; the first is the default name
+
+
+SEED_MAX = 2**32 - 1  # the seeds numpy takes too
 
 
 def _positive_int(text: str) -> int:
@@ -23,6 +31,42 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, {SEED_MAX}], got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}] (2**32 - 1), got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line as one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        sys.exit(report_error(self.prog, LLMError(message)))
+
+
+def _check_output(flag: str, path: str, directory: bool = False, append: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done: a directory where
+    a file belongs (or the reverse), a path under a regular file, or, for a file replaced whole
+    (not `append`ed to), a device or pipe, which the replacement would not write but remove."""
+    file = Path(path)
+    if directory and file.exists() and not file.is_dir():
+        raise LLMError(f"{flag} {file} is a file: give a directory (new or existing) for the checkpoint")
+    if not directory and file.is_dir():
+        raise LLMError(f"{flag} {file} is a directory: give a file name")
+    if not directory and not append and file.exists() and not file.is_file():
+        hint = " (without --output the results go to standard output)" if flag == "--output" else ""
+        raise LLMError(f"{flag} {file} is not a regular file (a device or pipe): give a file name{hint}")
+    for parent in file.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise LLMError(f"{flag} {file}: {parent} is not a directory")
+            break
 
 
 def version() -> str:
@@ -53,7 +97,7 @@ def program_name(argv0: str | None = None) -> str:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or program_name()
-    parser = argparse.ArgumentParser(prog=prog, description="The book's GPT: generate, classify, answer, export.")
+    parser = _Parser(prog=prog, description="The book's GPT: generate, classify, answer, export.")
     parser.add_argument("--version", action="version", version=f"{prog} {version()}")
     parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -65,7 +109,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--seed", type=_seed, default=None, help=f"seed for reproducible sampling, 0 to {SEED_MAX}")
     gen.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     gen.set_defaults(func=cmd_generate)
@@ -133,10 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if len(ids) > context:
         raise LLMError(f"--prompt is {len(ids)} tokens; this model's context_length is {context}")
     idx = torch.tensor([ids], device=device)
-    out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    steps = generate_stream(
+    steps = generate_stream(  # checks the sampling settings before anything is printed
         model,
         idx,
         max_new_tokens=args.max_new_tokens,
@@ -147,25 +188,43 @@ def cmd_generate(args: argparse.Namespace) -> None:
         eos_id=EOT_ID if args.eos else None,
         seed=args.seed,
     )
+    write_stdout(args.prompt, flush=True)
     for piece in decode_stream(tokenizer, steps):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+        write_stdout(piece, flush=True)
+    write_stdout("\n")
 
 
 def _read_messages(path: str) -> list[str]:
+    """The messages of `--file`: a CSV's 'text' column (read as a whole with the csv module, so a
+    quoted field may span lines), or else one message per non-blank line. UTF-8, a BOM dropped."""
     import csv
+    import io
+
+    from llm.errors import read_text
 
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise LLMError(f"--file {file} does not exist")
-    text = file.read_text(encoding="utf-8")
+    if file.is_dir():
+        raise LLMError(f"--file {file} is a directory: give a text or CSV file")
+    text = read_text(file, "--file")
     if file.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows or "text" not in rows[0]:
-            raise LLMError(f"--file {file}: a CSV needs a 'text' column")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise LLMError(f"--file {file} line {reader.line_num}: not a valid CSV ({exc})") from None
+        columns = reader.fieldnames or []
+        if "text" not in columns:
+            found = ", ".join(repr(c) for c in columns) if columns else "none"
+            raise LLMError(f"--file {file}: a CSV needs a 'text' column (its header has {found})")
+        if not rows:
+            raise LLMError(f"--file {file} has a header but no rows: give one message per row")
         return [row["text"] or "" for row in rows]
-    return [line for line in text.splitlines() if line.strip()]
+    messages = [line for line in text.splitlines() if line.strip()]
+    if not messages:
+        raise LLMError(f"--file {file} holds no messages: give one message per line")
+    return messages
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -178,6 +237,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     if (args.text is None) == (args.file is None):
         raise LLMError("give a message to classify or --file, not both")
+    if args.output != "-":
+        _check_output("--output", args.output)
     messages = [args.text] if args.file is None else _read_messages(args.file)
     if args.file is None and not args.text.strip():
         raise LLMError("the message is empty: give some text to classify")
@@ -189,7 +250,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
         print(f"{args.prog} classify: {n} message(s) truncated to {max_length} tokens", file=sys.stderr)
     probs, labels = scores.spam_probability, scores.labels
     if args.file is None:
-        print(f"{labels[0]} (spam probability {probs[0]:.3f})")
+        write_stdout(f"{labels[0]} (spam probability {probs[0]:.3f})\n")
         return
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -197,9 +258,10 @@ def cmd_classify(args: argparse.Namespace) -> None:
     for message, label, p in zip(messages, labels, probs, strict=True):
         writer.writerow([message, label, f"{p:.4f}"])
     if args.output == "-":
-        sys.stdout.write(buf.getvalue())
+        write_stdout(buf.getvalue())
     else:
-        atomic_write_bytes(args.output, buf.getvalue().encode())
+        with writing(f"--output {args.output}"):
+            atomic_write_bytes(args.output, buf.getvalue().encode())
         print(f"wrote {len(messages)} predictions to {args.output}", file=sys.stderr)
 
 
@@ -216,8 +278,10 @@ def cmd_instruct(args: argparse.Namespace) -> None:
         raise LLMError("give an instruction or --file, not both")
     if args.file is None and not args.instruction.strip():
         raise LLMError("the instruction is empty")
+    if args.output:
+        _check_output("--output", args.output)
     if args.file is not None:
-        entries = [dict(e) for e in load_instructions(Path(args.file), require_output=False)]
+        entries = [dict(e) for e in load_instructions(Path(args.file), require_output=False, what="--file")]
     else:
         entries = [{"instruction": args.instruction, "input": args.input}]
     model = load_checkpoint(args.checkpoint, map_location=select_device(args.device))
@@ -228,25 +292,40 @@ def cmd_instruct(args: argparse.Namespace) -> None:
         for piece in respond(model, entry, style, args.max_new_tokens):
             pieces.append(piece)
             if stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                write_stdout(piece, flush=True)
         entry["model_response"] = "".join(pieces).strip()
         if stream:
-            sys.stdout.write("\n")
+            write_stdout("\n")
     if args.file is not None:
         if args.output:
-            write_json(args.output, entries)
+            with writing(f"--output {args.output}"):
+                write_json(args.output, entries)
             print(f"wrote {len(entries)} responses to {args.output}", file=sys.stderr)
         else:
-            print(json.dumps(entries, indent=2, ensure_ascii=False))
+            write_stdout(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from llm.checkpoint import export_hf, load_checkpoint
 
+    _check_output("--out", args.out, directory=True)
     model = load_checkpoint(args.checkpoint)
-    out = export_hf(model, args.out)
-    print(f"wrote {out}/config.json and {out}/model.safetensors (transformers.GPT2LMHeadModel.from_pretrained)")
+    with writing(f"--out {args.out}"):
+        out = export_hf(model, args.out)
+    usage = "transformers.GPT2LMHeadModel.from_pretrained"
+    write_stdout(f"wrote {out}/config.json and {out}/model.safetensors ({usage})\n")
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append to a file (a job summary collects several tables) all at once: a regular file is
+    replaced by its old bytes and `data` (`atomic_write_bytes`), a device or pipe written to."""
+    from llm.io import atomic_write_bytes
+
+    if path.exists() and not path.is_file():
+        with open(path, "ab") as f:
+            f.write(data)
+    else:
+        atomic_write_bytes(path, (path.read_bytes() if path.exists() else b"") + data)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -260,6 +339,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verdict,
     )
 
+    if args.markdown:
+        _check_output("--markdown", args.markdown, append=True)
     gates = (
         load_gates(args.thresholds) if Path(args.thresholds).is_file() or args.thresholds != "thresholds.yaml" else {}
     )
@@ -273,21 +354,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
         label = f"{args.baseline} -> {args.target or 'workspace'}"
     rows = compare(old, new, gates)
     result = verdict(rows)
-    print(f"metrics {label}")
-    print(table(rows, changed_only=not args.all))
-    print(result)
-    if args.markdown:
+    if args.markdown:  # first: when it cannot be written, the command fails before printing
         md = f"### Metrics: {label}\n\n{table(rows, markdown=True, changed_only=not args.all)}\n\n**{result}**\n"
-        with open(args.markdown, "a", encoding="utf-8") as f:
-            f.write(md)
+        with writing(f"--markdown {args.markdown}"):
+            _append(Path(args.markdown), md.encode())
+    write_stdout(f"metrics {label}\n{table(rows, changed_only=not args.all)}\n{result}\n")
     return 1 if any(r.failed for r in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; a reportable error (`llm.errors.reportable`) is one line and its status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help or --version printed (or a bad command line was reported)
+        try:
+            flush_stdout()
+        except OSError as exc:
+            return report_error(parser.prog, exc)
+        raise
     try:
         code = args.func(args)
-    except (LLMError, KeyboardInterrupt) as exc:
+        flush_stdout()  # a full disk or a closed pipe shows here, not at the interpreter's exit
+    except BaseException as exc:
+        if not reportable(exc):
+            raise
         return report_error(f"{args.prog} {args.command}", exc)
     return code or 0
 

@@ -4,39 +4,81 @@ The book reads the whole text, splits it at `int(train_ratio * len(text))` chara
 tokenizes each side. Here the text is read in large chunks, cut only where GPT-2's
 pre-tokenizer cannot join the two sides (before a space or after a newline that sits between
 two non-space characters), encoded on all cores with `encode_batch`, and appended to the uint16 token files:
-the ids equal the book's whole-text encoding.
+the ids equal the book's whole-text encoding. Every run writes both files, an empty split as an
+empty file, and replaces the old pair only once both are complete. A file that is not UTF-8 is
+one line naming it and the byte where it breaks.
 """
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from llm.data import write_tokens
 from llm.errors import LLMError
+from llm.io import atomic_path
 from llm.progress import Bar, progress_bar
 from llm.tokenizer import EOT_TOKEN, get_tokenizer
 
 DOC_SEPARATOR = EOT_TOKEN  # between files, as GPT-2's training data separates documents
 CHUNK_CHARS = 4 * 2**20
+SPLITS = ("train", "val")
 
 
-def _read_pieces(paths: list[Path], chunk_chars: int) -> Iterator[str]:
+def utf8_error(path: str | os.PathLike, chunk_bytes: int = 2**20) -> str | None:
+    """Where `path` stops being UTF-8 (`byte b'\\xe9' at offset 17 (line 2)`), or None if it is UTF-8.
+
+    Streamed: a file of any size is read in `chunk_bytes` pieces.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0  # bytes and newlines before the current chunk
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            pending = decoder.getstate()[0]  # an incomplete character carried over from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                data = pending + chunk
+                at = offset - len(pending) + exc.start
+                line = lines - pending.count(b"\n") + data.count(b"\n", 0, exc.start) + 1
+                return f"byte {data[exc.start : exc.start + 1]!r} at offset {at} (line {line})"
+            if not chunk:
+                return None
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+
+
+def require_utf8(path: str | os.PathLike, what: str) -> None:
+    """Stop with one line naming `what` and the file if `path` is not UTF-8 text."""
+    try:
+        where = utf8_error(path)
+    except OSError as exc:
+        raise LLMError(f"cannot read {what} ({path}): {exc.strerror or exc}") from None
+    if where is not None:
+        raise LLMError(f"{what} ({path}) is not UTF-8 text: {where}; save it as UTF-8")
+
+
+def _read_pieces(paths: list[Path], chunk_chars: int, names: list[str] | None = None) -> Iterator[str]:
     for i, path in enumerate(paths):
         if i:
             yield DOC_SEPARATOR
-        with open(path, encoding="utf-8") as f:  # universal newlines, as the book's open()
-            while piece := f.read(chunk_chars):
-                yield piece
+        try:
+            with open(path, encoding="utf-8") as f:  # universal newlines, as the book's open()
+                while piece := f.read(chunk_chars):
+                    yield piece
+        except UnicodeDecodeError:
+            what = names[i] if names else "the corpus file"
+            require_utf8(path, what)  # names where the file breaks
+            raise LLMError(f"{what} ({path}) is not UTF-8 text; save it as UTF-8") from None
 
 
-def count_chars(paths: list[Path], chunk_chars: int = CHUNK_CHARS) -> int:
-    try:
-        return sum(len(p) for p in _read_pieces(paths, chunk_chars))
-    except UnicodeDecodeError as exc:
-        raise LLMError(f"corpus is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+def count_chars(paths: list[Path], chunk_chars: int = CHUNK_CHARS, names: list[str] | None = None) -> int:
+    """Characters of the files joined by DOC_SEPARATOR; a file that is not UTF-8 is one line naming it."""
+    return sum(len(p) for p in _read_pieces(paths, chunk_chars, names))
 
 
 def _safe_cut(text: str) -> int:
@@ -87,20 +129,44 @@ def _encode(pieces: Iterable[str], bar: Bar) -> Iterator[list[int]]:
 
 
 def tokenize_corpus(
-    paths: list[Path], train_ratio: float, out_dir: Path, chunk_chars: int = CHUNK_CHARS, progress: bool = True
+    paths: list[Path],
+    train_ratio: float,
+    out_dir: Path,
+    chunk_chars: int = CHUNK_CHARS,
+    progress: bool = True,
+    names: list[str] | None = None,
+    check: Callable[[str, dict[str, int]], None] | None = None,
 ) -> dict[str, int]:
-    """Write `out_dir/train.bin` and `out_dir/val.bin`; return chars and tokens per split."""
-    total = count_chars(paths, chunk_chars)
+    """Write `out_dir/train.bin` and `out_dir/val.bin`; return chars and tokens per split.
+
+    Both files are written on every run, whatever their size (an empty split is an empty file),
+    and replace the old ones together only once both are complete: a failure leaves the previous
+    pair. `check(split, stats)` runs as soon as a split is tokenized (`stats` holds both splits'
+    chars and the tokens so far) and may raise to stop before anything is replaced. `names`
+    name the files in errors (a file that is not UTF-8), in the order of `paths`.
+    """
+    out_dir = Path(out_dir)
+    total = count_chars(paths, chunk_chars, names)
     split_at = int(train_ratio * total)
-    stats = {"train_chars": split_at, "val_chars": total - split_at}
-    with progress_bar(total=total, unit="char", unit_scale=True, desc="tokenize", disable=not progress) as bar:
-        groups = itertools.groupby(_split_stream(paths, split_at, chunk_chars), key=lambda kv: kv[0])
-        written = {"train": 0, "val": 0}
-        for split, group in groups:
-            pieces = (text for _, text in group)
-            written[split] += write_tokens(out_dir / f"{split}.bin", _encode(pieces, bar))
-    for split in ("train", "val"):
-        if not written[split] and not (out_dir / f"{split}.bin").exists():
-            write_tokens(out_dir / f"{split}.bin", [])
-        stats[f"{split}_tokens"] = written[split]
+    stats = {"train_chars": split_at, "val_chars": total - split_at, "train_tokens": 0, "val_tokens": 0}
+    bar_args = {"total": total, "unit": "char", "unit_scale": True, "desc": "tokenize", "disable": not progress}
+    with (
+        progress_bar(**bar_args) as bar,
+        atomic_path(out_dir / "train.bin") as train_tmp,
+        atomic_path(out_dir / "val.bin") as val_tmp,
+    ):
+        tmp = {"train": train_tmp, "val": val_tmp}  # each starts as an empty file
+        pending = list(SPLITS)
+        for split, group in itertools.groupby(_split_stream(paths, split_at, chunk_chars), key=lambda kv: kv[0]):
+            while pending[0] != split:  # a split without any text (the stream yields train, then val)
+                _checked(check, pending.pop(0), stats)
+            stats[f"{split}_tokens"] = write_tokens(tmp[split], _encode((text for _, text in group), bar))
+            _checked(check, pending.pop(0), stats)
+        for split in pending:
+            _checked(check, split, stats)
     return stats
+
+
+def _checked(check: Callable[[str, dict[str, int]], None] | None, split: str, stats: dict[str, int]) -> None:
+    if check is not None:
+        check(split, stats)

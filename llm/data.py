@@ -75,6 +75,33 @@ class TokenWindowDataset(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+def min_split_tokens(max_length: int) -> int:
+    """The fewest tokens that hold one window: `max_length` inputs and the target one further."""
+    return max_length + 1
+
+
+def split_windows(
+    tokens_dir: str | os.PathLike, max_length: int, stride: int
+) -> tuple[TokenWindowDataset, TokenWindowDataset]:
+    """The train and val windows of the token files the prepare_text stage wrote in `tokens_dir`.
+
+    A split too small for one window is one line naming its size and the settings that decide it,
+    never an empty dataset that trains on nothing or evaluates to NaN.
+    """
+    sets = []
+    for split in ("train", "val"):
+        path = Path(tokens_dir) / f"{split}.bin"
+        ds = TokenWindowDataset(read_tokens(path), max_length, stride)
+        if len(ds) == 0:
+            raise LLMError(
+                f"{path} holds {len(ds.ids):,} tokens, too few for one window of train.max_length + 1 = "
+                f"{min_split_tokens(max_length)} tokens; data.corpus, data.train_ratio and train.max_length "
+                "decide the splits: change them and run prepare_text again"
+            )
+        sets.append(ds)
+    return sets[0], sets[1]
+
+
 class GPTDatasetV1(TokenWindowDataset):
     """The book's `GPTDatasetV1(txt, tokenizer, max_length, stride)`, without one tensor per window."""
 

@@ -1,9 +1,32 @@
-"""One exception type for every problem a user can fix, and the one place that turns it into a
-line on stderr and an exit status (`report_error`), for the `llm` command and the stage scripts."""
+"""One exception type for every problem a user can fix, and the one place that turns an error
+ending a command into one line on stderr and an exit status (`report_error`), for the `llm`
+command and the stage scripts (`run_main`).
 
+Exit statuses (`exit_code`):
+
+- 2: bad input, config, file or environment: an `LLMError` (subclasses may set their own), an
+  `OSError` nobody caught earlier (disk full, read-only file system, permission denied, a
+  directory where a file belongs…: the line names the file and the reason), or running out of
+  memory;
+- 130 (128 + SIGINT): Ctrl-C;
+- 141 (128 + SIGPIPE): the reader of standard output went away (`llm generate … | head`); like a
+  Unix tool killed by SIGPIPE this prints nothing, and standard output is pointed at /dev/null so
+  that Python's own flush at exit does not complain either;
+- 1: anything else, a bug, with Python's traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool whose reader went away
+ENVIRONMENT = 2  # an OSError or MemoryError: the same status as bad input
+STDOUT = "<stdout>"  # the name `naming` gives standard output in an OSError
 
 
 class LLMError(Exception):
@@ -27,24 +50,152 @@ class TokenizerError(LLMError):
     """The tokenizer cannot be loaded, or text cannot be encoded."""
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # torch's OutOfMemoryError (CUDA, MPS) is a RuntimeError: named here without importing torch
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and type(exc).__name__ == "OutOfMemoryError")
+
+
+def reportable(exc: BaseException) -> bool:
+    """Whether `exc` ends a command with one line (`report_error`) rather than a traceback."""
+    return isinstance(exc, (LLMError, KeyboardInterrupt, OSError)) or _is_out_of_memory(exc)
+
+
 def exit_code(exc: BaseException) -> int:
-    """The exit status for an error that ends a command: an LLMError's `exit_code`, 130 for
-    Ctrl-C, and 1 for anything else (a bug: Python's own status for an uncaught exception)."""
+    """The exit status for an error that ends a command (the module docstring lists them)."""
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED
     if isinstance(exc, LLMError):
         return exc.exit_code
+    if isinstance(exc, BrokenPipeError):
+        return BROKEN_PIPE
+    if isinstance(exc, OSError) or _is_out_of_memory(exc):
+        return ENVIRONMENT
     return 1
 
 
-def report_error(prog: str, exc: LLMError | KeyboardInterrupt) -> int:
-    """Print `exc` as one line on stderr (`PROG: error: MESSAGE`, or `PROG: interrupted` for Ctrl-C)
-    and return its exit status."""
+def os_reason(exc: OSError) -> str:
+    """The reason of an OSError in words: `os.strerror` of its errno, else its first line."""
+    if exc.errno is not None:
+        return os.strerror(exc.errno)
+    lines = str(exc).strip().splitlines()  # a timeout, a URL error…: no errno
+    return lines[0] if lines else type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`FILE: reason` for an OSError (`os_reason`), on one line; `SRC -> DST: reason` for a
+    rename, just the reason when the error names no file."""
+    reason = os_reason(exc)
+    names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    if names == [STDOUT]:
+        return f"cannot write to standard output: {reason}"
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def describe(exc: BaseException) -> str:
+    """The one-line message for a reportable error (`reportable`)."""
     if isinstance(exc, KeyboardInterrupt):
-        print(f"{prog}: interrupted", file=sys.stderr)
-    else:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return "interrupted"
+    if isinstance(exc, OSError) and not isinstance(exc, LLMError):
+        return describe_os_error(exc)
+    if _is_out_of_memory(exc):
+        lines = str(exc).strip().splitlines()
+        first = lines[0].split(". ")[0].rstrip(".") if lines else ""  # torch adds paragraphs of advice
+        return f"out of memory{f' ({first})' if first else ''}: try a smaller batch or model"
+    return " ".join(str(exc).split("\n"))  # one line, whatever the message
+
+
+def _stdout_gone(exc: BaseException) -> bool:
+    return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.filename == STDOUT)
+
+
+def _point_stdout_at_devnull() -> None:
+    """What Python's documentation advises after a broken pipe: standard output to /dev/null, so
+    that the interpreter's flush at exit does not fail again (and print its own message)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdout, or one without a descriptor (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """Print `exc` as one line on stderr (`PROG: error: MESSAGE`, `PROG: interrupted` for Ctrl-C,
+    nothing for a broken pipe on standard output) and return its exit status (`exit_code`)."""
+    if _stdout_gone(exc):
+        _point_stdout_at_devnull()
+    if not isinstance(exc, BrokenPipeError):
+        line = f"{prog}: interrupted" if isinstance(exc, KeyboardInterrupt) else f"{prog}: error: {describe(exc)}"
+        with suppress(OSError, ValueError):  # stderr itself gone: the exit status is all that is left
+            print(line, file=sys.stderr, flush=True)
     return exit_code(exc)
+
+
+@contextmanager
+def naming(filename: str | os.PathLike) -> Iterator[None]:
+    """Attach `filename` to an OSError raised in the block that names no file: writes that fail
+    (ENOSPC, EIO) carry none. `naming(STDOUT)` marks errors of standard output."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.fspath(filename)
+        raise
+
+
+@contextmanager
+def writing(label: str) -> Iterator[None]:
+    """An OSError in the block, which writes the file `label` names (e.g. "--output out.csv"),
+    as one LLMError naming it, not a temporary file beside it: `cannot write LABEL: reason`."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise LLMError(f"cannot write {label}: {os_reason(exc)}") from None
+
+
+def write_stdout(text: str, flush: bool = False) -> None:
+    """Write `text` to standard output: an OSError (a full disk, a closed descriptor) names it
+    (`report_error` then gives one line), a broken pipe stays a BrokenPipeError (quiet, 141)."""
+    with naming(STDOUT):
+        if sys.stdout is None:  # started with standard output closed (`>&-`)
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+
+
+def flush_stdout() -> None:
+    """Flush standard output now, so that a failure (a full disk, a closed pipe) is reported as
+    one line rather than by the interpreter at exit."""
+    if sys.stdout is not None:
+        with naming(STDOUT):
+            sys.stdout.flush()
+
+
+def read_text(path: str | os.PathLike, what: str = "") -> str:
+    """A UTF-8 text file as `str`, with a leading byte-order mark dropped (Excel writes one) and
+    line ends made "\\n" (as `open` reads them). A file that is not UTF-8 is an LLMError naming
+    the file, the line and the byte offset; one that cannot be read names the reason."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise LLMError(f"cannot read {label}: {os_reason(exc)}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = data[exc.start : exc.start + 1]
+        raise LLMError(
+            f"{label} is not UTF-8 text: byte {bad!r} at offset {exc.start} (line {line}); save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def run_main(
@@ -56,8 +207,8 @@ def run_main(
     positional: tuple[str, str] | None = None,
     **kwargs,
 ) -> None:
-    """Run a script's `main`, turning an LLMError or Ctrl-C into one line on stderr and its exit
-    status (`report_error`).
+    """Run a script's `main`, turning a reportable error (`reportable`: an LLMError, Ctrl-C, an
+    OSError, running out of memory) into one line on stderr and its exit status (`report_error`).
 
     The command line (`argv`, default `sys.argv[1:]`) takes `--help`, which prints `doc` and exits
     0, and, when `positional` is `(name, help)`, one argument passed to `main` first; anything else
@@ -77,5 +228,8 @@ def run_main(
         args = (getattr(parsed, positional[0]), *args)
     try:
         main(*args, **kwargs)
-    except (LLMError, KeyboardInterrupt) as exc:
+        flush_stdout()
+    except BaseException as exc:
+        if not reportable(exc):
+            raise
         sys.exit(report_error(name, exc))

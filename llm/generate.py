@@ -9,6 +9,7 @@ model instead of the whole prefix, and greedy output is the same token for token
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from llm.errors import LLMError
 from llm.model import GPTModel
 from llm.progress import progress_bar
+from llm.tokenizer import token_bytes
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -42,15 +44,20 @@ def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, to
             f"context_size must be in [1, {model.cfg['context_length']}] (the model's "
             f"context_length), got {context_size}"
         )
-    if temperature < 0:
-        raise LLMError(f"temperature must be >= 0, got {temperature}")
+    # NaN fails every comparison, so each check is written to hold only for an allowed value
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise LLMError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise LLMError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise LLMError(f"top_p must be in (0, 1], got {top_p}")
+    vocab = model.cfg["vocab_size"]
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise LLMError(f"the prompt holds token id {bad}; this model's vocab_size is {vocab} (ids 0 to {vocab - 1})")
 
 
-@torch.inference_mode()
 def generate_stream(
     model: GPTModel,
     idx: torch.Tensor,
@@ -67,8 +74,14 @@ def generate_stream(
 
     Rows that already produced `eos_id` yield `eos_id` again; the stream ends (without yielding
     it) at the step where every row has produced `eos_id`, as the book's loop does for B=1.
+    The arguments are checked here, before the first step is asked for (an LLMError).
     """
     _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, top_p)
+    return _steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p, seed, use_cache)
+
+
+@torch.inference_mode()
+def _steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p, seed, use_cache):
     gen = None
     if seed is not None:
         gen = torch.Generator(device=idx.device).manual_seed(seed)
@@ -133,8 +146,9 @@ def generate(
 
 def decode_stream(tokenizer, steps: Iterable[torch.Tensor]) -> Iterator[str]:
     """Text pieces of streamed (1, 1) token ids; BPE tokens can split a UTF-8 character, so the
-    bytes are decoded incrementally."""
+    bytes are decoded incrementally. An id the tokenizer lacks (a model whose vocab_size is larger
+    than GPT-2's 50257) comes out as U+FFFD (`llm.tokenizer.REPLACEMENT`)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in steps:
-        yield decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0])))
+        yield decoder.decode(token_bytes(int(token[0, 0]), tokenizer))
     yield decoder.decode(b"", final=True)

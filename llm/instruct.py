@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llm.errors import LLMError
+from llm.errors import LLMError, read_text
 from llm.generate import decode_stream, generate_stream
 from llm.prompts import (  # noqa: F401 - the book's chapter-7 names, importable from here
     PROMPT_STYLES,
@@ -34,30 +34,38 @@ from llm.tokenizer import EOT_ID, encode, get_tokenizer
 IGNORE_INDEX = -100
 
 
-def load_instructions(path: str | os.PathLike, require_output: bool = True) -> list[dict[str, str]]:
-    """A JSON list or JSONL file of {instruction, input?, output} entries, checked entry by entry."""
+def load_instructions(path: str | os.PathLike, require_output: bool = True, what: str = "") -> list[dict[str, str]]:
+    """A JSON list or JSONL file of {instruction, input?, output} entries, checked entry by entry.
+
+    The file must be UTF-8 (a leading BOM is dropped); errors name it, after `what` (a flag or
+    setting, e.g. "--file") when given, and where in it the problem is.
+    """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise LLMError(f"cannot read {path}: {exc.strerror}") from None
+    text = read_text(path, what)
+    name = f"{what} {path}" if what else str(path)
     try:
         if path.suffix == ".jsonl":
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        data.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise LLMError(f"{name} is not valid JSON Lines: {exc.msg} at line {lineno}") from None
         else:
             data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LLMError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise LLMError(f"{name} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(data, list) or not data:
-        raise LLMError(f"{path} must hold a non-empty list of entries")
+        raise LLMError(f"{name} must hold a non-empty list of entries")
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise LLMError(f"{path}: entry {i} is not an object")
+            raise LLMError(f"{name}: entry {i} is not an object")
         for key in ("instruction", "output") if require_output else ("instruction",):
             if not isinstance(entry.get(key), str):
-                raise LLMError(f"{path}: entry {i} needs a string {key!r}")
+                raise LLMError(f"{name}: entry {i} needs a string {key!r}")
         if not isinstance(entry.get("input", ""), str):
-            raise LLMError(f"{path}: entry {i}: 'input' must be a string")
+            raise LLMError(f"{name}: entry {i}: 'input' must be a string")
     return data
 
 

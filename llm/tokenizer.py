@@ -1,4 +1,9 @@
-"""The GPT-2 BPE tokenizer (tiktoken `gpt2`) and the book's text <-> token-id helpers."""
+"""The GPT-2 BPE tokenizer (tiktoken `gpt2`) and the book's text <-> token-id helpers.
+
+A model may have more outputs than the tokenizer has tokens (a `vocab_size` padded to 50304, as
+nanoGPT does): decoding writes an id the tokenizer lacks as U+FFFD, the replacement character that
+stands for undecodable bytes too, rather than failing in the middle of the text.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from llm.errors import TokenizerError
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 VOCAB_SIZE = 50257
+REPLACEMENT = "\ufffd"  # what an id outside the tokenizer's vocabulary decodes to
 
 
 @functools.cache
@@ -43,7 +49,19 @@ def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> 
     return torch.tensor(encode(text, tokenizer)).unsqueeze(0)
 
 
-def token_ids_to_text(token_ids: torch.Tensor, tokenizer: tiktoken.Encoding | None = None) -> str:
-    """The book's helper: decode a (1, T) or (T,) tensor of ids."""
+def token_bytes(token_id: int, tokenizer: tiktoken.Encoding | None = None) -> bytes:
+    """The bytes of one token id; an id the tokenizer lacks gives REPLACEMENT's bytes."""
     tokenizer = tokenizer or get_tokenizer()
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
+    if 0 <= token_id < tokenizer.n_vocab:
+        return tokenizer.decode_single_token_bytes(token_id)
+    return REPLACEMENT.encode()
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer: tiktoken.Encoding | None = None) -> str:
+    """The book's helper: decode a (1, T) or (T,) tensor of ids (an id the tokenizer lacks as
+    REPLACEMENT)."""
+    tokenizer = tokenizer or get_tokenizer()
+    ids = token_ids.squeeze(0).tolist()
+    if all(0 <= i < tokenizer.n_vocab for i in ids):
+        return tokenizer.decode(ids)
+    return b"".join(token_bytes(i, tokenizer) for i in ids).decode("utf-8", errors="replace")

@@ -6,9 +6,17 @@ With the defaults (constant lr, no warmup, no clipping, no accumulation) it is t
 same use of torch's global RNG, so a run seeded like the book's draws the same data order and
 dropout masks. On top: warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
 a progress bar, and resumable checkpoints (model, optimizer, step, data order, RNG) written
-periodically and on Ctrl-C/SIGTERM, after which a resumed run ends with the same weights as an
-uninterrupted one. Multi-process (DDP) training is not supported yet: nothing initialises a
-process group or averages gradients.
+periodically, on Ctrl-C/SIGTERM and at the end, after which a resumed run ends with the same weights
+and History as an uninterrupted one, whichever step it stopped at. Multi-process (DDP) training is
+not supported yet: nothing initialises a process group or averages gradients.
+
+The resume state of a finished run stays until the stage has written its outputs: a stage runs
+`with trainer: history = trainer.fit(); <write outputs>`, which removes the state only when the block
+succeeds, and holds `<state_path>.lock` meanwhile so that a second run of the stage stops at once. A
+state belongs to one run: its params (`run_id`), its starting weights and its data (both hashed
+before training); any other run ignores it. A NaN or infinite loss stops training before the update
+(`NonFiniteLoss`), keeping the last good state; a periodic checkpoint that cannot be written is a
+warning, not the end of the run.
 
 The book's own functions (`llm.book.ch05.train_model_simple`, `llm.book.ch06.train_classifier_simple`)
 run this loop too: they pass the DataLoaders and the optimizer they are given (`train_loader=`,
@@ -25,16 +33,19 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm.checkpoint import weights_state_dict
+from llm.data import TokenWindowDataset
 from llm.errors import LLMError
-from llm.io import atomic_path
+from llm.io import atomic_path, exclusive_lock
 from llm.losses import calc_loss_batch, calc_loss_loader
 from llm.progress import progress_bar, write
 from llm.runtime import select_device
@@ -47,6 +58,10 @@ class TrainingInterrupted(LLMError):
     """Training stopped on a signal after saving a resumable checkpoint."""
 
     exit_code = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+class NonFiniteLoss(LLMError):
+    """The training loss became NaN or infinite: training stopped before that step's update."""
 
 
 def lm_loss(model, batch, device, precision):
@@ -137,6 +152,7 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)
+    epoch_metrics: list[dict[str, Any]] = field(default_factory=list)  # what on_epoch_end returned
     steps: int = 0
     total_tokens: int = 0
     total_examples: int = 0
@@ -156,6 +172,66 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _feed(h, obj: Any) -> None:
+    """Hash `obj` by content: tensors and arrays by dtype, shape and bytes; token lists, numbers,
+    strings and nested lists, tuples and dicts by value; anything else by its repr."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"A{a.dtype.str}{a.shape}".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    elif isinstance(obj, (list, tuple)):
+        if obj and all(type(x) is int for x in obj):  # a token list: one buffer, not one repr per id
+            h.update(f"I{len(obj)}".encode())
+            h.update(np.asarray(obj, dtype=np.int64))
+        else:
+            h.update(f"L{len(obj)}".encode())
+            for x in obj:
+                _feed(h, x)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=str):
+            _feed(h, str(key))
+            _feed(h, obj[key])
+    else:
+        text = repr(obj).encode()
+        h.update(f"{type(obj).__name__}{len(text)}:".encode() + text)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's tensors (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    _feed(h, dict(weights_state_dict(model)))
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """A hash of what a dataset yields: the token array and windowing of a `TokenWindowDataset`,
+    every item of any other. Reading the items leaves torch's global RNG as it was."""
+    h = hashlib.sha256(type(dataset).__qualname__.encode())
+    if isinstance(dataset, TokenWindowDataset):
+        _feed(h, [len(dataset), dataset.max_length, dataset.stride])
+        _feed(h, np.asarray(dataset.ids))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            _feed(h, len(dataset))
+            for i in range(len(dataset)):
+                _feed(h, dataset[i])
+    return h.hexdigest()[:16]
+
+
+def _reason(exc: BaseException) -> str:
+    """`exc` on one line (torch's write errors span several)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+_SAVE_ERRORS = (OSError, RuntimeError)  # torch.save reports a failed write (a full disk) as RuntimeError
+
+
 class Trainer:
     """`Trainer(model, train_set, val_set, settings).fit()` → History.
 
@@ -164,8 +240,12 @@ class Trainer:
     if given, returns extra metrics logged at every evaluation (e.g. accuracies); `on_epoch_end(model,
     epoch)` runs after each epoch (the model is put back in training mode after it); `on_record(history)`
     runs on rank 0 after each evaluation (the stages rewrite their curve file there, so a curve is on
-    disk while training runs and after an interruption). `state_path` enables resumable checkpoints;
-    `run_id` (e.g. a fingerprint of params and data) guards against resuming a different run.
+    disk while training runs and after an interruption); a dict that `on_epoch_end` returns is kept
+    in `history.epoch_metrics` (saved with the resume state). `state_path` enables resumable
+    checkpoints; `run_id` (e.g. the params) identifies the run, and the Trainer adds hashes of the
+    starting weights and of the training and validation data: a saved state of any other run is
+    ignored. `fit()` saves the final state and keeps it; `clear_state()` removes it, and
+    `with trainer: ...` does so when the block succeeds (see the module's docstring).
 
     Prebuilt loaders and optimizer (what the book's functions receive) instead of datasets:
     `Trainer(model, settings=s, train_loader=..., val_loader=..., optimizer=...)`. The loop then
@@ -211,6 +291,13 @@ class Trainer:
                 "the data order of a given DataLoader cannot be saved and restored"
             )
         self.s = settings
+        self.state_path = Path(state_path) if state_path else None
+        if self.state_path:  # before training and before moving to the device: the weights a run starts from
+            start = {"weights": weights_fingerprint(model), "train": data_fingerprint(train_set)}
+            start["val"] = data_fingerprint(val_set)
+            self.run_id = fingerprint({"run": run_id, "start": start})
+        else:
+            self.run_id = fingerprint(run_id) if run_id is not None else None
         self.device = select_device(settings.device)
         self.model = model.to(self.device)
         self.loss_fn, self.evaluate_fn, self.on_epoch_end = loss_fn, evaluate_fn, on_epoch_end
@@ -255,14 +342,14 @@ class Trainer:
         self.scheduled = bool(settings.warmup_steps) or settings.lr_schedule != "constant"
         self.steps_per_epoch = math.ceil(len(self.train_loader) / settings.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * settings.num_epochs
-        self.state_path = Path(state_path) if state_path else None
-        self.run_id = fingerprint(run_id) if run_id is not None else None
         self.progress, self.log = progress and self.is_main, log
         self.history = History()
         self.step = 0  # optimizer steps done
         self.epoch = 0  # epochs completed
         self.batches_done = 0  # micro-batches done in the current epoch
         self._stop_requested = False
+        self._saved_step: int | None = None  # the step of this run's state on disk, if any
+        self._lock: ExitStack | None = None
 
     # --- evaluation ----------------------------------------------------------------------------
     def _mean_loss(self, loader: DataLoader, num_batches: int | None) -> float:
@@ -297,10 +384,38 @@ class Trainer:
         }
 
     def save_state(self) -> None:
+        """Write the resume state (rank 0, with a state_path); raises if it cannot be written."""
         if not (self.state_path and self.is_main):
             return
         with atomic_path(self.state_path) as tmp:
             torch.save(self._state(), tmp)
+        self._saved_step = self.step
+
+    def _save_or_warn(self) -> None:
+        """A checkpoint on the way: one that cannot be written (a full disk) is a warning."""
+        if self._saved_step == self.step:
+            return
+        try:
+            self.save_state()
+        except _SAVE_ERRORS as exc:
+            kept = f"; the state of step {self._saved_step} is kept" if self._saved_step is not None else ""
+            self.log(
+                f"warning: could not save the resume state to {self.state_path} at step {self.step} "
+                f"({_reason(exc)}){kept}; training goes on"
+            )
+
+    def _interrupt(self) -> None:
+        """Save the state and raise TrainingInterrupted (a requested stop)."""
+        try:
+            self.save_state()
+        except _SAVE_ERRORS as exc:
+            then = f"resumes from step {self._saved_step}" if self._saved_step is not None else "starts over"
+            raise TrainingInterrupted(
+                f"training interrupted at step {self.step}, but its resume state could not be saved to "
+                f"{self.state_path} ({_reason(exc)}): a rerun {then}"
+            ) from exc
+        where = f"; resume state saved to {self.state_path}" if self.state_path else ""
+        raise TrainingInterrupted(f"training interrupted at step {self.step}{where}")
 
     def try_resume(self) -> bool:
         """Load the saved state if it belongs to this run; returns whether training resumes."""
@@ -312,7 +427,7 @@ class Trainer:
             self.log(f"ignoring unreadable training state {self.state_path}: {type(exc).__name__}")
             return False
         if state.get("run_id") != self.run_id:
-            self.log(f"ignoring training state {self.state_path}: it belongs to other params or data")
+            self.log(f"ignoring training state {self.state_path}: it belongs to other params, starting weights or data")
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -320,15 +435,67 @@ class Trainer:
         self.history = History(**state["history"])
         self._resume_rng = (state["rng_cpu"], state["rng_cuda"])
         self._resume_seed = state["epoch_seed"]
-        self.log(f"resuming from {self.state_path}: epoch {self.epoch + 1}, step {self.step}")
+        self._saved_step = self.step
+        if self.epoch >= self.s.num_epochs:  # a failure after training: only the outputs are left to write
+            self.log(f"resuming from {self.state_path}: step {self.step}, training is complete")
+        else:
+            self.log(f"resuming from {self.state_path}: epoch {self.epoch + 1}, step {self.step}")
         return True
 
+    def _restore_rng(self) -> None:
+        torch.set_rng_state(self._resume_rng[0])
+        if self._resume_rng[1]:
+            torch.cuda.set_rng_state_all(self._resume_rng[1])
+
     def clear_state(self) -> None:
+        """Remove the resume state: call it once every output of the run is written."""
         if self.state_path and self.is_main:
             self.state_path.unlink(missing_ok=True)
+            self._saved_step = None
+
+    # --- one run at a time -----------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path | None:
+        return self.state_path.with_name(self.state_path.name + ".lock") if self.state_path else None
+
+    def _acquire(self) -> bool:
+        """Take `<state_path>.lock` unless held; whether this call took it."""
+        if self._lock is not None or not (self.state_path and self.is_main):
+            return False
+        stack = ExitStack()
+        stack.enter_context(exclusive_lock(self.lock_path))  # LockHeld: another run of this stage
+        self._lock = stack
+        return True
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock, stack = None, self._lock
+            stack.close()
+
+    def __enter__(self) -> Trainer:
+        """Hold the lock for the block; on success, remove the resume state (outputs are written)."""
+        self._acquire()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.clear_state()
+        finally:
+            self._release()
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> History:
+        """Train (resuming a saved state of this run), save the final state, return the History."""
+        took = self._acquire()
+        try:
+            self._fit()
+        finally:
+            if took:
+                self._release()
+        return self.history
+
+    def _fit(self) -> None:
         resumed = self.try_resume()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -349,8 +516,8 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self.clear_state()
-        return self.history
+        if self.s.num_epochs > 0:  # kept until the caller has written its outputs (clear_state)
+            self._save_or_warn()
 
     def _loop(self, resumed: bool) -> None:
         s, model, opt = self.s, self.model, self.optimizer
@@ -364,20 +531,24 @@ class Trainer:
             self._record(0.0, bar)
         while self.epoch < s.num_epochs:
             skip = self.batches_done
-            if resumed:
+            if resumed and skip:  # mid-epoch: this epoch's order, from the first batch not done
                 self.sampler.resume(self._resume_seed, skip * s.batch_size)
+            elif resumed:  # at an epoch boundary: the RNG as it was, so the new epoch draws its order
+                self._restore_rng()
+                resumed = False
             batches = iter(self.train_loader)  # draws from the global RNG, as the book's loop does
             if resumed:  # ... so put the RNG back where the interrupted run had it
-                torch.set_rng_state(self._resume_rng[0])
-                if self._resume_rng[1]:
-                    torch.cuda.set_rng_state_all(self._resume_rng[1])
+                self._restore_rng()
                 resumed = False
             accumulated = 0
+            losses = []
             for micro, batch in enumerate(batches, start=skip):
                 if accumulated == 0:
                     opt.zero_grad(set_to_none=True)
+                    losses = []
                 loss = self.loss_fn(model, batch, self.device, s.precision)
                 (loss / s.grad_accum_steps).backward()
+                losses.append(loss.detach())
                 accumulated += 1
                 self.history.total_tokens += batch[0].numel()
                 self.history.total_examples += len(batch[0])
@@ -386,6 +557,7 @@ class Trainer:
                 if accumulated < s.grad_accum_steps and not last_in_epoch:
                     continue
                 accumulated = 0
+                self._check_finite(losses, bar)  # one sync per step, before the update
                 if self.scheduled:
                     lr = lr_at(self.step, self.total_steps, s)
                     for group in opt.param_groups:
@@ -401,24 +573,47 @@ class Trainer:
                 self.history.steps = self.step
                 self.history.train_seconds = base_seconds + time.perf_counter() - start
                 bar.update(1)
-                if last_in_epoch:
+                if last_in_epoch:  # its checkpoint comes after on_epoch_end, which may draw from the RNG
                     self.epoch += 1
                     self.batches_done = 0
-                if self._stop_requested:
-                    self.save_state()
-                    bar.close()
-                    where = f"; resume state saved to {self.state_path}" if self.state_path else ""
-                    raise TrainingInterrupted(f"training interrupted at step {self.step}{where}")
-                if s.checkpoint_every and self.step % s.checkpoint_every == 0:
-                    self.save_state()
+                else:
+                    self._checkpoint(bar)
             if self.batches_done:  # the loader stopped short of its len(): the epoch would never end
                 raise LLMError(
                     f"the training loader yielded {self.batches_done} of its {len(self.train_loader)} batches"
                 )
             if self.on_epoch_end and self.is_main:
-                self.on_epoch_end(model, self.epoch)
+                row = self.on_epoch_end(model, self.epoch)
+                if isinstance(row, dict):
+                    self.history.epoch_metrics.append(row)
                 model.train()
+            self._checkpoint(bar)
+        if resumed:  # resumed at the end: what follows training sees the RNG of an uninterrupted run
+            self._restore_rng()
         bar.close()
+
+    def _checkpoint(self, bar) -> None:
+        """After a step (after on_epoch_end at the end of an epoch): a requested stop, or a periodic save."""
+        if self._stop_requested:
+            bar.close()
+            self._interrupt()
+        if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+            self._save_or_warn()
+
+    def _check_finite(self, losses: list[torch.Tensor], bar) -> None:
+        """Raise NonFiniteLoss if a micro-batch of the step about to be taken had a NaN or inf loss."""
+        if bool(torch.isfinite(torch.stack(losses)).all()):
+            return
+        bar.close()
+        value = next(x.item() for x in losses if not math.isfinite(x.item()))
+        if self._saved_step is not None:
+            kept = f"the last good resume state is {self.state_path} (step {self._saved_step})"
+        else:
+            kept = "no resume state was saved"
+        raise NonFiniteLoss(
+            f"training stopped at step {self.step + 1} (epoch {self.epoch + 1}): the loss is {value}; {kept}; "
+            "a lower learning rate or gradient clipping may help"
+        )
 
     def _record(self, lr: float, bar) -> None:
         train_loss, val_loss, extra = self.evaluate(self.s.eval_iter)

@@ -21,7 +21,8 @@ def main(name: str, sources_path: str | Path = SOURCES) -> Path:
     if name not in sources:
         raise ConfigError(f"{sources_path} has no source {name!r}; it has: {', '.join(sources)}")
     path = fetch_source(sources[name], RAW / name)
-    print(f"{name}: {path} ({path.stat().st_size:,} bytes, sha256 verified)")
+    checked = "sha256 verified" if sources[name].sha256 else "a local file without a sha256: not verified"
+    print(f"{name}: {path} ({path.stat().st_size:,} bytes, {checked})")
     return path
 
 

@@ -31,6 +31,7 @@ from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
+from llm.pipeline.params import check_split_sizes
 from llm.pipeline.sources import is_location
 from llm.progress import progress_bar
 from llm.tokenizer import text_to_token_ids, token_ids_to_text
@@ -60,8 +61,12 @@ class InstructStage(FinetuneStage):
     outputs = OUTPUTS
 
     def load_data(self, f) -> None:
-        data = load_instructions(data_file(f))
+        path = data_file(f)
+        data = load_instructions(path, what="finetune_instruct.data")
         self.train_data, self.test_data, self.val_data = split_instructions(data, f.train_frac, f.test_frac)
+        sizes = {"train": len(self.train_data), "test": len(self.test_data), "validation": len(self.val_data)}
+        fractions = {"train_frac": f.train_frac, "test_frac": f.test_frac}
+        check_split_sizes(self.section, fractions, sizes, f"{len(data):,} entries of {path}", f.batch_size)
 
     def datasets(self, f, model, tokenizer):
         self.tokenizer = tokenizer

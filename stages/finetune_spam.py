@@ -28,6 +28,7 @@ from llm.errors import LLMError, run_main
 from llm.io import write_csv, write_json
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
+from llm.pipeline.params import check_split_sizes
 
 RAW = Path("data/raw/sms_spam")
 SPLITS = Path("data/spam")
@@ -61,11 +62,16 @@ class SpamStage(FinetuneStage):
 
     def load_data(self, f) -> None:
         """The book's balancing and split, written to data/spam/ and read back as the stage keeps them."""
-        df = load_sms_spam(source_file(RAW, "sms_spam"))
+        path = source_file(RAW, "sms_spam")
+        df = load_sms_spam(path)
         if f.balance:
             df = create_balanced_dataset(df, random_state=f.seed)
         df = df.assign(Label=df["Label"].map(LABELS))
         parts = random_split(df, f.train_frac, f.validation_frac, random_state=f.seed)
+        sizes = {name: len(part) for name, part in zip(("train", "validation", "test"), parts, strict=True)}
+        of = f"{len(df):,} messages of {path}" + (" (after finetune_spam.balance)" if f.balance else "")
+        fractions = {"train_frac": f.train_frac, "validation_frac": f.validation_frac}
+        check_split_sizes(self.section, fractions, sizes, of, f.batch_size)  # before anything is written
         for name, part in zip(("train", "validation", "test"), parts, strict=True):
             write_csv(SPLITS / f"{name}.csv", part.to_dict("records"))
         self.splits = {name: read_split_csv(SPLITS / f"{name}.csv") for name in ("train", "validation", "test")}
@@ -95,9 +101,11 @@ class SpamStage(FinetuneStage):
             for name in ("train", "val"):
                 y, pred, _, _ = predict(model, self.loader(f, name), self.device, f.pooling, f.eval_iter)
                 row[f"{name}_accuracy"] = float((y == pred).mean())
-            self.accuracy_rows.append(row)
+            # the rows of epochs before a resume live in the trainer's saved history
+            self.accuracy_rows = [*self.trainer.history.epoch_metrics, row]
             write_csv(ACC_CURVE, self.accuracy_rows)
             print(f"epoch {epoch}: train accuracy {row['train_accuracy']:.2%}, val accuracy {row['val_accuracy']:.2%}")
+            return row  # kept in history.epoch_metrics, and in the resume state
 
         return {"loss_fn": classification_loss(f.pooling), "on_epoch_end": epoch_accuracy}
 
@@ -105,6 +113,7 @@ class SpamStage(FinetuneStage):
         return DataLoader(self.sets[name], batch_size=f.batch_size, shuffle=False)
 
     def evaluate(self, f, model, history):
+        self.accuracy_rows = list(history.epoch_metrics)  # complete even when training resumed
         metrics = {}
         for name in ("train", "val", "test"):
             y, pred, _, loss = predict(model, self.loader(f, name), self.device, f.pooling)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from llm.corpus import tokenize_corpus
-from llm.data import TokenWindowDataset, read_tokens
+from llm.data import min_split_tokens, split_windows
 from llm.errors import LLMError, run_main
 from llm.io import write_json
 from llm.pipeline.download import fetch, source_file, url_file_name
@@ -21,6 +21,7 @@ from llm.pipeline.sources import is_location
 RAW = Path("data/raw")
 TOKENS = Path("data/tokens")
 METRICS = Path("metrics/prepare_text.json")
+SPLIT_NAMES = {"train": "training", "val": "validation"}
 
 
 def corpus_files(params, scratch: Path) -> list[Path]:
@@ -33,20 +34,32 @@ def corpus_files(params, scratch: Path) -> list[Path]:
     return files
 
 
+def split_check(params):
+    """Stop as soon as a split is tokenized if it cannot hold one window: before any file is replaced."""
+    ratio, need = params.data.train_ratio, min_split_tokens(params.train.max_length)
+
+    def check(split: str, stats: dict) -> None:
+        tokens = stats[f"{split}_tokens"]
+        if tokens < need:
+            total = stats["train_chars"] + stats["val_chars"]
+            raise LLMError(
+                f"data.train_ratio {ratio} gives the {SPLIT_NAMES[split]} split {stats[f'{split}_chars']:,} of the "
+                f"corpus's {total:,} characters, {tokens:,} tokens: too few for one window of train.max_length + 1 "
+                f"= {need} tokens; use another data.train_ratio, a longer data.corpus or a smaller train.max_length"
+            )
+
+    return check
+
+
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
+    names = [f"data.corpus entry {entry!r}" for entry in params.data.corpus]
     with tempfile.TemporaryDirectory(prefix="corpus-") as scratch:
-        stats = tokenize_corpus(corpus_files(params, Path(scratch)), params.data.train_ratio, TOKENS)
+        files = corpus_files(params, Path(scratch))
+        stats = tokenize_corpus(files, params.data.train_ratio, TOKENS, names=names, check=split_check(params))
     t = params.train
-    for split in ("train", "val"):
-        n_windows = len(TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride))
-        if n_windows == 0:
-            raise LLMError(
-                f"the {split} split has {stats[f'{split}_tokens']} tokens: too few for one window of "
-                f"train.max_length + 1 = {t.max_length + 1} tokens; use a longer data.corpus, another "
-                f"data.train_ratio or a smaller train.max_length"
-            )
-        stats[f"{split}_windows"] = n_windows
+    train_set, val_set = split_windows(TOKENS, t.max_length, t.stride)
+    stats.update(train_windows=len(train_set), val_windows=len(val_set))
     print(", ".join(f"{k} {v:,}" for k, v in stats.items()))
     metrics = {split: {k: stats[f"{split}_{k}"] for k in ("chars", "tokens", "windows")} for split in ("train", "val")}
     write_json(METRICS, metrics)

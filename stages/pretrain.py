@@ -4,7 +4,9 @@ Reads params `model`, `train` and `data/tokens/`; writes the checkpoint `models/
 loss curve `metrics/curves/pretrain.csv` (rewritten at every evaluation), `metrics/pretrain.json`
 and the wall times in `timings/pretrain.json` (outputs other than the timings depend only on code,
 data and params). Ctrl-C or SIGTERM saves a resumable
-state in `models/resume/`; running the stage again with the same params continues from it.
+state in `models/resume/`; running the stage again with the same params, starting weights and data
+continues from it. The state of a finished run stays until every output is written (a failed
+write resumes at the end), and `models/resume/pretrain.pt.lock` stops a second run at once.
 `model.init` starts from scratch (the book) or from weights: GPT-2 or a checkpoint. With
 `train.num_epochs: 0` the stage only measures the starting weights and passes them on.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llm.checkpoint import load_checkpoint, reconfigure, save_checkpoint
-from llm.data import TokenWindowDataset, read_tokens
+from llm.data import split_windows
 from llm.errors import ConfigError, run_main
 from llm.generate import generate
 from llm.io import write_csv, write_json
@@ -38,9 +40,8 @@ def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     t = params.train
     keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
-    train_ids, val_ids = read_tokens(TOKENS / "train.bin"), read_tokens(TOKENS / "val.bin")
-    train_set = TokenWindowDataset(train_ids, t.max_length, t.stride)
-    val_set = TokenWindowDataset(val_ids, t.max_length, t.stride)
+    train_set, val_set = split_windows(TOKENS, t.max_length, t.stride)  # one line if a split is too small
+    train_ids, val_ids = train_set.ids, val_set.ids
 
     model, cfg = initial_model(params)
     tokenizer = get_tokenizer()
@@ -62,10 +63,21 @@ def main(params_path: str = "params.yaml") -> dict:
         state_path=STATE,
         run_id=run_id,
     )
-    started = time.perf_counter()
-    history = trainer.fit()
-    wall = time.perf_counter() - started
+    with trainer:  # the resume state goes only once every output below is written
+        started = time.perf_counter()
+        history = trainer.fit()
+        wall = time.perf_counter() - started
+        metrics = write_outputs(model, trainer, history, params, run_id, wall)
+    print(
+        f"train loss {metrics['train']['loss']:.3f}, val loss {metrics['val']['loss']:.3f}, "
+        f"{history.train_seconds:.1f} s on {trainer.device}"
+    )
+    return metrics
 
+
+def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
+    """The checkpoint, curve, metrics and timings of a finished run; returns the metrics."""
+    t = params.train
     metrics = {
         "train": {"loss": history.train_loss[-1]},
         "val": {"loss": history.val_loss[-1]},
@@ -91,10 +103,6 @@ def main(params_path: str = "params.yaml") -> dict:
     write_csv(CURVE, history.rows())
     write_json(METRICS, metrics)
     write_json(TIMINGS, {**timings, "device": info["device"]})
-    print(
-        f"train loss {metrics['train']['loss']:.3f}, val loss {metrics['val']['loss']:.3f}, "
-        f"{timings['train_seconds']:.1f} s on {info['device']}"
-    )
     return metrics
 
 

@@ -192,3 +192,62 @@ def test_no_module_imports_a_private_name_of_another():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("llm", "stages")):
                 offenders += [f"{file.name}: {a.name}" for a in node.names if a.name.startswith("_")]
     assert offenders == []
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "module"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_an_unsafe_pickle_is_one_line_that_never_advises_turning_the_protection_off(tmp_path, how, capsys):
+    import pickle
+
+    from llm.cli import main
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    if how == "torch.save":
+        torch.save({"tok_emb.weight": torch.zeros(2, 2), "x": _RunsCode(marker)}, path)
+    elif how == "pickle":
+        path.write_bytes(pickle.dumps(_RunsCode(marker), protocol=4))
+    else:
+        torch.save({"x": torch.nn.ReLU()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a safe checkpoint")
+    assert "only tensors and plain containers" in message and "\n" not in message
+    for advice in ("weights_only", "trust", "add_safe_globals", "Re-running"):
+        assert advice not in message
+    assert not marker.exists()  # nothing ran
+    if how == "torch.save":
+        assert "(it refers to posix.system)" in message
+    if how == "module":
+        assert "(it refers to torch.nn.modules.activation.ReLU)" in message
+    assert main(["generate", "--model", str(path), "--prompt", "Hi"]) == 2
+    assert capsys.readouterr() == ("", f"llm generate: error: {message}\n")
+
+
+def test_a_config_or_weights_that_are_not_utf8_or_pickles_are_one_line(tmp_path):
+    import pickle
+
+    ckpt = save_checkpoint(GPTModel(tiny_cfg()), tmp_path / "c")
+    (ckpt / CONFIG_NAME).write_bytes(b'{"model": "\xff"}')
+    with pytest.raises(CheckpointError, match=f"cannot read model config {ckpt / CONFIG_NAME}: 'utf-8' codec"):
+        load_checkpoint(ckpt)
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle at all")
+    with pytest.raises(CheckpointError, match="junk.pth is not a safe checkpoint, or not a checkpoint at all: "):
+        load_checkpoint(tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes(pickle.dumps({"a": 1}, protocol=2)[:-3])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "cut.pth")
+    assert "\n" not in str(info.value) and "cut.pth" in str(info.value)

@@ -172,6 +172,14 @@ def test_malformed_raw_files_are_rejected(tmp_path, content, message):
         load_sms_spam(path)
 
 
+def test_a_raw_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes("ham\tfine\nspam\tCaf\u00e9 \u00e0 1\u20ac\n".encode("cp1252"))
+    with pytest.raises(LLMError, match="cannot read .*SMSSpamCollection: .*utf-8") as err:
+        load_sms_spam(path)
+    assert "\n" not in str(err.value)
+
+
 def test_quotes_survive_and_split_csv_is_checked(tmp_path):
     raw = tmp_path / "s.txt"
     raw.write_text('ham\t"Hi" she said\nspam\tWIN "now\n')
@@ -264,3 +272,104 @@ def test_cli_classify_text_file_and_errors(classifier_ckpt, tmp_path, capsys):
     bad.write_text("message\nhi\n")
     assert main(["classify", "--checkpoint", str(path), "--file", str(bad)]) == 2
     assert "needs a 'text' column" in capsys.readouterr().err
+
+
+# --- classify --file: UTF-8 text or a CSV read as CSV -------------------------------------------------
+def _classify_file(path, tmp_path, capsys, content: bytes):
+    messages = tmp_path / content[0]
+    messages.write_bytes(content[1])
+    out = tmp_path / "p.csv"
+    code = main(["classify", "--checkpoint", str(path), "--file", str(messages), "--output", str(out)])
+    _, err = capsys.readouterr()
+    return code, err, (pd.read_csv(out, keep_default_na=False) if code == 0 else None), messages
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "offset"),
+    [
+        ("m.txt", b"hello\ncaf\xe9 ouvert\n", 9),  # Latin-1
+        ("m.csv", b"text\nhello\n\xff\xfeh\x00", 11),  # UTF-16 pasted in
+    ],
+)
+def test_cli_classify_a_file_that_is_not_utf8_is_one_line_with_the_offset(
+    classifier_ckpt, tmp_path, capsys, name, data, offset
+):
+    code, err, _, file = _classify_file(classifier_ckpt[0], tmp_path, capsys, (name, data))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--file {file} is not UTF-8 text: byte " in err and f"at offset {offset} (line " in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_cli_classify_csv_is_read_as_csv(classifier_ckpt, tmp_path, capsys):
+    """A quoted field may span lines (one message), Excel's BOM is dropped, other columns ignored."""
+    data = '\ufefftext,id\n"first line\nsecond line, still the first message",1\n"say ""hi""",2\nplain,3\n'
+    code, err, preds, _ = _classify_file(classifier_ckpt[0], tmp_path, capsys, ("m.csv", data.encode()))
+    assert code == 0, err
+    assert preds["text"].tolist() == ["first line\nsecond line, still the first message", 'say "hi"', "plain"]
+    crlf = data.replace("\n", "\r\n").encode()  # Windows line ends: the same messages
+    code, err, again, _ = _classify_file(classifier_ckpt[0], tmp_path, capsys, ("m.csv", crlf))
+    assert code == 0 and again.equals(preds)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("text\n", "has a header but no rows: give one message per row"),
+        ("text,id\n\n", "has a header but no rows"),
+        ("", "a CSV needs a 'text' column (its header has none)"),
+        ("message,id\nhi,1\n", "a CSV needs a 'text' column (its header has 'message', 'id')"),
+        ('text\n"never closed\n', None),  # csv reads it to the end: one message, not an error
+    ],
+)
+def test_cli_classify_csv_without_messages_says_which_is_missing(classifier_ckpt, tmp_path, capsys, data, message):
+    code, err, preds, file = _classify_file(classifier_ckpt[0], tmp_path, capsys, ("m.csv", data.encode()))
+    if message is None:
+        assert code == 0 and preds["text"].tolist() == ["never closed\n"]
+        return
+    assert code == 2 and err.startswith(f"llm classify: error: --file {file}") and err.count("\n") == 1
+    assert message in err
+
+
+def test_cli_classify_a_text_file_without_messages_or_a_directory(classifier_ckpt, tmp_path, capsys):
+    code, err, _, file = _classify_file(classifier_ckpt[0], tmp_path, capsys, ("m.txt", b"\n  \n"))
+    assert code == 2 and err == f"llm classify: error: --file {file} holds no messages: give one message per line\n"
+    assert main(["classify", "--checkpoint", str(classifier_ckpt[0]), "--file", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err == f"llm classify: error: --file {tmp_path} is a directory: give a text or CSV file\n"
+    )
+
+
+# --- a classifier's recorded settings are checked, never guessed -------------------------------------
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"pooling": "max"}, "classifier.pooling must be one of last, last_nonpad, mean, got 'max'"),
+        ({"pooling": None}, "classifier.pooling must be one of last, last_nonpad, mean, got None"),
+        ({"pooling": ...}, "classifier.pooling is missing (one of last, last_nonpad, mean)"),
+        ({"max_length": ...}, "classifier.max_length is missing"),
+        ({"num_classes": ...}, "classifier.num_classes is missing"),
+        ({"max_length": 0}, "classifier.max_length must be a whole number in [1, 16] (the model's context_length)"),
+        ({"max_length": 17}, "classifier.max_length must be a whole number in [1, 16]"),
+        ({"max_length": "8"}, "classifier.max_length must be a whole number in [1, 16]"),
+        ({"num_classes": True}, "classifier.num_classes must be a whole number >= 2, got True"),
+        ({"num_classes": 1}, "classifier.num_classes must be a whole number >= 2, got 1"),
+        ("mean", "'classifier' must be an object with num_classes, max_length and pooling"),
+    ],
+)
+def test_a_bad_classifier_config_names_the_file_and_the_key(classifier_ckpt, tmp_path, capsys, settings, message):
+    import shutil
+
+    path = tmp_path / "spam"
+    shutil.copytree(classifier_ckpt[0], path)
+    config = json.loads((path / "config.json").read_text())
+    if isinstance(settings, dict):
+        config["classifier"].update(settings)
+        config["classifier"] = {k: v for k, v in config["classifier"].items() if v is not ...}
+    else:
+        config["classifier"] = settings
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        load_classifier(path)
+    assert str(info.value).startswith(f"{path / 'config.json'}: ") and message in str(info.value)
+    assert main(["classify", "--checkpoint", str(path), "hello"]) == 2
+    assert capsys.readouterr() == ("", f"llm classify: error: {info.value}\n")

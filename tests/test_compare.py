@@ -2,11 +2,13 @@
 
 import json
 import math
+import shlex
 
 import pytest
 
 from llm.cli import main
 from llm.errors import ConfigError, LLMError
+from llm.io import write_json
 from llm.pipeline.compare import (
     Gate,
     compare,
@@ -181,26 +183,109 @@ def test_cli_fails_when_a_gated_metric_became_null(tmp_path, capsys):
     assert out[-1] == "FAIL: 1 of 1 gated metrics regressed or missing: metrics/pretrain.json:val_loss (missing: null)"
 
 
-def test_dvc_metrics_diff_runs_dvc_and_reports_its_failure_in_one_line(tmp_path, monkeypatch, capsys):
-    """A stand-in `dvc` on PATH: the arguments it gets, its JSON, its failure's last line."""
+def _fake_dvc(tmp_path, monkeypatch, stdout: str):
+    """A stand-in `dvc` on PATH that records its arguments, prints `stdout`, and fails (exit 255)
+    when its last argument is "bad"."""
     fake = tmp_path / "dvc"
-    diff = {"metrics/pretrain.json": {"val.loss": {"old": 5.0, "new": 4.0, "diff": -1.0}}}
     fake.write_text(
         "#!/bin/sh\n"
         f'echo "$@" > {tmp_path / "args"}\n'
-        'if [ "$6" = "bad" ]; then echo "ERROR: unknown revision" >&2; echo "more detail" >&2; exit 255; fi\n'
-        f"echo '{json.dumps(diff)}'\n"
+        "for last; do :; done\n"
+        'if [ "$last" = "bad" ]; then echo "ERROR: unknown revision" >&2; echo "more detail" >&2; exit 255; fi\n'
+        f"printf '%s\\n' {shlex.quote(stdout)}\n"
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
+    return tmp_path / "args"
+
+
+def test_dvc_metrics_diff_runs_dvc_and_reports_its_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    """The arguments it gets (revisions after "--"), its JSON, its failure's last line."""
+    diff = {"metrics/pretrain.json": {"val.loss": {"old": 5.0, "new": 4.0, "diff": -1.0}}}
+    args = _fake_dvc(tmp_path, monkeypatch, json.dumps(diff))
     assert dvc_metrics_diff("HEAD") == diff
-    assert (tmp_path / "args").read_text() == "metrics diff --json --all HEAD\n"
+    assert args.read_text() == "metrics diff --json --all -- HEAD\n"
     assert dvc_metrics_diff("main", "exp-1") == diff
-    assert (tmp_path / "args").read_text() == "metrics diff --json --all main exp-1\n"
-    with pytest.raises(LLMError, match="^metrics diff --json --all HEAD bad failed: more detail$"):
+    assert args.read_text() == "metrics diff --json --all -- main exp-1\n"
+    with pytest.raises(LLMError, match="^metrics diff --json --all -- HEAD bad failed: more detail$"):
         dvc_metrics_diff("HEAD", "bad")
     assert main(["compare", "--baseline", "HEAD", "--target", "bad"]) == 2
-    assert capsys.readouterr().err == "llm compare: error: metrics diff --json --all HEAD bad failed: more detail\n"
+    assert capsys.readouterr().err == "llm compare: error: metrics diff --json --all -- HEAD bad failed: more detail\n"
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     with pytest.raises(LLMError, match="dvc is not on PATH"):
         dvc_metrics_diff("HEAD")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--baseline=--help"],
+            "--baseline '--help': a revision or experiment name must not be empty or start with '-'",
+        ),
+        (["--baseline=-x"], "--baseline '-x': a revision"),
+        (["--target=--all"], "--target '--all': a revision"),
+        (["--baseline="], "--baseline '': a revision"),
+    ],
+)
+def test_a_revision_that_reads_as_an_option_never_reaches_dvc(tmp_path, monkeypatch, capsys, argv, message):
+    args = _fake_dvc(tmp_path, monkeypatch, "{}")
+    assert main(["compare", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"llm compare: error: {message}") and err.count("\n") == 1
+    assert not args.exists()  # dvc never ran
+    with pytest.raises(LLMError, match="must not be empty or start with '-'"):
+        dvc_metrics_diff("HEAD", "--help")
+
+
+@pytest.mark.parametrize(
+    ("stdout", "message"),
+    [
+        ("Usage: dvc metrics diff [-h] ...", "printed no JSON: Usage: dvc metrics diff [-h] ..."),
+        ("", None),  # nothing: no metrics
+        ("[1, 2]", "printed JSON that is not {file: {metric: change}}"),
+        ('{"metrics/a.json": 3}', "printed JSON that is not {file: {metric: change}}"),
+    ],
+)
+def test_dvc_output_that_is_not_a_metrics_diff_is_one_line(tmp_path, monkeypatch, capsys, stdout, message):
+    _fake_dvc(tmp_path, monkeypatch, stdout)
+    if message is None:
+        assert dvc_metrics_diff("HEAD") == {}
+        return
+    assert main(["compare"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"llm compare: error: metrics diff --json --all -- HEAD {message}\n"
+
+
+def test_two_metrics_directories_compare_file_by_file_whatever_their_names(tmp_path, capsys):
+    """`run-a/` against `run-b/`: keyed `metrics/<stage>.json` as DVC and thresholds.yaml key them."""
+    from tests.conftest import ROOT
+
+    for side, loss in (("run-a", 5.0), ("run-b", 5.05)):
+        write_json(tmp_path / side / "pretrain.json", {"val": {"loss": loss}})
+        write_json(tmp_path / side / "sub" / "x.json", {"n": 1})
+    old = read_metrics_dir(tmp_path / "run-a")
+    assert set(old) == {"metrics/pretrain.json", "metrics/sub/x.json"}
+    assert read_metrics_dir(tmp_path / "run-a", prefix="") == {
+        "pretrain.json": {"val.loss": 5.0},
+        "sub/x.json": {"n": 1},
+    }
+    gates = {"metrics/pretrain.json": load_gates(ROOT / "thresholds.yaml")["metrics/pretrain.json"]}
+    rows = compare(old, read_metrics_dir(tmp_path / "run-b"), gates)
+    assert status(rows, "val.loss") == "within"  # compared, not MISSING
+    thresholds = tmp_path / "t.yaml"
+    thresholds.write_text("metrics/pretrain.json:\n  val.loss: {worse: higher, max_change: 2%}\n")
+    args = [
+        "compare",
+        "--old",
+        str(tmp_path / "run-a"),
+        "--new",
+        str(tmp_path / "run-b"),
+        "--thresholds",
+        str(thresholds),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "metrics/pretrain.json:val.loss" in out and out.strip().endswith(
+        "OK: 1 gated metrics within their thresholds"
+    )

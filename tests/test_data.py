@@ -10,7 +10,9 @@ from llm.data import (
     GPTDatasetV1,
     TokenWindowDataset,
     create_dataloader_v1,
+    min_split_tokens,
     read_tokens,
+    split_windows,
     write_tokens,
 )
 from llm.errors import LLMError
@@ -131,3 +133,24 @@ def test_seeded_loader_shuffles_reproducibly():
 
     a, b, c = first_tokens(1), first_tokens(1), first_tokens(2)
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("max_length, stride", [(4, 4), (4, 1), (16, 5)])
+def test_split_windows_need_max_length_plus_one_tokens_in_each_split(tmp_path, max_length, stride):
+    need = min_split_tokens(max_length)
+    assert need == max_length + 1
+    write_tokens(tmp_path / "train.bin", [range(need)])
+    write_tokens(tmp_path / "val.bin", [range(need)])
+    train, val = split_windows(tmp_path, max_length, stride)
+    assert len(train) == len(val) == 1  # exactly one window: the smallest split that works
+    for split in ("train", "val"):
+        write_tokens(tmp_path / f"{split}.bin", [range(need - 1)])
+        with pytest.raises(LLMError) as err:
+            split_windows(tmp_path, max_length, stride)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / f'{split}.bin'} holds {need - 1} tokens, too few for one window of ")
+        assert f"train.max_length + 1 = {need} tokens; data.corpus, data.train_ratio and train.max_length" in message
+        write_tokens(tmp_path / f"{split}.bin", [range(need)])
+    write_tokens(tmp_path / "val.bin", [])
+    with pytest.raises(LLMError, match=r"val.bin holds 0 tokens, too few for one window"):
+        split_windows(tmp_path, max_length, stride)

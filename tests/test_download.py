@@ -6,6 +6,7 @@ A local HTTP server on 127.0.0.1 serves bytes from a dict, honours `Range: bytes
 
 import hashlib
 import io
+import json
 import re
 import socket
 import threading
@@ -402,3 +403,40 @@ def test_fetch_source_leaves_one_verified_file_that_source_file_finds(server, tm
         source_file(tmp_path / "nope", "data.corpus entry 'nope'")
     expected = f"data.corpus entry 'nope' is not a source in sources.yaml (no {tmp_path / 'nope'}/)"
     assert _one_line_error(excinfo) == expected
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"sha256": None}, "sources.yaml: corpus.sha256 is missing for {url}: a download must be verified"),
+        ({}, "sources.yaml: corpus.sha256 is missing for {url}: a download must be verified"),
+        ({"url": "{base}/data.zip", "sha256": SHA}, "sources.yaml: corpus.member is missing for {base}/data.zip: a "
+         ".zip URL needs the name of the file inside it"),
+        ({"url": "{base}/data.zip", "sha256": SHA, "member": None},
+         "sources.yaml: corpus.member is missing for {base}/data.zip"),
+    ],
+)  # fmt: skip
+def test_download_stage_refuses_an_unverifiable_source_before_any_request(server, tmp_path, monkeypatch, entry,
+                                                                            message):  # fmt: skip
+    """sha256: null on an http(s) source used to download without verification and without a word."""
+    from stages import download
+
+    monkeypatch.chdir(tmp_path)
+    server.files["/file.txt"] = BODY
+    url = server.url("/file.txt")
+    source = {"url": url, **{k: v.format(base=server.base) if isinstance(v, str) else v for k, v in entry.items()}}
+    Path("sources.yaml").write_text(json.dumps({"corpus": source}))
+    with pytest.raises(LLMError) as excinfo:
+        download.main("corpus", "sources.yaml")
+    assert _one_line_error(excinfo).startswith(message.format(url=url, base=server.base))
+    assert server.requests == [] and not Path("data").exists()
+
+
+def test_a_users_own_local_file_needs_no_sha256(tmp_path, monkeypatch):
+    from stages import download
+
+    monkeypatch.chdir(tmp_path)
+    Path("mine.txt").write_bytes(BODY)
+    for url in ("mine.txt", (tmp_path / "mine.txt").as_uri()):
+        Path("sources.yaml").write_text(json.dumps({"corpus": {"url": url, "sha256": None}}))
+        assert download.main("corpus", "sources.yaml").read_bytes() == BODY

@@ -144,8 +144,13 @@ def test_stream_yields_one_token_at_a_time_and_restores_training_mode(pair):
     [
         ({"context_size": 17}, "context_size"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature must be >= 0 and finite .*, got nan"),  # was greedy
+        ({"temperature": float("inf")}, "temperature must be >= 0 and finite .*, got inf"),  # was a torch error
+        ({"temperature": float("-inf")}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan"), "temperature": 1.0}, r"top_p must be in \(0, 1\], got nan"),
+        ({"top_p": float("inf"), "temperature": 1.0}, "top_p"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
     ],
 )
@@ -168,3 +173,51 @@ def test_cached_head_copy_follows_weight_updates():
         model.out_head.weight.mul_(-1.0)
     assert generate(model, idx, 8, 24).tolist() == generate(model, idx, 8, 24, use_cache=False).tolist()
     assert "_head_t" not in str(list(model.state_dict()))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": float("nan")}, {"top_p": float("nan")}, {"top_k": 0}, {"context_size": 99}],
+)
+def test_the_stream_checks_its_arguments_before_the_first_step(pair, kwargs):
+    """An error comes from the call itself, so `llm generate` prints nothing before it."""
+    cfg, _, ours = pair
+    with pytest.raises(LLMError):
+        generate_stream(ours, torch.tensor([[1]]), **{"max_new_tokens": 3, "context_size": 16, **kwargs})
+
+
+def test_a_prompt_id_outside_the_models_vocabulary_is_refused(pair):
+    cfg, _, ours = pair
+    small = GPTModel(tiny_cfg(vocab_size=100)).eval()
+    with pytest.raises(
+        LLMError, match=r"^the prompt holds token id 100; this model's vocab_size is 100 \(ids 0 to 99\)$"
+    ):
+        generate(small, torch.tensor([[5, 100]]), 2, 24)
+    with pytest.raises(LLMError, match="token id -1"):
+        generate(ours, torch.tensor([[-1]]), 2, 16)
+
+
+def _padded_vocab_model(favourite: int):
+    """A model with vocab_size 50304 (nanoGPT's padding) whose greedy choice is always `favourite`."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg(vocab_size=50304)).eval()
+    with torch.no_grad():
+        model.out_head.weight.zero_()
+        model.out_head.weight[favourite] = 1.0
+        model.final_norm.scale.fill_(1.0)
+        model.final_norm.shift.fill_(100.0)  # every normalized feature positive: the favourite wins
+    return model
+
+
+def test_ids_beyond_the_tokenizers_vocabulary_decode_as_the_replacement_character(tmp_path, capsys):
+    from llm.checkpoint import save_checkpoint
+    from llm.cli import main
+    from llm.generate import decode_stream
+    from llm.tokenizer import REPLACEMENT, get_tokenizer
+
+    model = _padded_vocab_model(50300)
+    steps = generate_stream(model, torch.tensor([[1, 2]]), 3, 24)
+    assert "".join(decode_stream(get_tokenizer(), steps)) == REPLACEMENT * 3 == "\ufffd" * 3
+    path = save_checkpoint(model, tmp_path / "padded")
+    assert main(["generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr() == ("Hi\ufffd\ufffd\n", "")

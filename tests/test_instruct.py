@@ -192,3 +192,48 @@ def test_the_prompt_style_a_checkpoint_recorded(instruct_ckpt, tmp_path):
     assert recorded_prompt_style(checkpoint_meta(phi)) == "phi3"
     assert recorded_prompt_style(checkpoint_meta("gpt2-small")) == "alpaca"  # a GPT-2 name records nothing
     assert recorded_prompt_style({}) == "alpaca"
+
+
+# --- instruction files: UTF-8, errors that say where ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "data", "offset", "line"),
+    [
+        ("d.json", b'[{"instruction": "caf\xe9", "output": "b"}]', 21, 1),
+        ("d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n', 53, 2),
+    ],
+)
+def test_an_instructions_file_that_is_not_utf8_names_the_byte(tmp_path, name, data, offset, line):
+    """What `llm instruct --file` and the finetune_instruct stage (`finetune_instruct.data`) read."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(LLMError) as info:
+        load_instructions(path)
+    assert str(info.value).startswith(f"{path} is not UTF-8 text: byte ")
+    assert f"at offset {offset} (line {line})" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_instructions_file_with_a_bom_or_crlf_reads_as_without(tmp_path):
+    entries = [{"instruction": "Name a color.", "input": "", "output": "Blue."}]
+    text = json.dumps(entries, indent=2)
+    (tmp_path / "a.json").write_text(text)
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert load_instructions(tmp_path / "a.json") == load_instructions(tmp_path / "b.json") == entries
+
+
+def test_a_bad_jsonl_line_is_named_by_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": \n')
+    with pytest.raises(LLMError, match=f"^{path} is not valid JSON Lines: Expecting value at line 3$"):
+        load_instructions(path)
+
+
+def test_cli_instruct_file_errors_are_one_line_naming_the_flag(instruct_ckpt, tmp_path, capsys):
+    bad = tmp_path / "q.json"
+    bad.write_bytes(b'[{"instruction": "\xe9"}]')
+    for file, message in [
+        (bad, f"--file {bad} is not UTF-8 text: byte b'\\xe9' at offset 18 (line 1)"),
+        (tmp_path / "none.json", f"cannot read --file {tmp_path / 'none.json'}: No such file or directory"),
+    ]:
+        assert main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(file)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"llm instruct: error: {message}") and err.count("\n") == 1

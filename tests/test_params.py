@@ -2,15 +2,32 @@
 
 import copy
 import json
+import math
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from pydantic import BaseModel
 
 from llm.errors import ConfigError
-from llm.pipeline.params import Params, load_params, parse_params, schema_text
+from llm.model import PRESETS, GPTModel
+from llm.pipeline import params as params_module
+from llm.pipeline.params import (
+    MAX_MASK_BYTES,
+    MAX_PARAMS,
+    MAX_SEED,
+    Params,
+    estimate_params,
+    load_params,
+    mask_bytes,
+    parse_params,
+    schema_text,
+)
 from llm.pipeline.sources import load_sources, parse_sources
 from llm.pooling import POOLINGS
 from llm.prompts import PROMPT_STYLES
+from llm.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 from tests.conftest import committed, committed_yaml
 
 RAW = committed_yaml("params.yaml")  # the committed defaults, whatever `dvc exp apply` left in the workspace
@@ -79,12 +96,16 @@ def test_preset_and_overrides():
         ("train.precision", "fp16", "train.precision must be one of fp32, bf16-mixed; got 'fp16'"),
         ("train.lr_schedule", "linear", "train.lr_schedule must be one of constant, cosine; got 'linear'"),
         ("eval.top_k", 0, "eval.top_k must be > 0"),
-        ("finetune_spam.train_frac", 0.95, "finetune_spam.train_frac and validation_frac must be in (0, 1)"),
+        (
+            "finetune_spam.train_frac",
+            0.95,
+            "finetune_spam.train_frac and finetune_spam.validation_frac must be in (0, 1)",
+        ),
         ("finetune_spam.pooling", "max", "finetune_spam.pooling must be one of last, last_nonpad, mean; got 'max'"),
         ("finetune_spam.trainable_blocks", -2, "finetune_spam.trainable_blocks must be >= -1"),
         ("finetune_spam.lr", 0, "finetune_spam.lr must be > 0"),
         ("finetune_spam.min_lr", 0.1, "finetune_spam.min_lr (0.1) must be <= lr (0.0002)"),
-        ("finetune_instruct.test_frac", 0.2, "finetune_instruct.train_frac and test_frac must be in (0, 1)"),
+        ("finetune_instruct.test_frac", 0.2, "finetune_instruct.train_frac and finetune_instruct.test_frac must be in"),
         ("finetune_instruct.prompt_style", "chatml", "finetune_instruct.prompt_style must be one of alpaca, phi3"),
         ("finetune_instruct.judge", "gpt4", "finetune_instruct.judge must be one of none, ollama"),
         ("finetune_instruct.num_epochs", 0, "finetune_instruct.num_epochs must be > 0"),
@@ -179,3 +200,243 @@ def test_the_committed_json_schema_is_current_and_accepts_params_yaml():
     for path, value in [("finetune_spam.pooling", "max"), ("train.lrr", 1), ("train.lr", -1)]:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(with_change(path, value), schema)
+
+
+# --- fuzzing: every key of every section, every kind of bad value ---------------------------------
+SECTIONS = {name: field.annotation for name, field in Params.model_fields.items()}
+FIELDS = [(section, key) for section, model in SECTIONS.items() for key in model.model_fields]
+FUZZ = [
+    None, True, False, 0, 1, -1, 2, 2**31, MAX_SEED + 1, 2**64, -(2**63), 10**400,
+    0.0, 0.5, -0.5, 1.0, 1.5, 1e-320, 1e-300, 1e308, -1e308, math.nan, math.inf, -math.inf,
+    "", " ", "x", "1", "0.1", "null", "auto", "cuda:0", "scratch", "gpt2-small", "\n",
+    [], [""], ["x"], [1], [None], {}, {"a": 1},
+]  # fmt: skip
+
+
+def assert_usable(p: Params):
+    """What the code does first with settings that validated, on the cheap: none of it may fail."""
+    tokenizer = get_tokenizer()
+    for seed in (p.train.seed, p.eval.seed, p.finetune_spam.seed, p.finetune_instruct.seed):
+        np.random.RandomState(seed)  # numpy and pandas' random_state
+        torch.Generator().manual_seed(seed)
+    for loop in (p.train, p.finetune_spam, p.finetune_instruct):
+        assert 0 < 1 - loop.lr * loop.weight_decay <= 1  # AdamW's decay factor per step
+        assert 0 <= loop.min_lr <= loop.lr and math.isfinite(loop.grad_clip)
+        if loop.device != "auto":
+            torch.device(loop.device)
+    if p.eval.temperature > 0:  # generate's sampling, with a top_k-masked logit
+        logits = torch.tensor([[40.0, -40.0, float("-inf")]])
+        assert torch.softmax(logits / p.eval.temperature, dim=-1)[:, :2].isfinite().all()
+    if p.finetune_instruct.eos_id is not None:
+        tokenizer.decode([p.finetune_instruct.eos_id])
+    cfg = p.model.config()
+    tokenizer.decode([cfg["vocab_size"] - 1])  # the largest id the model can sample
+    if p.model.init == "scratch":  # a model that can be built, and saved with the book's masks
+        assert estimate_params(cfg) <= MAX_PARAMS and mask_bytes(cfg) <= MAX_MASK_BYTES
+        with torch.device("meta"):  # the shapes, nothing allocated
+            assert GPTModel(cfg).num_params() == estimate_params(cfg)
+
+
+def assert_one_line_naming(raw, key):
+    """`raw` validates into usable settings, or is refused by a ConfigError of one line that names `key`."""
+    try:
+        params = parse_params(raw)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message and "\r" not in message, message
+        assert key in message, f"{key!r} not named in: {message}"
+    else:
+        assert_usable(params)
+    # any other exception type fails the test as it is
+
+
+def test_fuzz_covers_every_section_and_key():
+    assert set(SECTIONS) == {"data", "model", "train", "eval", "finetune_spam", "finetune_instruct"}
+    assert all(isinstance(m, type) and issubclass(m, BaseModel) for m in SECTIONS.values())
+    assert len(FIELDS) > 80
+
+
+@pytest.mark.parametrize("section, key", FIELDS, ids=[f"{s}.{k}" for s, k in FIELDS])
+def test_fuzz_every_value_validates_or_names_the_key(section, key):
+    for value in FUZZ:
+        assert_one_line_naming(with_change(f"{section}.{key}", value), f"{section}.{key}")
+    # missing: the committed default
+    raw = with_change(f"{section}.{key}", KeyError) if key in RAW.get(section, {}) else copy.deepcopy(RAW)
+    assert getattr(getattr(parse_params(raw), section), key) == getattr(getattr(Params(), section), key)
+    # unknown and misspelled keys
+    fields = SECTIONS[section].model_fields
+    for typo in {key + "s", key[:-1], key.upper(), key.replace("_", "-"), key.replace("_", ""), f" {key}"}:
+        if typo in fields:
+            continue
+        raw = copy.deepcopy(RAW)
+        raw[section][typo] = raw[section].get(key, 1)
+        with pytest.raises(ConfigError) as err:
+            parse_params(raw)
+        assert str(err.value).startswith(f"unknown key {section}.{typo}; allowed: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_fuzz_sections(section):
+    raw = copy.deepcopy(RAW)
+    del raw[section]  # a missing section takes the committed defaults
+    assert getattr(parse_params(raw), section) == getattr(Params(), section)
+    for value in (None, [], [1], "x", "", 0, 1.5, math.nan, True):
+        raw = copy.deepcopy(RAW)
+        raw[section] = value
+        with pytest.raises(ConfigError) as err:
+            parse_params(raw)
+        assert str(err.value).startswith(f"{section} must be a mapping") and "\n" not in str(err.value)
+    for typo in {section + "s", section[:-1], section.upper(), section.replace("_", "-"), "x" + section} - {section}:
+        raw = copy.deepcopy(RAW)
+        raw[typo] = raw[section]
+        with pytest.raises(ConfigError) as err:
+            parse_params(raw)
+        assert str(err.value).startswith(f"unknown key {typo}; allowed: data, model, train") and "\n" not in str(
+            err.value
+        )
+
+
+def test_fuzz_the_whole_file():
+    assert parse_params(None) == Params()  # an empty file: every default
+    for value in ([], "x", 3, 1.5, True, [RAW]):
+        with pytest.raises(ConfigError) as err:
+            parse_params(value)
+        assert "must be a mapping" in str(err.value) and "\n" not in str(err.value)
+    for key in (1, None, "", "bogus", "eval ", "Eval"):
+        raw = {**copy.deepcopy(RAW), key: {}}
+        with pytest.raises(ConfigError) as err:
+            parse_params(raw)
+        assert str(err.value).startswith(f"unknown key {key}") and "\n" not in str(err.value)
+    del RAW["eval"]  # a file without an eval section (restored below)
+    try:
+        assert parse_params(RAW).eval == Params().eval
+    finally:
+        RAW["eval"] = committed_yaml("params.yaml")["eval"]
+
+
+# --- the bounds that keep a run possible -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "path, good, bad, message",
+    [
+        ("train.seed", [0, MAX_SEED], [-1, MAX_SEED + 1], "train.seed must be"),
+        ("eval.seed", [0, MAX_SEED], [-1, 2**64], "eval.seed must be"),
+        ("finetune_spam.seed", [MAX_SEED], [MAX_SEED + 1], "finetune_spam.seed must be <= 4294967295"),
+        ("finetune_instruct.seed", [0], [-5], "finetune_instruct.seed must be >= 0, got -5"),
+        ("train.lr", [1e-9, 1.0], [1.0001, 10.0, 1e308], "train.lr must be <= 1"),
+        ("finetune_spam.lr", [1.0], [2.0], "finetune_spam.lr must be <= 1"),
+        ("finetune_instruct.lr", [0.5], [3.0], "finetune_instruct.lr must be <= 1"),
+        ("train.weight_decay", [0, 0.01, 1.0], [1.5, 1e308], "train.weight_decay must be <= 1"),
+        ("train.grad_clip", [0.0, 1.0, 1e308], [-1.0, math.inf, math.nan], "train.grad_clip must be"),
+        ("train.min_lr", [0.0, 0.0004], [math.inf, -1e-9], "train.min_lr must be"),
+        ("finetune_instruct.eos_id", [0, 50256, None], [50257, -1], "finetune_instruct.eos_id must be"),
+        ("model.vocab_size", [50257, 1000], [50258, 10**9], "model.vocab_size must be <= 50257"),
+        ("train.device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"], ["gpu", "", "cuda:", "CPU", "cuda:x"],
+         "train.device must be one of auto, cpu, cuda, cuda:N, mps; got"),
+        ("finetune_spam.device", ["cuda:1"], ["tpu"], "finetune_spam.device must be one of"),
+        ("eval.temperature", [0, 0.001, 1.4, 100], [1e-4, 1e-300, 100.5, 1e308], "eval.temperature must be"),
+        ("eval.prompts", [["a", "b"]], [[""], ["a", ""]], "eval.prompts."),
+        ("data.corpus", ["x.txt", ["a", "b"]], ["", ["a", ""]], "data.corpus.0" if False else "data.corpus."),
+        ("finetune_instruct.data", ["my.json"], [""], "finetune_instruct.data must not be empty"),
+    ],
+)  # fmt: skip
+def test_bounds(path, good, bad, message):
+    for value in good:
+        parse_params(with_change(path, value))
+    for value in bad:
+        with pytest.raises(ConfigError) as err:
+            parse_params(with_change(path, value))
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_lr_times_weight_decay_stays_below_one():
+    raw = with_change("train.lr", 1.0)
+    raw["train"]["weight_decay"] = 1.0
+    with pytest.raises(ConfigError, match=r"^train.weight_decay \(1.0\) times lr \(1.0\) must be < 1"):
+        parse_params(raw)
+    raw["train"]["weight_decay"] = 0.99
+    assert parse_params(raw).train.weight_decay == 0.99
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_parameter_estimate_is_exact(preset):
+    with torch.device("meta"):  # shapes only: nothing allocated
+        for cfg in (PRESETS[preset], {**PRESETS[preset], "qkv_bias": not PRESETS[preset]["qkv_bias"]}):
+            assert estimate_params(cfg) == GPTModel(cfg).num_params()
+    assert estimate_params(PRESETS[preset]) <= MAX_PARAMS and mask_bytes(PRESETS[preset]) <= MAX_MASK_BYTES
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"emb_dim": 10**6}, "model: model.emb_dim give 48,100,812,000,000 parameters, more than the limit of "
+         "2,000,000,000 (preset gpt2-xl: 1,638,022,400); choose smaller sizes"),
+        ({"n_layers": 10**5, "emb_dim": 512, "n_heads": 8}, "model: model.emb_dim, model.n_heads, model.n_layers give"),
+        ({"preset": "gpt2-xl", "n_layers": 60}, "model: model.n_layers give 2,"),
+        ({"context_length": 10**8}, "model: model.context_length give"),
+        ({"context_length": 20_000}, "model: model.context_length: preset mini's n_layers (4) attention masks of "
+         "model.context_length (20000) squared floats take 6.0 GiB in every checkpoint, more than the limit of 4 GiB"),
+        ({"n_heads": 3}, "model: preset mini's emb_dim (256) must be divisible by model.n_heads (3)"),
+        ({"emb_dim": 102}, "model: model.emb_dim (102) must be divisible by preset mini's n_heads (4)"),
+        ({"context_length": 128}, "train.max_length (256) must be <= model.context_length (128)"),
+    ],
+)  # fmt: skip
+def test_absurd_shapes_are_refused_before_allocation(changes, message):
+    raw = copy.deepcopy(RAW)
+    raw["model"].update(changes)
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    # from weights the shape is theirs: only the divisibility of an explicit override is checked here
+    raw["model"]["init"] = "gpt2-small"
+    if "n_heads" not in changes and "emb_dim" not in changes or "n_layers" in changes:
+        parse_params(raw)
+
+
+def test_the_largest_allowed_context_fits_the_mask_limit():
+    raw = with_change("model.context_length", 16384)  # 4 layers x 16384^2 x 4 bytes = 4 GiB exactly
+    assert parse_params(raw).model.config()["context_length"] == 16384
+
+
+# --- sources.yaml: every download verified ----------------------------------------------------------
+SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"url": "https://h/x.txt", "sha256": None}, "x.sha256 is missing for https://h/x.txt: a download must be "
+         "verified; set it to the file's sha256 (of the member, for a zip). Only a local path or file:// URL may go "
+         "without one"),
+        ({"url": "http://h/x.txt"}, "x.sha256 is missing for http://h/x.txt"),
+        ({"url": "ftp://h/x.txt"}, "x.sha256 is missing for ftp://h/x.txt"),
+        ({"url": "https://h/a.zip", "sha256": SHA}, "x.member is missing for https://h/a.zip: a .zip URL needs the "
+         "name of the file inside it"),
+        ({"url": "https://h/A.ZIP?dl=1", "sha256": SHA, "member": None}, "x.member is missing"),
+        ({"url": "file:///d/a.zip"}, "x.member is missing for file:///d/a.zip"),
+        ({"url": "https://h/a.zip", "sha256": SHA, "member": ""}, "x.member must not be empty"),
+        ({"url": "", "sha256": SHA}, "x.url must not be empty"),
+        ({"sha256": SHA}, "missing key x.url"),
+        ({"url": "https://h/x.txt", "sha256": SHA.upper()[:63]}, "x.sha256 must be 64 hex digits"),
+        ({"url": 3}, "x.url must be a string, got 3"),
+        (None, "x must be a mapping, got None"),
+    ],
+)  # fmt: skip
+def test_sources_must_be_verifiable(source, message):
+    with pytest.raises(ConfigError) as err:
+        parse_sources({"x": source})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_unverified_sources_only_for_a_users_own_files(tmp_path):
+    for url in ("my/corpus.txt", "corpus.txt", "file:///home/me/corpus.txt", "file:corpus.txt", "/abs/c.zip"):
+        source = {"url": url, "member": "c.txt"} if url.endswith(".zip") else {"url": url}
+        assert parse_sources({"x": source})["x"].sha256 is None
+    assert parse_sources({"x": {"url": "https://h/x", "sha256": SHA}})["x"].member is None
+    text = committed("sources.yaml").replace("  sha256: b41e41a6", "  # sha256: b41e41a6")
+    (tmp_path / "sources.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"^.*sources.yaml: the-verdict.sha256 is missing for https://raw\."):
+        load_sources(tmp_path / "sources.yaml")
+
+
+def test_the_vocabulary_bounds_are_the_tokenizers():
+    assert (params_module.VOCAB_SIZE, params_module.EOT_ID) == (VOCAB_SIZE, EOT_ID) == (get_tokenizer().n_vocab, 50256)

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from llm.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import EOT_ID, REPLACEMENT, get_tokenizer, text_to_token_ids, token_bytes, token_ids_to_text
 from tests.conftest import ROOT
 
 
@@ -18,6 +18,16 @@ def test_gpt2_encoding_and_book_helpers():
     assert token_ids_to_text(ids, tok) == "Every effort moves you"
     assert text_to_token_ids("a<|endoftext|>b", tok).tolist() == [[64, 50256, 65]]
     assert token_ids_to_text(torch.tensor([64, 50256]), tok) == "a<|endoftext|>"
+
+
+def test_ids_the_tokenizer_lacks_decode_as_the_replacement_character():
+    """A model's vocabulary may be padded past GPT-2's 50257 (nanoGPT: 50304): such ids decode as
+    U+FFFD, which already stands for bytes that are not UTF-8, instead of a KeyError."""
+    tok = get_tokenizer()
+    assert REPLACEMENT == "\ufffd"
+    assert token_bytes(64, tok) == b"a" and token_bytes(50300, tok) == token_bytes(-1, tok) == "\ufffd".encode()
+    assert token_ids_to_text(torch.tensor([[64, 50257, 65, 50303]]), tok) == "a\ufffdb\ufffd"
+    assert token_ids_to_text(torch.tensor([[30325, 50300]]), tok) == tok.decode([30325]) + "\ufffd"
 
 
 def _run_offline(cache_dir):

@@ -11,7 +11,8 @@ versioned YAML file:
 A gated metric that got worse by more than its `max_change`, that disappeared, or whose new value
 is null (`write_json` writes NaN and infinities as null) fails as MISSING. The metrics of two
 revisions or experiments come from `dvc metrics diff` (`dvc_metrics_diff`, then `from_dvc_diff`),
-those of two directories from `read_metrics_dir`.
+those of two directories from `read_metrics_dir`. Both key a file as DVC does, by its path in the
+repository (`metrics/pretrain.json`, as the gates name it), whatever the directories are called.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Any
 
 import yaml
 
-from llm.errors import ConfigError, LLMError
+from llm.errors import ConfigError, LLMError, read_text
 from llm.pipeline.doc import markdown_table, number, text_table
 
 Metrics = dict[str, dict[str, float | None]]  # None: null in the file
+METRICS_DIR = "metrics"  # where the stages write their metrics (dvc.yaml), the prefix of the gates' keys
 
 
 @dataclass(frozen=True)
@@ -75,32 +77,54 @@ def flatten(data: Any, prefix: str = "") -> dict[str, float | None]:
     return out
 
 
-def read_metrics_dir(root: str | Path, base: str | Path | None = None) -> Metrics:
-    """Every `*.json` under `root`, keyed by its path relative to `base` (default: root's parent)."""
+def read_metrics_dir(root: str | Path, prefix: str = METRICS_DIR) -> Metrics:
+    """Every `*.json` under `root` (a copy of the workspace's `metrics/`, whatever its name), keyed
+    by `prefix/` and its path relative to `root`: `metrics/pretrain.json`, as DVC and the gates
+    key it, so that `run-a/` and `run-b/` compare file by file."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"metrics directory {root} does not exist")
-    base = Path(base) if base is not None else root.parent
     out = {}
     for file in sorted(root.rglob("*.json")):
+        key = f"{prefix}/{file.relative_to(root).as_posix()}" if prefix else file.relative_to(root).as_posix()
         try:
-            out[file.relative_to(base).as_posix()] = flatten(json.loads(file.read_text(encoding="utf-8")))
+            out[key] = flatten(json.loads(read_text(file)))
         except ValueError as exc:
-            raise ConfigError(f"{file} is not valid JSON: {exc}") from None
+            raise ConfigError(f"{file} is not valid JSON: {' '.join(str(exc).split())}") from None
     return out
+
+
+def check_revision(flag: str, revision: str) -> str:
+    """A git revision or experiment name for dvc's command line: never one that reads as an option."""
+    if not revision.strip() or revision.startswith("-"):
+        raise LLMError(f"{flag} {revision!r}: a revision or experiment name must not be empty or start with '-'")
+    return revision
 
 
 def dvc_metrics_diff(baseline: str, target: str | None = None) -> dict[str, Any]:
     """The parsed `dvc metrics diff --json --all BASELINE [TARGET]` (TARGET: default the workspace)."""
+    check_revision("--baseline", baseline)
+    if target is not None:
+        check_revision("--target", target)
     dvc = shutil.which("dvc")
     if dvc is None:
         raise LLMError("dvc is not on PATH: activate the project's .venv, or compare directories with --old/--new")
-    args = [dvc, "metrics", "diff", "--json", "--all", baseline, *([target] if target else [])]
-    out = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    # "--": what follows is a revision even if it looks like an option (checked above as well)
+    args = [dvc, "metrics", "diff", "--json", "--all", "--", baseline, *([target] if target else [])]
+    out = subprocess.run(
+        args, capture_output=True, text=True, encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL
+    )
     if out.returncode != 0:
         lines = (out.stderr or out.stdout).strip().splitlines()
         raise LLMError(f"{' '.join(args[1:])} failed: {lines[-1] if lines else out.returncode}")
-    return json.loads(out.stdout or "{}")
+    try:
+        diff = json.loads(out.stdout.strip() or "{}")
+    except ValueError:
+        lines = out.stdout.strip().splitlines()
+        raise LLMError(f"{' '.join(args[1:])} printed no JSON: {lines[0][:200] if lines else '(nothing)'}") from None
+    if not isinstance(diff, dict) or not all(isinstance(v, dict) for v in diff.values()):
+        raise LLMError(f"{' '.join(args[1:])} printed JSON that is not {{file: {{metric: change}}}}")
+    return diff
 
 
 def from_dvc_diff(diff: dict[str, Any]) -> tuple[Metrics, Metrics]:
@@ -113,6 +137,8 @@ def from_dvc_diff(diff: dict[str, Any]) -> tuple[Metrics, Metrics]:
     new: Metrics = {}
     for file, entries in diff.items():
         for name, change in entries.items():
+            if not isinstance(change, dict):
+                continue
             sides = {side: change.get(side) for side in ("old", "new")}
             if not any(_is_number(v) for v in sides.values()):
                 continue

@@ -13,6 +13,10 @@ stage's results do not depend on how it is written):
 8. `evaluate`   the stage's metrics and the extra wall times
 9. `save`       the model and the stage's other outputs; then the curve, metrics and timings
 
+Steps 7 to 9 run inside `with trainer:`: the stage holds `<state>.lock` (a second run of it stops
+at once), and the resume state, saved at the end of training, is removed only once every output
+is written. If evaluating or writing fails, a rerun resumes at the end and redoes only steps 8-9.
+
 A third task (say, LoRA finetuning or another classifier) subclasses it and writes steps 2, 4,
 6, 8 and 9 only.
 """
@@ -100,17 +104,19 @@ class FinetuneStage:
             s,
             on_record=lambda h: write_csv(out.curve, h.rows()),
             state_path=out.state,
-            run_id={"params": s.__dict__, "init": str(init), "examples": len(train_set)},
+            run_id={"params": s.__dict__},  # the Trainer adds hashes of the starting weights and of the data
             **self.trainer_options(s),
         )
-        started = time.perf_counter()
-        history = trainer.fit()
-        train_seconds = time.perf_counter() - started
+        self.trainer = trainer  # for the steps: e.g. `trainer.history.epoch_metrics` restored on resume
+        with trainer:  # the resume state goes only once every output below is written
+            started = time.perf_counter()
+            history = trainer.fit()
+            train_seconds = time.perf_counter() - started
 
-        metrics, timings = self.evaluate(s, model, history)
-        self.save(s, model, str(init))
-        write_csv(out.curve, history.rows())
-        write_json(out.metrics, metrics)
-        write_json(out.timings, {"train_seconds": train_seconds, **timings, "device": str(self.device)})
+            metrics, timings = self.evaluate(s, model, history)
+            self.save(s, model, str(init))
+            write_csv(out.curve, history.rows())
+            write_json(out.metrics, metrics)
+            write_json(out.timings, {"train_seconds": train_seconds, **timings, "device": str(self.device)})
         print(self.summary(metrics, train_seconds))
         return metrics

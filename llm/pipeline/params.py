@@ -6,22 +6,26 @@ them equal), so a key deleted from the file keeps its documented value. Allowed 
 the modules that implement them (`llm.model.PRESETS`, `llm.pooling.POOLINGS`,
 `llm.prompts.PROMPT_STYLES`, `llm.runtime.PRECISIONS`, `llm.schedule.LR_SCHEDULES`,
 `llm.judge.JUDGES`). A bad value stops the stage before any work with one line naming
-`section.key`. `params.schema.json`, generated from these models (`python -m llm.pipeline.params`),
+`section.key`. Bounds that keep a run possible (seeds numpy accepts, an lr AdamW can train with,
+a model small enough to build and save) are the constants below, each with its reason; split
+fractions are checked again against the data's size once a finetuning stage has split it
+(`check_split_sizes`). `params.schema.json`, generated from these models (`python -m llm.pipeline.params`),
 lets an editor check params.yaml as you type.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from llm.errors import ConfigError
 from llm.judge import JUDGES
-from llm.model import PRESETS, model_config
+from llm.model import GPT_CONFIG_124M, PRESETS, model_config
 from llm.pipeline.validate import Settings, read_yaml, validate
 from llm.pooling import POOLINGS
 from llm.prompts import PROMPT_STYLES
@@ -40,10 +44,48 @@ def init_source(init: str) -> str:
 
 # Keys that fix the shape of the weights: starting from weights, these come from the checkpoint.
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+
+# --- bounds that keep a run possible (every one is checked before any work) ----------------------
+MAX_SEED = 2**32 - 1
+"""numpy's and pandas' seeds are in [0, 2**32 - 1]; torch takes the same range."""
+MAX_LR = 1.0
+"""Adam moves every weight by about lr per step: above 1 nothing trains."""
+MAX_WEIGHT_DECAY = 1.0
+"""AdamW multiplies every weight by 1 - lr * weight_decay per step: the product must stay below 1."""
+MAX_TEMPERATURE, MIN_TEMPERATURE = 100.0, 1e-3
+"""Logits are divided by the temperature in float32: outside these it overflows to NaN (0 = greedy)."""
+MAX_PARAMS = 2_000_000_000
+"""The largest model built from scratch: the largest preset, gpt2-xl, builds 1.64 billion parameters (its
+head untied, as the book's GPTModel); 2 billion already take 32 GB for the fp32 weights, gradients and AdamW's
+two moments."""
+MAX_MASK_BYTES = 4 * 2**30
+"""Every checkpoint holds the book's attention masks, n_layers float32 context_length x context_length
+matrices, built when it is saved: at most 4 GiB of them (GPT-2 XL's: 0.19 GiB)."""
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:[0-9]+|mps"
+# GPT-2's tokenizer (llm.tokenizer.VOCAB_SIZE, EOT_ID; a test keeps them equal), without importing it
+# here: every stage reads params, and only some tokenize.
+VOCAB_SIZE = GPT_CONFIG_124M["vocab_size"]
+EOT_ID = VOCAB_SIZE - 1
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+LearningRate = Annotated[float, Field(gt=0, le=MAX_LR)]
+
+
+def estimate_params(cfg: dict[str, Any]) -> int:
+    """The parameters of `llm.model.GPTModel(cfg)`, from its config alone (nothing allocated)."""
+    v, c, d, n = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    block = 12 * d * d + 10 * d + (3 * d if cfg["qkv_bias"] else 0)  # attention, feed-forward, two norms
+    return v * d + c * d + n * block + 2 * d + d * v  # embeddings, blocks, final norm, untied head
+
+
+def mask_bytes(cfg: dict[str, Any]) -> int:
+    """Bytes of the book's attention masks that `state_dict()` builds: one float32 T x T per layer."""
+    return cfg["n_layers"] * cfg["context_length"] ** 2 * 4
 
 
 class DataParams(Settings):
-    corpus: list[str] = Field(["the-verdict"], min_length=1)
+    corpus: list[Annotated[str, Field(min_length=1)]] = Field(["the-verdict"], min_length=1)
     """Names in sources.yaml, URLs or local paths; several are joined with <|endoftext|>."""
     train_ratio: float = Field(0.9, gt=0, lt=1)
     """The book's split, on characters."""
@@ -60,7 +102,8 @@ class ModelParams(Settings):
     init: str = "scratch"
     """Where pretraining starts: scratch (the book), a GPT-2 name (gpt2-small ... gpt2-xl) or a checkpoint path.
     From weights, the shape is theirs; only drop_rate and a shorter context_length apply."""
-    vocab_size: int | None = Field(None, gt=0)
+    vocab_size: int | None = Field(None, gt=0, le=VOCAB_SIZE)
+    """At most GPT-2's 50257 token ids: the tokenizer cannot decode larger ones."""
     context_length: int | None = Field(None, gt=0)
     emb_dim: int | None = Field(None, gt=0)
     n_heads: int | None = Field(None, gt=0)
@@ -72,11 +115,38 @@ class ModelParams(Settings):
     def _check(self) -> ModelParams:
         if self.init in ("", "pretrain"):
             raise ValueError(f"model.init {self.init!r}: allowed: scratch, a GPT-2 name or a checkpoint path")
+        overrides = self.overrides()
+        cfg = {**PRESETS[self.preset], **overrides}
+
+        def named(key: str) -> str:  # where a value comes from: this section or the preset
+            return f"model.{key} ({cfg[key]})" if key in overrides else f"preset {self.preset}'s {key} ({cfg[key]})"
+
+        if cfg["emb_dim"] % cfg["n_heads"]:
+            raise ValueError(f"model: {named('emb_dim')} must be divisible by {named('n_heads')}")
+        if self.init == "scratch":  # from weights, the shape is theirs (checked when they are loaded)
+            self._check_size(cfg, overrides, named)
         try:
             self.config()
         except ConfigError as exc:
             raise ValueError(f"model (preset {self.preset} with overrides): {exc}") from None
         return self
+
+    def _check_size(self, cfg: dict[str, Any], overrides: dict[str, Any], named) -> None:
+        """Refuse a shape too large to build (MAX_PARAMS) or to save (MAX_MASK_BYTES), before any allocation."""
+        n_params = estimate_params(cfg)
+        if n_params > MAX_PARAMS:
+            keys = ", ".join(f"model.{k}" for k in SIZE_KEYS if k in overrides) or "model.preset"
+            raise ValueError(
+                f"model: {keys} give {n_params:,} parameters, more than the limit of {MAX_PARAMS:,} "
+                f"(preset gpt2-xl: {estimate_params(PRESETS['gpt2-xl']):,}); choose smaller sizes"
+            )
+        if mask_bytes(cfg) > MAX_MASK_BYTES:
+            keys = ", ".join(f"model.{k}" for k in ("context_length", "n_layers") if k in overrides) or "model.preset"
+            raise ValueError(
+                f"model: {keys}: {named('n_layers')} attention masks of {named('context_length')} squared floats "
+                f"take {mask_bytes(cfg) / 2**30:.1f} GiB in every checkpoint, more than the limit of "
+                f"{MAX_MASK_BYTES // 2**30} GiB; choose a shorter context_length"
+            )
 
     def config(self) -> dict[str, Any]:
         return model_config({**PRESETS[self.preset], **self.overrides()})
@@ -117,12 +187,14 @@ class ModelParams(Settings):
 class LoopParams(Settings):
     """What `llm.trainer.Trainer` reads: shared by pretraining and both finetuning stages."""
 
-    seed: int = 123
+    seed: Seed = 123
     """Model init (or the new head), data order and dropout all follow from it."""
     num_epochs: int = Field(..., gt=0)
     batch_size: int = Field(..., gt=0)
-    lr: float = Field(..., gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    lr: LearningRate
+    """AdamW's learning rate, in (0, 1]."""
+    weight_decay: float = Field(0.1, ge=0, le=MAX_WEIGHT_DECAY)
+    """AdamW's decoupled weight decay, in [0, 1]; lr * weight_decay must be < 1."""
     eval_freq: int = Field(..., gt=0)
     """Optimizer steps between evaluations."""
     eval_iter: int = Field(..., gt=0)
@@ -138,15 +210,27 @@ class LoopParams(Settings):
     grad_accum_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step."""
     precision: Literal[PRECISIONS] = "fp32"
-    device: str = "auto"
-    """auto = cuda, then mps, then cpu."""
+    device: str = Field("auto", json_schema_extra={"pattern": f"^({DEVICE_PATTERN})$"})
+    """auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps."""
     checkpoint_every: int = Field(0, ge=0)
     """Optimizer steps between resumable checkpoints; 0 = only on Ctrl-C/SIGTERM."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _min_lr(self) -> LoopParams:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(
+                f"weight_decay ({self.weight_decay}) times lr ({self.lr}) must be < 1: AdamW multiplies every "
+                "weight by 1 - lr * weight_decay at each step"
+            )
         return self
 
 
@@ -154,7 +238,7 @@ class TrainParams(LoopParams):
     num_epochs: int = Field(10, ge=0)
     """0: only measure the starting weights (with model.init) and pass them on."""
     batch_size: int = Field(2, gt=0)
-    lr: float = Field(0.0004, gt=0)
+    lr: LearningRate = 0.0004
     eval_freq: int = Field(5, gt=0)
     """Optimizer steps between evaluations."""
     eval_iter: int = Field(5, gt=0)
@@ -170,20 +254,54 @@ class TrainParams(LoopParams):
 class EvalParams(Settings):
     init: str = Field("pretrain", min_length=1)
     """The pretrain stage's model, a GPT-2 name or a checkpoint path."""
-    prompts: list[str] = Field(["Every effort moves you"], min_length=1)
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(["Every effort moves you"], min_length=1)
     max_new_tokens: int = Field(25, gt=0)
-    temperature: float = Field(1.4, ge=0)
-    """Chapter 5's sampling example; greedy samples are written too."""
+    temperature: float = Field(1.4, ge=0, le=MAX_TEMPERATURE)
+    """Chapter 5's sampling example; greedy samples are written too. 0 (greedy) or in [0.001, 100]."""
     top_k: int | None = Field(25, gt=0)
-    seed: int = 123
+    seed: Seed = 123
     eval_batches: int | None = Field(None, gt=0)
     """null = the whole split."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {value!r}: "
+                "smaller values overflow float32 logits"
+            )
+        return value
 
 
 def _fractions(section: str, a: str, x: float, b: str, y: float) -> None:
     """Two split fractions, each in (0, 1), leaving something for the third split."""
     if not (0 < x < 1 and 0 < y < 1 and x + y < 1):
-        raise ValueError(f"{section}.{a} and {b} must be in (0, 1) and sum to less than 1, got {x} and {y}")
+        raise ValueError(f"{section}.{a} and {section}.{b} must be in (0, 1) and sum to less than 1, got {x} and {y}")
+
+
+def check_split_sizes(
+    section: str, fractions: dict[str, float], sizes: dict[str, int], of: str, batch_size: int
+) -> None:
+    """The split fractions checked against the data, once a finetuning stage has split it: stop before
+    training if a split came out empty, or the first (training) one holds less than one batch, with
+    one line naming the fraction settings and every split's size.
+
+    `fractions` maps setting names to values (`{"train_frac": 0.85, "test_frac": 0.1}`), `sizes`
+    split names to sizes with the training split first, `of` says what was split ("5 entries of x.json").
+    """
+    (first, n_train), *_ = sizes.items()
+    empty = [name for name, n in sizes.items() if n == 0]
+    if not empty and n_train >= batch_size:
+        return
+    settings = " and ".join(f"{section}.{key} {value}" for key, value in fractions.items())
+    got = ", ".join(f"{n:,} {name}" for name, n in sizes.items())
+    if empty:
+        names = " and ".join([", ".join(empty[:-1]), empty[-1]] if len(empty) > 1 else empty)
+        need = f"the {names} split{'s are' if len(empty) > 1 else ' is'} empty"
+    else:
+        need = f"the {first} split is smaller than one batch of {section}.batch_size = {batch_size}"
+    raise ConfigError(f"{settings} split the {of} into {got}: {need}; use more data or other fractions")
 
 
 class SpamParams(LoopParams):
@@ -203,7 +321,7 @@ class SpamParams(LoopParams):
     num_epochs: int = Field(3, gt=0)
     """The book: 5."""
     batch_size: int = Field(8, gt=0)
-    lr: float = Field(2.0e-4, gt=0)
+    lr: LearningRate = 2.0e-4
     """The book: 5.0e-5."""
     eval_freq: int = Field(50, gt=0)
     eval_iter: int = Field(5, gt=0)
@@ -217,7 +335,7 @@ class SpamParams(LoopParams):
 class InstructParams(LoopParams):
     init: str = Field("pretrain", min_length=1)
     """The pretrain stage's model, a GPT-2 name or a checkpoint path (the book: gpt2-medium)."""
-    data: str = "instructions"
+    data: str = Field("instructions", min_length=1)
     """A name in sources.yaml, or a JSON/JSONL file of {instruction, input, output}."""
     train_frac: float = 0.85
     """The book: 935 / 110 / 55 entries."""
@@ -231,19 +349,19 @@ class InstructParams(LoopParams):
     num_epochs: int = Field(3, gt=0)
     """The book: 2."""
     batch_size: int = Field(8, gt=0)
-    lr: float = Field(5.0e-4, gt=0)
+    lr: LearningRate = 5.0e-4
     """The book: 5.0e-5 for GPT-2 medium; the small model here learns nothing at that rate."""
     eval_freq: int = Field(20, gt=0)
     """The book: 5; every evaluation costs 2 x eval_iter batches."""
     eval_iter: int = Field(5, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     """The book: 256."""
-    eos_id: int | None = Field(50256, ge=0)
-    """Stop generating at <|endoftext|> (the book); null = always max_new_tokens."""
+    eos_id: int | None = Field(50256, ge=0, le=EOT_ID)
+    """Stop generating at this token id, in [0, 50256]: <|endoftext|> (the book); null = always max_new_tokens."""
     judge: Literal[JUDGES] = "none"
     """ollama: score responses 0-100 with a local Ollama server (the book's judge)."""
-    judge_model: str = "llama3"
-    judge_url: str = "http://localhost:11434"
+    judge_model: str = Field("llama3", min_length=1)
+    judge_url: str = Field("http://localhost:11434", min_length=1)
 
     @model_validator(mode="after")
     def _splits(self) -> InstructParams:
@@ -265,9 +383,8 @@ class Params(Settings):
     def _window_fits(self) -> Params:
         context = self.model.config()["context_length"]
         if self.model.init == "scratch" and self.train.max_length > context:
-            raise ValueError(
-                f"train.max_length ({self.train.max_length}) must be <= the model's context_length ({context})"
-            )
+            where = "model.context_length" if self.model.context_length is not None else "the model's context_length"
+            raise ValueError(f"train.max_length ({self.train.max_length}) must be <= {where} ({context})")
         return self
 
 

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import RootModel, field_validator
+from pydantic import Field, RootModel, field_validator, model_validator
 
 from llm.pipeline.validate import Settings, load, validate
 
 
+def is_local(url: str) -> bool:
+    """Whether `url` is a local path or a file:// URL (a user's own file), as the download reads it."""
+    return url.startswith("file:") or "://" not in url
+
+
 class Source(Settings):
-    url: str
+    url: str = Field(min_length=1)
     """https:// URL, file:// URL or local path."""
     sha256: str | None = None
-    """sha256 of the file (of the member, for a zip); null only for a user's own local files."""
-    member: str | None = None
-    """For a zip: the file inside it."""
+    """sha256 of the file (of the member, for a zip); null only for a local path or file:// URL."""
+    member: str | None = Field(None, min_length=1)
+    """For a zip: the file inside it (required for a URL ending in .zip)."""
 
     @field_validator("sha256")
     @classmethod
@@ -29,6 +35,17 @@ class Source(Settings):
         if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
             raise ValueError(f"must be 64 hex digits, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> Source:
+        if self.sha256 is None and not is_local(self.url):
+            raise ValueError(
+                f"sha256 is missing for {self.url}: a download must be verified; set it to the file's sha256 "
+                "(of the member, for a zip). Only a local path or file:// URL may go without one"
+            )
+        if self.member is None and urlsplit(self.url).path.lower().endswith(".zip"):
+            raise ValueError(f"member is missing for {self.url}: a .zip URL needs the name of the file inside it")
+        return self
 
 
 class Sources(RootModel[dict[str, Source]]):

@@ -72,7 +72,7 @@ def one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
     got = f"the string {value!r}" if isinstance(value, str) else repr(value)
     if kind == "missing":
         return f"missing key {key}"
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: a key that is not a string (`1:`)
         parent = _model_at(model, loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent is not None else ""
         return f"unknown key {key}" + (f"; allowed: {allowed}" if allowed else "")
@@ -87,6 +87,7 @@ def one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
         "finite_number": "must be a finite number",
         "list_type": "must be a list",
         "too_short": "must not be empty",
+        "string_too_short": "must not be empty",
         "model_type": "must be a mapping",
         "dict_type": "must be a mapping",
         "model_attributes_type": "must be a mapping",
@@ -96,7 +97,8 @@ def one_line(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"{key} must be {bounds[kind]} {limit:g}, got {value!r}"
+        shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+        return f"{key} must be {bounds[kind]} {shown}, got {value!r}"
     if kind == "value_error" and isinstance(ctx.get("error"), Exception):  # raised by a validator
         message = str(ctx["error"])
         if not loc or message.startswith(key):
