@@ -214,6 +214,9 @@ class LoopParams(Settings):
     """auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps."""
     checkpoint_every: int = Field(0, ge=0)
     """Optimizer steps between resumable checkpoints; 0 = only on Ctrl-C/SIGTERM."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Training processes (DDP, one node); above 1 the stage relaunches itself through torchrun, each process
+    training on batch_size examples per micro-batch and its own shard of every epoch."""
 
     @field_validator("device")
     @classmethod
