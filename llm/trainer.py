@@ -7,8 +7,18 @@ same use of torch's global RNG, so a run seeded like the book's draws the same d
 dropout masks. On top: warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
 a progress bar, and resumable checkpoints (model, optimizer, step, data order, RNG) written
 periodically, on Ctrl-C/SIGTERM and at the end, after which a resumed run ends with the same weights
-and History as an uninterrupted one, whichever step it stopped at. Multi-process (DDP) training is
-not supported yet: nothing initialises a process group or averages gradients.
+and History as an uninterrupted one, whichever step it stopped at.
+
+Multi-process (DDP, `llm.distributed`): when a process group is initialised the Trainer wraps the
+model in `DistributedDataParallel` for the training steps (gradients averaged over the ranks; no
+all-reduce on the micro-batches before the last of an accumulated step, `no_sync`); `batch_size` is
+per process, so a step sees `batch_size * world_size * grad_accum_steps` examples. Every rank takes
+a disjoint, equally long shard of each epoch's permutation, whose seed rank 0 draws and broadcasts.
+Evaluation runs the unwrapped model on each rank's shard and averages the losses over all ranks
+(weighted by their batches), so every rank records the same History; only rank 0 runs `on_record`
+and `on_epoch_end`, logs, and writes the resume state. Dropout: every rank's global RNG is seeded
+alike, so the ranks draw the same dropout masks (on different examples). A stop request or a
+non-finite loss on any rank stops every rank at the same step.
 
 The resume state of a finished run stays until the stage has written its outputs: a stage runs
 `with trainer: history = trainer.fit(); <write outputs>`, which removes the state only when the block
@@ -33,7 +43,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from llm import distributed
 from llm.checkpoint import weights_state_dict
 from llm.data import TokenWindowDataset
 from llm.errors import LLMError
@@ -82,19 +93,20 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return distributed.rank_world()
 
 
 class EpochSampler(Sampler[int]):
     """Shuffles exactly like `RandomSampler(generator=None)`: each pass draws its seed from torch's
     global RNG, so seeding once reproduces the book's data order. The seed of the current pass and
     a start offset can be restored, which is what resuming mid-epoch needs. Each rank takes every
-    `world_size`-th index of the shared permutation."""
+    `world_size`-th index of the shared permutation, whose seed rank 0 draws and broadcasts; with
+    `even`, the last `n % world_size` indices of the permutation are left out so that every rank has
+    as many (the training shards: every rank must take the same number of steps)."""
 
-    def __init__(self, n: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, shuffle: bool, rank: int = 0, world_size: int = 1, even: bool = False):
         self.n, self.shuffle, self.rank, self.world_size = n, shuffle, rank, world_size
+        self.used = n - n % world_size if even else n
         self.seed: int | None = None  # seed of the pass in progress
         self._resume: tuple[int | None, int] | None = None
 
@@ -107,14 +119,16 @@ class EpochSampler(Sampler[int]):
             (self.seed, start), self._resume = self._resume, None
         elif self.shuffle:
             self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            if self.world_size > 1:  # every rank draws (the same RNG use), rank 0's seed counts
+                self.seed = distributed.broadcast_int(self.seed)
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         else:
             order = list(range(self.n))
-        yield from order[self.rank :: self.world_size][start:]
+        yield from order[: self.used][self.rank :: self.world_size][start:]
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        return len(range(self.rank, self.used, self.world_size))
 
 
 @dataclass
@@ -223,6 +237,10 @@ def data_fingerprint(dataset: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
 def _reason(exc: BaseException) -> str:
     """`exc` on one line (torch's write errors span several)."""
     lines = str(exc).strip().splitlines()
@@ -299,7 +317,10 @@ class Trainer:
         else:
             self.run_id = fingerprint(run_id) if run_id is not None else None
         self.device = select_device(settings.device)
+        if self.device.type == "cuda" and self.device.index is None and distributed.rank_world()[1] > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # DDP: the rank's GPU
         self.model = model.to(self.device)
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.loss_fn, self.evaluate_fn, self.on_epoch_end = loss_fn, evaluate_fn, on_epoch_end
         self.on_record = on_record
         if given_loaders:
@@ -313,7 +334,7 @@ class Trainer:
         else:
             self.rank, self.world_size = _dist_rank_world()
             self.is_main = self.rank == 0
-            self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size)
+            self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size, even=True)
 
             def loader(ds, sampler):
                 return DataLoader(
@@ -334,6 +355,11 @@ class Trainer:
                 )
         if len(self.train_loader) == 0:
             raise LLMError("the training loader yields no batches")
+        if self.world_size > 1:  # broadcasts rank 0's weights; the masks are constant buffers
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        if not self.is_main:
+            log = _quiet
         if optimizer is None:
             optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
         self.optimizer = optimizer
@@ -353,7 +379,12 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
     def _mean_loss(self, loader: DataLoader, num_batches: int | None) -> float:
-        return calc_loss_loader(loader, self.model, self.device, num_batches, self.s.precision, self.loss_fn)
+        mean = calc_loss_loader(loader, self.model, self.device, num_batches, self.s.precision, self.loss_fn)
+        if self.world_size == 1:
+            return mean
+        n = len(loader) if num_batches is None else min(num_batches, len(loader))  # batches this rank ran
+        total, count = distributed.sum_over_ranks(mean * n if n else 0.0, n)
+        return total / count if count else float("nan")
 
     def evaluate(self, num_batches: int | None) -> tuple[float, float, dict[str, float]]:
         """(train loss, val loss, extra metrics) on the first `num_batches` batches, in eval mode."""
@@ -521,6 +552,7 @@ class Trainer:
 
     def _loop(self, resumed: bool) -> None:
         s, model, opt = self.s, self.model, self.optimizer
+        step_model = self.ddp or model  # DDP averages the gradients; evaluation runs the module itself
         bar = progress_bar(
             total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress
         )
@@ -546,15 +578,17 @@ class Trainer:
                 if accumulated == 0:
                     opt.zero_grad(set_to_none=True)
                     losses = []
-                loss = self.loss_fn(model, batch, self.device, s.precision)
-                (loss / s.grad_accum_steps).backward()
+                last_in_epoch = micro + 1 == len(self.train_loader)
+                syncs = accumulated + 1 == s.grad_accum_steps or last_in_epoch  # the step's last micro-batch
+                with nullcontext() if syncs or self.ddp is None else self.ddp.no_sync():
+                    loss = self.loss_fn(step_model, batch, self.device, s.precision)
+                    (loss / s.grad_accum_steps).backward()
                 losses.append(loss.detach())
                 accumulated += 1
-                self.history.total_tokens += batch[0].numel()
-                self.history.total_examples += len(batch[0])
+                self.history.total_tokens += batch[0].numel() * self.world_size
+                self.history.total_examples += len(batch[0]) * self.world_size
                 self.batches_done = micro + 1
-                last_in_epoch = self.batches_done == len(self.train_loader)
-                if accumulated < s.grad_accum_steps and not last_in_epoch:
+                if not syncs:
                     continue
                 accumulated = 0
                 self._check_finite(losses, bar)  # one sync per step, before the update
@@ -594,6 +628,8 @@ class Trainer:
 
     def _checkpoint(self, bar) -> None:
         """After a step (after on_epoch_end at the end of an epoch): a requested stop, or a periodic save."""
+        if self.world_size > 1:  # a signal reaches the ranks at different steps: stop them all at the same one
+            self._stop_requested = distributed.sum_over_ranks(float(self._stop_requested))[0] > 0
         if self._stop_requested:
             bar.close()
             self._interrupt()
@@ -602,10 +638,13 @@ class Trainer:
 
     def _check_finite(self, losses: list[torch.Tensor], bar) -> None:
         """Raise NonFiniteLoss if a micro-batch of the step about to be taken had a NaN or inf loss."""
-        if bool(torch.isfinite(torch.stack(losses)).all()):
+        finite = bool(torch.isfinite(torch.stack(losses)).all())
+        if self.world_size > 1:  # every rank stops, or none
+            finite = distributed.sum_over_ranks(float(not finite))[0] == 0
+        if finite:
             return
         bar.close()
-        value = next(x.item() for x in losses if not math.isfinite(x.item()))
+        value = next((x.item() for x in losses if not math.isfinite(x.item())), "non-finite on another rank")
         if self._saved_step is not None:
             kept = f"the last good resume state is {self.state_path} (step {self._saved_step})"
         else:

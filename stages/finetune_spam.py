@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from llm import distributed
 from llm.classifier import (
     LABELS,
     SpamDataset,
@@ -72,8 +73,10 @@ class SpamStage(FinetuneStage):
         of = f"{len(df):,} messages of {path}" + (" (after finetune_spam.balance)" if f.balance else "")
         fractions = {"train_frac": f.train_frac, "validation_frac": f.validation_frac}
         check_split_sizes(self.section, fractions, sizes, of, f.batch_size)  # before anything is written
-        for name, part in zip(("train", "validation", "test"), parts, strict=True):
-            write_csv(SPLITS / f"{name}.csv", part.to_dict("records"))
+        if distributed.is_main():  # with several processes, rank 0 writes and every rank reads
+            for name, part in zip(("train", "validation", "test"), parts, strict=True):
+                write_csv(SPLITS / f"{name}.csv", part.to_dict("records"))
+        distributed.barrier()
         self.splits = {name: read_split_csv(SPLITS / f"{name}.csv") for name in ("train", "validation", "test")}
 
     def datasets(self, f, model, tokenizer):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llm import distributed
 from llm.checkpoint import load_checkpoint, reconfigure, save_checkpoint
 from llm.data import split_windows
 from llm.errors import ConfigError, run_main
@@ -39,6 +40,7 @@ TIMINGS = Path("timings/pretrain.json")
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     t = params.train
+    distributed.start(t, __name__, params_path)  # train.nproc_per_node > 1: torchrun runs this stage's processes
     keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
     train_set, val_set = split_windows(TOKENS, t.max_length, t.stride)  # one line if a split is too small
     train_ids, val_ids = train_set.ids, val_set.ids
@@ -67,6 +69,8 @@ def main(params_path: str = "params.yaml") -> dict:
         started = time.perf_counter()
         history = trainer.fit()
         wall = time.perf_counter() - started
+        if not trainer.is_main:  # rank 0 writes every output
+            return {}
         metrics = write_outputs(model, trainer, history, params, run_id, wall)
     print(
         f"train loss {metrics['train']['loss']:.3f}, val loss {metrics['val']['loss']:.3f}, "
@@ -86,6 +90,9 @@ def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
         "epochs": t.num_epochs,
         "params": model.num_params(),
     }
+    if t.nproc_per_node > 1:  # examples per optimizer step, over all processes (absent with one: unchanged files)
+        metrics["global_batch"] = t.batch_size * trainer.world_size * t.grad_accum_steps
+        metrics["processes"] = trainer.world_size
     timings = {
         "train_seconds": history.train_seconds,
         "wall_seconds": wall,

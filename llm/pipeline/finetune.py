@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm import distributed
 from llm.checkpoint import load_checkpoint
 from llm.io import write_csv, write_json
 from llm.model import GPTModel
@@ -81,11 +82,16 @@ class FinetuneStage:
         return f"{self.section}: {train_seconds:.0f} s of training"
 
     # --- the recipe ------------------------------------------------------------------------------
+    def module(self) -> str:
+        """The stage's module, which torchrun runs when nproc_per_node > 1."""
+        return type(self).__module__
+
     def settings(self, params: Params) -> LoopParams:
         return getattr(params, self.section)
 
     def run(self, params_path: str | Path = "params.yaml") -> dict:
         s = self.settings(load_params(params_path))
+        distributed.start(s, self.module(), params_path)  # nproc_per_node > 1: torchrun runs the processes
         self.load_data(s)
         self.device = select_device(s.device)
         keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
@@ -112,6 +118,8 @@ class FinetuneStage:
             started = time.perf_counter()
             history = trainer.fit()
             train_seconds = time.perf_counter() - started
+            if not trainer.is_main:  # rank 0 evaluates and writes every output
+                return {}
 
             metrics, timings = self.evaluate(s, model, history)
             self.save(s, model, str(init))
