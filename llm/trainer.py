@@ -37,6 +37,7 @@ training loader itself, as the book does, and resumable checkpoints are not avai
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -357,7 +358,10 @@ class Trainer:
             raise LLMError("the training loader yields no batches")
         if self.world_size > 1:  # broadcasts rank 0's weights; the masks are constant buffers
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers": False}  # fmt: skip
+            self.ddp = ddp(self.model, device_ids=ids, **no_sync)
         if not self.is_main:
             log = _quiet
         if optimizer is None:
