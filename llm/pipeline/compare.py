@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml.error import YAMLError
 
 from llm.errors import ConfigError, LLMError, read_text
 from llm.pipeline.doc import markdown_table, number, text_table
+from llm.pipeline.validate import parse_yaml
 
 Metrics = dict[str, dict[str, float | None]]  # None: null in the file
 METRICS_DIR = "metrics"  # where the stages write their metrics (dvc.yaml), the prefix of the gates' keys
@@ -167,11 +168,11 @@ def _parse_change(where: str, value: Any) -> tuple[float, bool]:
 def load_gates(path: str | Path) -> dict[str, dict[str, Gate]]:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}  # YAML 1.2, as params.yaml: 1e-3 is a number
     except OSError as exc:
         raise ConfigError(f"cannot read thresholds {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).strip().splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must map metrics files to their gated metrics")
     gates: dict[str, dict[str, Gate]] = {}
