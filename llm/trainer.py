@@ -93,10 +93,6 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    return distributed.rank_world()
-
-
 class EpochSampler(Sampler[int]):
     """Shuffles exactly like `RandomSampler(generator=None)`: each pass draws its seed from torch's
     global RNG, so seeding once reproduces the book's data order. The seed of the current pass and
@@ -333,7 +329,7 @@ class Trainer:
             self.train_eval_loader = train_loader
             self.val_loader = val_loader
         else:
-            self.rank, self.world_size = _dist_rank_world()
+            self.rank, self.world_size = distributed.rank_world()
             self.is_main = self.rank == 0
             self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size, even=True)
 
