@@ -13,8 +13,12 @@ is destroyed when the process exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
+import ctypes.util
 import importlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -52,11 +56,59 @@ def start(section, module: str, params_path: str | os.PathLike = "params.yaml") 
     if nproc <= 1:
         return
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "llm.distributed", "--torchrun", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "llm.distributed", module, str(params_path),
     ]  # fmt: skip
     sys.stdout.flush()
-    raise SystemExit(subprocess.call(cmd))
+    raise SystemExit(run_torchrun(cmd))
+
+
+SHUTDOWN_TIMEOUT = 120  # seconds torchrun waits for its workers to save and exit before SIGKILL (torchrun's own: 30)
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run torchrun in its own session and wait; returns its status (130 after a forwarded stop).
+
+    torchrun starts each worker in a session of its own, and runs in one here, so the terminal's
+    Ctrl-C reaches this process only and torchrun gets one signal, not the terminal's and then this
+    process's (a second signal would cut its shutdown short). The first
+    SIGINT or SIGTERM here is forwarded to torchrun as one SIGTERM, which it passes to every worker:
+    each finishes its step, they agree on the step to stop at, rank 0 saves the resume state, and all
+    exit. torchrun allows them `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds (default here
+    SHUTDOWN_TIMEOUT) before SIGKILL; later signals only say so. If this process dies, torchrun gets
+    SIGTERM (Linux's parent-death signal) and shuts its workers down the same way.
+    """
+    env = dict(os.environ)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    stopping: list[int] = []
+
+    def forward(signum, frame):
+        if stopping:
+            print(f"already stopping: waiting for the workers to save (torchrun kills them after "
+                  f"{env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} s)", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        stopping.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping and status != 0:  # torchrun reports a forwarded signal as its own failure
+        return 130
+    return status if status >= 0 else 128 - status  # killed by a signal: as a shell reports it
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def init_process_group(device_name: str) -> None:
@@ -100,6 +152,21 @@ def broadcast_int(value: int, src: int = 0) -> int:
     return int(t.item())
 
 
+def gather_objects(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); pickled, so for small things."""
+    rank, world = rank_world()
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (pickled: the resume state, read on rank 0's disk only)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_over_ranks(*values: float) -> list[float]:
     """The sums over ranks of a few numbers (float64)."""
     t = torch.tensor(values, dtype=torch.float64, device=_device())
@@ -107,13 +174,36 @@ def sum_over_ranks(*values: float) -> list[float]:
     return t.tolist()
 
 
+def launch(argv: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) with `argv`, its failures reported in one line each: a worker
+    that failed has printed its own error; torchrun's report of it would repeat it as a traceback."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except SignalException as exc:  # the workers were told to stop, and have saved
+        print(f"torchrun: stopped by signal {exc.sigval.name}", file=sys.stderr)
+        return 130
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"torchrun: rank {rank} failed with exit code {failure.exitcode}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    return 0
+
+
 def main(argv: list[str]) -> None:
-    """A process torchrun started: `python -m llm.distributed MODULE PARAMS` runs MODULE's `main(PARAMS)`."""
+    """`python -m llm.distributed --torchrun ARGS` runs torchrun (`launch`); a process torchrun started,
+    `python -m llm.distributed MODULE PARAMS`, runs MODULE's `main(PARAMS)`."""
     from llm.errors import run_main
 
+    if argv[:1] == ["--torchrun"]:
+        raise SystemExit(launch(argv[1:]))
     module, params_path = argv
     stage = importlib.import_module(module)
-    run_main(module.rsplit(".", 1)[-1], stage.main, params_path, argv=[])
+    name, rank = module.rsplit(".", 1)[-1], int(os.environ.get("RANK", "0"))
+    run_main(name if rank == 0 else f"{name} [rank {rank}]", stage.main, params_path, argv=[])
 
 
 if __name__ == "__main__":

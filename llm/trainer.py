@@ -16,9 +16,19 @@ per process, so a step sees `batch_size * world_size * grad_accum_steps` example
 a disjoint, equally long shard of each epoch's permutation, whose seed rank 0 draws and broadcasts.
 Evaluation runs the unwrapped model on each rank's shard and averages the losses over all ranks
 (weighted by their batches), so every rank records the same History; only rank 0 runs `on_record`
-and `on_epoch_end`, logs, and writes the resume state. Dropout: every rank's global RNG is seeded
-alike, so the ranks draw the same dropout masks (on different examples). A stop request or a
-non-finite loss on any rank stops every rank at the same step.
+and `on_epoch_end`, logs, and writes the resume state. Randomness: torch's global RNG draws the data
+order, evaluations and hooks exactly as with one process (so with dropout 0, N processes at batch B
+train like one at N x B); dropout in the training steps draws from a stream of each rank's own,
+seeded at every epoch's first batch with `rank_seed(epoch seed, rank)`, so the ranks' masks differ.
+A stop request or a non-finite loss on any rank stops every rank at the same step.
+
+Resuming under DDP: rank 0 reads the state and sends it to the others. A run is identified by its
+params without how its examples are split over processes (`run_params`) plus the examples per
+micro-batch over all processes (`batch_size * world_size`), so a state saved by N processes resumes
+on M with M x batch_size' = N x batch_size: the remaining steps see the same examples in the same
+global batches. On as many processes every rank takes back its own dropout stream and the run ends
+exactly as an uninterrupted one; on another number the dropout streams are derived anew (with
+dropout 0 the result equals the uninterrupted run up to the order of floating-point sums).
 
 The resume state of a finished run stays until the stage has written its outputs: a stage runs
 `with trainer: history = trainer.fit(); <write outputs>`, which removes the state only when the block
@@ -44,7 +54,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +189,16 @@ class History:
         return rows
 
 
+PER_PROCESS = ("batch_size", "nproc_per_node")  # how a run's examples are split over processes
+
+
+def run_params(section) -> dict[str, Any]:
+    """A training section's params that identify a run, for `Trainer(run_id=...)`: all but how its
+    examples are split over processes (the Trainer adds the examples per micro-batch over all
+    processes), so that a state saved by 2 processes at batch 4 resumes on 1 at batch 8."""
+    return {k: v for k, v in vars(section).items() if k not in PER_PROCESS}
+
+
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -232,6 +252,15 @@ def data_fingerprint(dataset: Dataset) -> str:
             for i in range(len(dataset)):
                 _feed(h, dataset[i])
     return h.hexdigest()[:16]
+
+
+def rank_seed(epoch_seed: int, rank: int, *more: int) -> int:
+    """The seed of a rank's dropout stream in an epoch (several processes): a hash of the epoch's
+    permutation seed (rank 0's draw, shared by all), the rank and `more` (the step, when a run resumes
+    mid-epoch on another number of processes). Distinct ranks get unrelated streams, so their
+    dropout masks differ; one process never reseeds (the book's stream)."""
+    words = np.random.SeedSequence([epoch_seed, rank, *more]).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
 
 
 def _quiet(message: str) -> None:
@@ -310,6 +339,8 @@ class Trainer:
         if self.state_path:  # before training and before moving to the device: the weights a run starts from
             start = {"weights": weights_fingerprint(model), "train": data_fingerprint(train_set)}
             start["val"] = data_fingerprint(val_set)
+            # Examples per micro-batch over all processes, not how they are split: 2 x 4 resumes on 1 x 8.
+            start["micro_batch"] = settings.batch_size * distributed.rank_world()[1]
             self.run_id = fingerprint({"run": run_id, "start": start})
         else:
             self.run_id = fingerprint(run_id) if run_id is not None else None
@@ -352,6 +383,10 @@ class Trainer:
                 )
         if len(self.train_loader) == 0:
             raise LLMError("the training loader yields no batches")
+        # Several processes: torch's global RNG serves the data order (and the evaluations and hooks),
+        # exactly as with one process; the training steps' dropout draws from a stream of each rank's
+        # own, swapped in around each forward and backward pass and seeded per epoch (`rank_seed`).
+        self.dropout_rng = torch.Generator() if self.world_size > 1 else None
         if self.world_size > 1:  # broadcasts rank 0's weights; the masks are constant buffers
             ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = torch.nn.parallel.DistributedDataParallel
@@ -375,6 +410,8 @@ class Trainer:
         self.batches_done = 0  # micro-batches done in the current epoch
         self._stop_requested = False
         self._saved_step: int | None = None  # the step of this run's state on disk, if any
+        self._reseed = False  # resumed on another number of processes (see try_resume)
+        self._resume_dropout = None
         self._lock: ExitStack | None = None
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -400,7 +437,7 @@ class Trainer:
         """Finish the current step, save a checkpoint, then raise TrainingInterrupted."""
         self._stop_requested = True
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, rng_ranks: list | None) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "model": weights_state_dict(self.model),
@@ -412,14 +449,29 @@ class Trainer:
             "history": self.history.__dict__,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world_size": self.world_size,
+            "rng_ranks": rng_ranks,  # several processes: every rank's dropout streams, (cpu, cuda)
         }
 
     def save_state(self) -> None:
-        """Write the resume state (rank 0, with a state_path); raises if it cannot be written."""
-        if not (self.state_path and self.is_main):
+        """Write the resume state (rank 0, with a state_path); raises if it cannot be written.
+
+        With several processes every rank calls it at the same step: the ranks' RNG states are
+        gathered to rank 0, and whether rank 0 could write is broadcast, so every rank knows."""
+        if not self.state_path:
             return
-        with atomic_path(self.state_path) as tmp:
-            torch.save(self._state(), tmp)
+        rng_ranks = distributed.gather_objects(self._dropout_states()) if self.world_size > 1 else None
+        error = None
+        if self.is_main:
+            try:
+                with atomic_path(self.state_path) as tmp:
+                    torch.save(self._state(rng_ranks), tmp)
+            except _SAVE_ERRORS as exc:
+                error = exc
+        if self.world_size > 1 and not distributed.broadcast_int(int(error is None)):
+            error = error or OSError(f"rank 0 could not write {self.state_path}")
+        if error is not None:
+            raise error
         self._saved_step = self.step
 
     def _save_or_warn(self) -> None:
@@ -448,23 +500,43 @@ class Trainer:
         where = f"; resume state saved to {self.state_path}" if self.state_path else ""
         raise TrainingInterrupted(f"training interrupted at step {self.step}{where}")
 
-    def try_resume(self) -> bool:
-        """Load the saved state if it belongs to this run; returns whether training resumes."""
+    def _read_state(self) -> dict[str, Any] | None:
+        """The saved state if it belongs to this run, else None (saying why)."""
         if not (self.state_path and self.state_path.is_file()):
-            return False
+            return None
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             self.log(f"ignoring unreadable training state {self.state_path}: {type(exc).__name__}")
-            return False
+            return None
         if state.get("run_id") != self.run_id:
             self.log(f"ignoring training state {self.state_path}: it belongs to other params, starting weights or data")
+            return None
+        return state
+
+    def try_resume(self) -> bool:
+        """Load the saved state if it belongs to this run; returns whether training resumes.
+
+        With several processes rank 0 reads the state (only its disk need hold it) and sends it to
+        the others. Written by as many processes, every rank takes back its own RNG state and the run
+        goes on exactly as if uninterrupted; written by another number (with as many examples per
+        micro-batch: the run's identity), each rank's dropout stream is derived anew (`rank_seed`)."""
+        state = self._read_state() if self.is_main else None
+        if self.world_size > 1:
+            state = distributed.broadcast_object(state)
+        if state is None:
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.history = History(**state["history"])
         self._resume_rng = (state["rng_cpu"], state["rng_cuda"])
+        self._resume_dropout, self._reseed = None, False
+        if self.world_size > 1:
+            if state.get("world_size", 1) == self.world_size and state.get("rng_ranks"):
+                self._resume_dropout = tuple(state["rng_ranks"][self.rank])
+            else:  # the dropout streams of another number of processes cannot be restored
+                self._reseed = True
         self._resume_seed = state["epoch_seed"]
         self._saved_step = self.step
         if self.epoch >= self.s.num_epochs:  # a failure after training: only the outputs are left to write
@@ -473,10 +545,42 @@ class Trainer:
             self.log(f"resuming from {self.state_path}: epoch {self.epoch + 1}, step {self.step}")
         return True
 
+    @contextmanager
+    def _dropout_stream(self):
+        """Several processes: torch's global CPU RNG is this rank's dropout stream in the block (a
+        training step's forward and backward passes). On CUDA dropout draws from the GPU's generator,
+        which nothing else uses: it is seeded per rank and left in place."""
+        if self.dropout_rng is None:
+            yield
+            return
+        data = torch.get_rng_state()
+        torch.set_rng_state(self.dropout_rng.get_state())
+        try:
+            yield
+        finally:
+            self.dropout_rng.set_state(torch.get_rng_state())
+            torch.set_rng_state(data)
+
+    def _seed_dropout(self, seed: int) -> None:
+        self.dropout_rng.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def _dropout_states(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+        return self.dropout_rng.get_state(), cuda
+
     def _restore_rng(self) -> None:
+        """The RNG states of the interrupted run: torch's global RNG, and each rank's dropout stream
+        when saved by as many processes (otherwise derived anew: see the loop)."""
         torch.set_rng_state(self._resume_rng[0])
         if self._resume_rng[1]:
             torch.cuda.set_rng_state_all(self._resume_rng[1])
+        if self._resume_dropout is not None:
+            cpu, cuda = self._resume_dropout
+            self.dropout_rng.set_state(cpu)
+            if cuda and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda[0], self.device)
 
     def clear_state(self) -> None:
         """Remove the resume state: call it once every output of the run is written."""
@@ -569,18 +673,26 @@ class Trainer:
                 self._restore_rng()
                 resumed = False
             batches = iter(self.train_loader)  # draws from the global RNG, as the book's loop does
+            # Several processes: every rank's dropout stream of the epoch is seeded from the epoch's seed
+            # and the rank, once its first batch is drawn (the sampler draws the seed) ...
+            seed_ranks = self.world_size > 1
             if resumed:  # ... so put the RNG back where the interrupted run had it
                 self._restore_rng()
-                resumed = False
+                if self._reseed:  # mid-epoch on another number of processes: the stream anew, at this step
+                    self._seed_dropout(rank_seed(self._resume_seed, self.rank, self.step))
+                seed_ranks = resumed = False
             accumulated = 0
             losses = []
             for micro, batch in enumerate(batches, start=skip):
+                if seed_ranks:
+                    self._seed_dropout(rank_seed(self.sampler.seed, self.rank))
+                    seed_ranks = False
                 if accumulated == 0:
                     opt.zero_grad(set_to_none=True)
                     losses = []
                 last_in_epoch = micro + 1 == len(self.train_loader)
                 syncs = accumulated + 1 == s.grad_accum_steps or last_in_epoch  # the step's last micro-batch
-                with nullcontext() if syncs or self.ddp is None else self.ddp.no_sync():
+                with self._dropout_stream(), nullcontext() if syncs or self.ddp is None else self.ddp.no_sync():
                     loss = self.loss_fn(step_model, batch, self.device, s.precision)
                     (loss / s.grad_accum_steps).backward()
                 losses.append(loss.detach())
@@ -628,9 +740,11 @@ class Trainer:
 
     def _checkpoint(self, bar) -> None:
         """After a step (after on_epoch_end at the end of an epoch): a requested stop, or a periodic save."""
+        stop = self._stop_requested
         if self.world_size > 1:  # a signal reaches the ranks at different steps: stop them all at the same one
-            self._stop_requested = distributed.sum_over_ranks(float(self._stop_requested))[0] > 0
-        if self._stop_requested:
+            # (into a local: a signal handled during the all-reduce sets the flag for the next step)
+            stop = distributed.sum_over_ranks(float(stop))[0] > 0
+        if stop:
             bar.close()
             self._interrupt()
         if self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:

@@ -134,7 +134,7 @@ class SpamStage(FinetuneStage):
         started = time.perf_counter()
         metrics["baseline"] = {"test": tfidf_baseline(self.splits, f.seed)}
         timings = {
-            "examples_per_sec": history.steps * f.batch_size / history.train_seconds if history.train_seconds else None,
+            "examples_per_sec": history.total_examples / history.train_seconds if history.train_seconds else None,
             "baseline_seconds": time.perf_counter() - started,
         }
         return metrics, timings

@@ -27,7 +27,7 @@ from llm.model import GPTModel
 from llm.pipeline.params import load_params
 from llm.runtime import keep_freed_memory, set_seed
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from llm.trainer import Trainer, fingerprint
+from llm.trainer import Trainer, fingerprint, run_params
 
 TOKENS = Path("data/tokens")
 MODEL_DIR = Path("models/pretrain")
@@ -54,7 +54,7 @@ def main(params_path: str = "params.yaml") -> dict:
             out = generate(model, idx, 50, cfg["context_length"])
             print(f"[epoch {epoch}] " + token_ids_to_text(out, tokenizer).replace("\n", " "))
 
-    run_id = {"model": cfg, "init": params.model.init, "train": t.__dict__, "tokens": [len(train_ids), len(val_ids)]}
+    run_id = {"model": cfg, "init": params.model.init, "train": run_params(t), "tokens": [len(train_ids), len(val_ids)]}
     trainer = Trainer(
         model,
         train_set,
@@ -90,7 +90,7 @@ def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
         "epochs": t.num_epochs,
         "params": model.num_params(),
     }
-    if t.nproc_per_node > 1:  # examples per optimizer step, over all processes (absent with one: unchanged files)
+    if trainer.world_size > 1:  # examples per optimizer step, over all processes (absent with one: unchanged files)
         metrics["global_batch"] = t.batch_size * trainer.world_size * t.grad_accum_steps
         metrics["processes"] = trainer.world_size
     timings = {

@@ -241,3 +241,43 @@ def test_pretrain_and_eval_start_from_gpt2_weights(repo, tmp_path):
     finally:
         params.write_text(original)
         sh(["dvc", "checkout", "-q", "-f"], path, env)
+
+
+def test_two_nodes_then_dvc_commit_as_the_readme_says(repo):
+    """The README's multi-node recipe on one machine: two torchrun agents (node ranks 0 and 1, one
+    process each) on 127.0.0.1, then `dvc commit -f pretrain`: the stage is up to date, its metrics
+    say 2 processes, and the downstream stages see the new model."""
+    import re
+    import socket
+
+    path, env = repo
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- multinode:begin -->\n```sh\n(.*?)```\n<!-- multinode:end -->", readme, re.S).group(1)
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line and not line.startswith("#")]
+    launch, commit = lines
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = launch.replace("NODE0", "127.0.0.1").replace("--master-port 29500", f"--master-port {port}")
+    launch = launch.replace("--nproc-per-node 8", "--nproc-per-node 1").split()
+    assert launch[0] == "torchrun" and "--node-rank" in launch
+    node_env = {**env, "OMP_NUM_THREADS": "1"}
+    try:
+        nodes = []
+        for rank in ("0", "1"):
+            args = list(launch)
+            args[args.index("--node-rank") + 1] = rank
+            nodes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=path, env=node_env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)[-4000:]
+        m = json.loads((path / "metrics/pretrain.json").read_text())
+        assert m["processes"] == 2 and m["global_batch"] == 2 * PROFILE["train"]["batch_size"]
+        assert "train loss" in outputs[0] and "train loss" not in outputs[1]  # rank 0 reports and writes
+        sh(commit.split(), path, env)
+        status = sh(["dvc", "status", "pretrain"], path, env).stdout
+        assert "changed" not in status, status
+        assert "eval" in sh(["dvc", "status"], path, env).stdout  # downstream: a new model to evaluate
+    finally:
+        sh(["git", "checkout", "-q", "--", "."], path, env)
+        sh(["dvc", "checkout", "-q", "-f"], path, env)

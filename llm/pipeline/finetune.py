@@ -35,7 +35,7 @@ from llm.model import GPTModel
 from llm.pipeline.params import LoopParams, Params, init_source, load_params
 from llm.runtime import keep_freed_memory, select_device, set_seed
 from llm.tokenizer import get_tokenizer
-from llm.trainer import History, Trainer
+from llm.trainer import History, Trainer, run_params
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class FinetuneStage:
             s,
             on_record=lambda h: write_csv(out.curve, h.rows()),
             state_path=out.state,
-            run_id={"params": s.__dict__},  # the Trainer adds hashes of the starting weights and of the data
+            run_id={"params": run_params(s)},  # the Trainer adds hashes of the starting weights and of the data
             **self.trainer_options(s),
         )
         self.trainer = trainer  # for the steps: e.g. `trainer.history.epoch_metrics` restored on resume
@@ -122,6 +122,9 @@ class FinetuneStage:
                 return {}
 
             metrics, timings = self.evaluate(s, model, history)
+            if trainer.world_size > 1:  # examples per optimizer step, over all processes (as pretrain)
+                metrics["global_batch"] = s.batch_size * trainer.world_size * s.grad_accum_steps
+                metrics["processes"] = trainer.world_size
             self.save(s, model, str(init))
             write_csv(out.curve, history.rows())
             write_json(out.metrics, metrics)
