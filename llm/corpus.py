@@ -7,15 +7,20 @@ two non-space characters), encoded on all cores with `encode_batch`, and appende
 the ids equal the book's whole-text encoding. Every run writes both files, an empty split as an
 empty file, and replaces the old pair only once both are complete. A file that is not UTF-8 is
 one line naming it and the byte where it breaks.
+
+`expand_corpus` turns a local corpus entry (a file, a directory or a glob pattern) into its files.
 """
 
 from __future__ import annotations
 
 import codecs
+import glob
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from llm.data import write_tokens
 from llm.errors import LLMError
@@ -26,6 +31,57 @@ from llm.tokenizer import EOT_TOKEN, get_tokenizer
 DOC_SEPARATOR = EOT_TOKEN  # between files, as GPT-2's training data separates documents
 CHUNK_CHARS = 4 * 2**20
 SPLITS = ("train", "val")
+GLOB_CHARS = "*?["
+
+
+def _path_key(path: str | os.PathLike) -> tuple[str, ...]:
+    return Path(path).parts  # component by component: a folder's files stay together
+
+
+def _visible_files(root: Path, what: str) -> list[Path]:
+    def fail(exc: OSError):
+        raise LLMError(f"cannot read {what} ({exc.filename}): {exc.strerror or exc}")
+
+    found = []
+    for folder, dirs, files in os.walk(root, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and os.path.isfile(os.path.join(folder, name)):
+                found.append(Path(folder, name).relative_to(root))
+    return [root / rel for rel in sorted(found, key=_path_key)]
+
+
+def expand_corpus(entry: str | os.PathLike, what: str | None = None) -> list[Path]:
+    """The files a local corpus entry names, in the order they are joined.
+
+    `entry` is a path or a `file:` URL. A file is itself; a directory is every regular file under
+    it, at any depth, in sorted relative-path order, skipping hidden files and directories (names
+    that start with a dot); a glob pattern (`*`, `?`, `[...]`; `**` for any number of
+    directories) is the regular files it matches, sorted, where `*` and `**` skip hidden names as
+    the shell does (a pattern that spells the dot, `.cache/*.txt`, matches them). Paths are
+    compared component by component (`a/b.txt` before `a-c.txt`). A path that exists is taken as
+    it is, even if it holds glob characters. Nothing found is one line naming `what` (default:
+    the entry).
+    """
+    entry = os.fspath(entry)
+    what = what or f"corpus entry {entry!r}"
+    path = url2pathname(urlsplit(entry).path) if entry.startswith("file:") else entry
+    if os.path.isfile(path):
+        return [Path(path)]
+    if os.path.isdir(path):
+        files = _visible_files(Path(path), what)
+        if not files:
+            raise LLMError(f"{what} is a directory with no files (hidden files and directories are skipped)")
+        return files
+    if os.path.exists(path):
+        raise LLMError(f"{what} is neither a regular file nor a directory")
+    if not any(c in path for c in GLOB_CHARS):
+        raise LLMError(f"{what}: no such file or directory ({os.path.abspath(path)})")
+    files = sorted((m for m in glob.glob(path, recursive=True) if os.path.isfile(m)), key=_path_key)
+    if not files:
+        hint = "a glob matches regular files; `*` and `**` skip names starting with a dot"
+        raise LLMError(f"{what} matches no file ({hint})")
+    return [Path(f) for f in files]
 
 
 def utf8_error(path: str | os.PathLike, chunk_bytes: int = 2**20) -> str | None:
