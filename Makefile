@@ -34,3 +34,4 @@ format: install
 bench: install
 	$(BIN)/python -m bench.bench_train
 	$(BIN)/python -m bench.bench_generate
+	$(BIN)/python -m bench.bench_tokenize

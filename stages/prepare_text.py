@@ -2,21 +2,22 @@
 
 Reads params `data`, `train.max_length`, `train.stride` and the corpus: each `data.corpus` entry
 is a source's folder `data/raw/NAME/` (the download stage's output), a URL (fetched to a
-temporary folder; DVC cannot see when its bytes change) or a local path (not a DVC dependency:
-list it under this stage's deps in dvc.yaml). Writes `data/tokens/{train,val}.bin` and
+temporary folder; DVC cannot see when its bytes change) or a local file, directory or glob
+pattern (`llm.corpus.expand_corpus`; read in place, not a DVC dependency: list the file or folder
+under this stage's deps in dvc.yaml). Writes `data/tokens/{train,val}.bin` and
 `metrics/prepare_text.json`.
 """
 
 import tempfile
 from pathlib import Path
 
-from llm.corpus import tokenize_corpus
+from llm.corpus import expand_corpus, tokenize_corpus
 from llm.data import min_split_tokens, split_windows
 from llm.errors import LLMError, run_main
 from llm.io import write_json
 from llm.pipeline.download import fetch, source_file, url_file_name
 from llm.pipeline.params import load_params
-from llm.pipeline.sources import is_location
+from llm.pipeline.sources import is_local, is_location
 
 RAW = Path("data/raw")
 TOKENS = Path("data/tokens")
@@ -24,14 +25,20 @@ METRICS = Path("metrics/prepare_text.json")
 SPLIT_NAMES = {"train": "training", "val": "validation"}
 
 
-def corpus_files(params, scratch: Path) -> list[Path]:
-    files = []
+def corpus_files(params, scratch: Path) -> tuple[list[Path], list[str]]:
+    """The corpus's files in order, and the `data.corpus` entry each comes from (for errors)."""
+    files, names = [], []
     for i, entry in enumerate(params.data.corpus):
+        what = f"data.corpus entry {entry!r}"
         if not is_location(entry):
-            files.append(source_file(RAW / entry, f"data.corpus entry {entry!r}"))
-        else:  # a user's own URL or path, copied as it is (no sha256 to check)
-            files.append(fetch(entry, None, scratch / str(i) / (url_file_name(entry) or "corpus")))
-    return files
+            found = [source_file(RAW / entry, what)]
+        elif is_local(entry):  # a user's own file, directory or glob, read where it is
+            found = expand_corpus(entry, what)
+        else:  # a user's own URL, fetched as it is (no sha256 to check)
+            found = [fetch(entry, None, scratch / str(i) / (url_file_name(entry) or "corpus"))]
+        files += found
+        names += [what] * len(found)
+    return files, names
 
 
 def split_check(params):
@@ -53,9 +60,8 @@ def split_check(params):
 
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
-    names = [f"data.corpus entry {entry!r}" for entry in params.data.corpus]
     with tempfile.TemporaryDirectory(prefix="corpus-") as scratch:
-        files = corpus_files(params, Path(scratch))
+        files, names = corpus_files(params, Path(scratch))
         stats = tokenize_corpus(files, params.data.train_ratio, TOKENS, names=names, check=split_check(params))
     t = params.train
     train_set, val_set = split_windows(TOKENS, t.max_length, t.stride)

@@ -1,11 +1,18 @@
-"""Streaming tokenization equals the book's whole-text encoding, split for split."""
+"""Streaming tokenization equals the book's whole-text encoding, split for split, on any number of
+threads, holding a bounded window of the text."""
+
+import os
+import threading
+import time
+import tracemalloc
 
 import pytest
 
-from llm.corpus import _safe_cut, require_utf8, tokenize_corpus, utf8_error
+from llm import corpus
+from llm.corpus import _safe_cut, require_utf8, text_chunks, tokenize_corpus, tokenize_threads, utf8_error
 from llm.data import read_tokens
 from llm.errors import LLMError
-from llm.tokenizer import encode
+from llm.tokenizer import encode, get_tokenizer
 
 
 def book_split(text, ratio):
@@ -13,23 +20,26 @@ def book_split(text, ratio):
     return encode(text[:split]), encode(text[split:])
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("chunk_chars", [64, 1000, 1 << 22])
-def test_chunked_equals_whole_text(tmp_path, verdict_text, chunk_chars):
+def test_chunked_equals_whole_text(tmp_path, verdict_text, chunk_chars, threads):
     src = tmp_path / "v.txt"
     src.write_text(verdict_text, encoding="utf-8")
-    stats = tokenize_corpus([src], 0.9, tmp_path / "tok", chunk_chars=chunk_chars, progress=False)
+    stats = tokenize_corpus([src], 0.9, tmp_path / "tok", chunk_chars=chunk_chars, progress=False, threads=threads)
     train, val = book_split(verdict_text, 0.9)
     assert read_tokens(tmp_path / "tok" / "train.bin").tolist() == train
     assert read_tokens(tmp_path / "tok" / "val.bin").tolist() == val
     assert stats == {"train_chars": 18431, "val_chars": 2048, "train_tokens": len(train), "val_tokens": len(val)}
 
 
-def test_tricky_whitespace_and_several_files(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_tricky_whitespace_and_several_files(tmp_path, threads):
     a = "Hello  \n\nworld \n x\n" * 50 + "end"
     b = "second\r\nfile  with   spaces\n\n\n" * 30
     (tmp_path / "a.txt").write_text(a)
     (tmp_path / "b.txt").write_bytes(b.encode())
-    tokenize_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], 0.7, tmp_path / "t", chunk_chars=37, progress=False)
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    tokenize_corpus(files, 0.7, tmp_path / "t", chunk_chars=37, progress=False, threads=threads)
     whole = a + "<|endoftext|>" + b.replace("\r\n", "\n")  # universal newlines, as the book's open()
     train, val = book_split(whole, 0.7)
     assert read_tokens(tmp_path / "t" / "train.bin").tolist() == train
@@ -42,10 +52,11 @@ def test_safe_cut_only_between_non_space_characters():
     assert _safe_cut("ab  cd") == 0 and _safe_cut("ab\t cd") == 0
 
 
-def test_random_texts_at_small_chunks(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_random_texts_at_small_chunks(tmp_path, threads):
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(threads)
     atoms = [
         "word",
         "Ünïcode",
@@ -68,10 +79,196 @@ def test_random_texts_at_small_chunks(tmp_path):
         src = tmp_path / f"r{trial}.txt"
         src.write_text(text, encoding="utf-8")
         out = tmp_path / f"t{trial}"
-        tokenize_corpus([src], 0.6, out, chunk_chars=rng.choice([5, 17, 64]), progress=False)
+        tokenize_corpus([src], 0.6, out, chunk_chars=rng.choice([5, 17, 64]), progress=False, threads=threads)
         train, val = book_split(text, 0.6)
         assert read_tokens(out / "train.bin").tolist() == train, trial
         assert read_tokens(out / "val.bin").tolist() == val, trial
+
+
+def test_text_chunks_encode_piece_by_piece_as_the_whole(tmp_path):
+    a = "Ünïcode  words\n\n and   runs of   spaces\t\n" * 40
+    b = "x" * 300 + " tail"  # no place to cut in the first 300 characters: one longer piece
+    (tmp_path / "a.txt").write_text(a, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(b, encoding="utf-8")
+    pieces = list(text_chunks([tmp_path / "a.txt", tmp_path / "b.txt"], chunk_chars=16))
+    whole = a + "<|endoftext|>" + b
+    assert len(pieces) > 20 and "".join(pieces) == whole
+    assert [i for p in pieces for i in encode(p)] == encode(whole)
+
+
+# --- threads ---------------------------------------------------------------------------------------
+def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("LLM_TOKENIZE_THREADS", raising=False)
+    assert tokenize_threads() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("cap, expected", [("1", 1), (" 1 ", 1), ("100000", None)])
+def test_llm_tokenize_threads_caps_the_default(monkeypatch, cap, expected):
+    monkeypatch.setenv("LLM_TOKENIZE_THREADS", cap)
+    assert tokenize_threads() == (expected or len(os.sched_getaffinity(0)))  # a cap, never more than the CPUs
+
+
+@pytest.mark.parametrize("cap", ["0", "-2", "two", "1.5", "²"])
+def test_a_bad_llm_tokenize_threads_is_one_line(monkeypatch, tmp_path, cap):
+    monkeypatch.setenv("LLM_TOKENIZE_THREADS", cap)
+    (tmp_path / "c.txt").write_text("alpha beta")
+    with pytest.raises(LLMError) as err:
+        tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "tok", progress=False)
+    assert str(err.value) == (
+        f"LLM_TOKENIZE_THREADS={cap!r}: must be a whole number >= 1, the most threads tokenization uses"
+    )
+    assert not (tmp_path / "tok").exists()
+
+
+def test_threads_below_one_are_refused(tmp_path):
+    (tmp_path / "c.txt").write_text("alpha beta")
+    with pytest.raises(LLMError, match=r"^tokenize_corpus: threads must be >= 1, got 0$"):
+        tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "tok", progress=False, threads=0)
+
+
+def test_a_forked_child_tokenizes_on_threads_of_its_own(tmp_path):
+    (tmp_path / "c.txt").write_text("alpha beta gamma " * 100)
+    tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "parent", progress=False, threads=2)  # the pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it tokenizes (a pool without threads would hang)
+        try:
+            tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "child", progress=False, threads=2)
+        finally:
+            os._exit(0 if (tmp_path / "child" / "val.bin").exists() else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+    assert (tmp_path / "child" / "train.bin").read_bytes() == (tmp_path / "parent" / "train.bin").read_bytes()
+
+
+def test_the_cap_is_what_tokenize_corpus_uses(monkeypatch, tmp_path):
+    seen = []
+    real = corpus._workers
+    monkeypatch.setattr(corpus, "_workers", lambda n: seen.append(n) or real(n))
+    monkeypatch.setenv("LLM_TOKENIZE_THREADS", "1")
+    (tmp_path / "c.txt").write_text("alpha beta " * 10)
+    tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "tok", progress=False)
+    tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "tok", progress=False, threads=3)  # an argument wins
+    assert seen == [1, 1, 3, 3]  # once per split
+
+
+def test_each_thread_encodes_with_its_own_copy_of_the_encoding():
+    text = "Ünïcode  words<|endoftext|>and\n\n runs"
+    seen, together = [], threading.Barrier(3, timeout=30)  # all three alive at once: no thread reuses another's
+
+    def use():
+        first = corpus._own_encoding()
+        seen.append((first, first is corpus._own_encoding(), corpus._encode_chunk(text).tolist()))
+        together.wait()
+
+    workers = [threading.Thread(target=use) for _ in range(3)]
+    [t.start() for t in workers]
+    [t.join() for t in workers]
+    copies = [enc for enc, _, _ in seen]  # held here, so no two can share an id()
+    assert len({id(enc) for enc in copies}) == 3 and get_tokenizer() not in copies
+    assert all(same and ids == encode(text) for _, same, ids in seen)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_chunks_are_encoded_on_several_threads_at_once(monkeypatch, tmp_path, threads):
+    """The first `threads` encodings wait for each other: they only all return if `threads` of
+    them run at the same time."""
+    barrier, calls, lock = threading.Barrier(threads, timeout=30), [0], threading.Lock()
+    real = corpus._encode_chunk
+
+    def encode_chunk(text):
+        with lock:
+            calls[0] += 1
+            first = calls[0] <= threads
+        if first:
+            barrier.wait()  # BrokenBarrierError after 30 s if fewer run at once
+        return real(text)
+
+    monkeypatch.setattr(corpus, "_encode_chunk", encode_chunk)
+    text = "Every effort moves you.  Ünïcode\n\n  runs\t of spaces " * 50
+    (tmp_path / "c.txt").write_text(text)
+    tokenize_corpus([tmp_path / "c.txt"], 0.9, tmp_path / "tok", chunk_chars=40, progress=False, threads=threads)
+    train, val = book_split(text, 0.9)
+    assert read_tokens(tmp_path / "tok" / "train.bin").tolist() == train
+    assert read_tokens(tmp_path / "tok" / "val.bin").tolist() == val
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_at_most_two_chunks_per_thread_are_in_flight(monkeypatch, tmp_path, threads):
+    """Every encoding starts while at most 2 × threads pieces are submitted and not yet written."""
+    collected, started, worst = [0], [0], [0]
+    lock = threading.Lock()
+    real_encode, real_collect = corpus._encode_chunk, corpus._collect
+
+    def encode_chunk(text):
+        with lock:
+            started[0] += 1
+            worst[0] = max(worst[0], started[0] - collected[0])
+        return real_encode(text)
+
+    def collect(task, bar):
+        ids = real_collect(task, bar)
+        with lock:
+            collected[0] += 1
+        return ids
+
+    monkeypatch.setattr(corpus, "_encode_chunk", encode_chunk)
+    monkeypatch.setattr(corpus, "_collect", collect)
+    (tmp_path / "c.txt").write_text("alpha beta gamma delta " * 2000)
+    tokenize_corpus([tmp_path / "c.txt"], 0.5, tmp_path / "tok", chunk_chars=100, progress=False, threads=threads)
+    assert collected[0] > 200 and 1 <= worst[0] <= 2 * threads
+
+
+def test_progress_counts_utf8_bytes(monkeypatch, tmp_path):
+    bars = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            self.kwargs, self.n = kwargs, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr(corpus, "progress_bar", Recorder)
+    a, b = "naïve café ✓ " * 30, "plain ascii text " * 20
+    (tmp_path / "a.txt").write_text(a, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(b, encoding="utf-8")
+    tokenize_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], 0.5, tmp_path / "tok", chunk_chars=50, threads=2)
+    size = len((a + "<|endoftext|>" + b).encode())
+    assert bars[0].kwargs["unit"] == "B" and bars[0].kwargs["total"] == size == bars[0].n
+
+
+# --- bounded memory --------------------------------------------------------------------------------
+def test_a_corpus_larger_than_the_memory_cap_streams(tmp_path):
+    """tracemalloc traces Python objects and numpy buffers (the text read, cut and in flight, the
+    ids being written), not tiktoken's own Rust buffers, which live one chunk at a time."""
+    words = "Every effort moves you toward the picture, said Gisburn: Ünïcode  \n\n  and\ttabs. "
+    text = "".join(f"{words}{i}\n" for i in range(50_000))  # about 4.3 MB of text
+    src = tmp_path / "big.txt"
+    src.write_text(text, encoding="utf-8")
+    cap = 1_000_000  # a quarter of the corpus
+    get_tokenizer()  # loaded (once per process) before the measurement
+    tracemalloc.start()
+    try:
+        tokenize_corpus([src], 0.5, tmp_path / "tok", chunk_chars=16_384, progress=False, threads=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(text.encode()) > 4 * cap and peak < cap, peak
+    train, val = book_split(text, 0.5)
+    assert read_tokens(tmp_path / "tok" / "train.bin").tolist() == train
+    assert read_tokens(tmp_path / "tok" / "val.bin").tolist() == val
 
 
 # --- every run writes both splits, together --------------------------------------------------------

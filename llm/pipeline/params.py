@@ -86,7 +86,8 @@ def mask_bytes(cfg: dict[str, Any]) -> int:
 
 class DataParams(Settings):
     corpus: list[Annotated[str, Field(min_length=1)]] = Field(["the-verdict"], min_length=1)
-    """Names in sources.yaml, URLs or local paths; several are joined with <|endoftext|>."""
+    """Names in sources.yaml, URLs, local files, directories (every file under one, sorted) or glob patterns;
+    the files are joined with <|endoftext|>."""
     train_ratio: float = Field(0.9, gt=0, lt=1)
     """The book's split, on characters."""
 

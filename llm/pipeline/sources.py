@@ -62,5 +62,11 @@ def load_sources(path: str | Path = "sources.yaml") -> dict[str, Source]:
 
 
 def is_location(entry: str) -> bool:
-    """Whether a corpus/data entry is a URL or path rather than the name of a source."""
-    return "/" in entry or entry.startswith(("http://", "https://", "file:")) or bool(Path(entry).suffix)
+    """Whether a corpus/data entry is a URL, a path or a glob pattern rather than the name of a
+    source: it holds a `/` or a glob character (`*?[`), starts with a scheme or has a suffix."""
+    return (
+        "/" in entry
+        or any(c in entry for c in "*?[")
+        or entry.startswith(("http://", "https://", "file:"))
+        or bool(Path(entry).suffix)
+    )
