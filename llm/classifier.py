@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_checkpoint
 from llm.errors import CheckpointError, LLMError
-from llm.model import GPTModel
+from llm.model import GPTModel, check_token_ids
 from llm.pooling import POOLINGS, pool
 from llm.runtime import autocast
 from llm.tokenizer import EOT_ID, get_tokenizer
@@ -270,6 +270,7 @@ def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int 
     device = next(model.parameters()).device if device is None else device
     df = pd.DataFrame({"Label": [0] * len(texts), "Text": [t or " " for t in texts]})
     data = SpamDataset(df, get_tokenizer(), max_length=info["max_length"])
+    check_token_ids(data.tokens, model.cfg["vocab_size"], "the messages")  # GPT-2 ids, padded with 50256
     was_training = model.training
     model.eval()
     probs: list[float] = []
