@@ -1,7 +1,8 @@
 """Multi-process (DDP) training on CPU with gloo, two processes: the same run as one process at twice
-the batch, disjoint shards that cover each epoch, files from rank 0 only, and a stage relaunched
-through torchrun (`train.nproc_per_node: 2`)."""
+the batch, the same run with `compile`, disjoint shards that cover each epoch, files from rank 0 only,
+and a stage relaunched through torchrun (`train.nproc_per_node: 2`)."""
 
+import functools
 import json
 import os
 import socket
@@ -26,14 +27,14 @@ B = 2  # the per-process batch; one process trains at 2 * B
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-4
 
 
-def settings(batch_size):
+def settings(batch_size, compile=False):
     """16 windows = 2 steps of 2 x 4 examples per epoch, 2 epochs; accumulation, a schedule and clipping."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
         seed=7, num_epochs=2, batch_size=batch_size, lr=5e-3, weight_decay=0.1, eval_freq=1, eval_iter=2,
         warmup_steps=1, lr_schedule="cosine", min_lr=1e-4, grad_clip=1.0, grad_accum_steps=2,
-        precision="fp32", device="cpu", checkpoint_every=1,
+        precision="fp32", device="cpu", checkpoint_every=1, compile=compile,
     )  # fmt: skip
 
 
@@ -44,7 +45,7 @@ def datasets():
     return train, val
 
 
-def train(batch_size, out_dir):
+def train(batch_size, out_dir, compile=False):
     """(history, final weights) of a run; its resume state and curve go to `out_dir`."""
     from llm.io import write_csv
 
@@ -53,7 +54,8 @@ def train(batch_size, out_dir):
     train_set, val_set = datasets()
     os.makedirs(out_dir, exist_ok=True)
     trainer = Trainer(
-        model, train_set, val_set, settings(batch_size), state_path=os.path.join(out_dir, "state.pt"), run_id="ddp",
+        model, train_set, val_set, settings(batch_size, compile), state_path=os.path.join(out_dir, "state.pt"),
+        run_id="ddp",
         on_record=lambda h: write_csv(os.path.join(out_dir, "curve.csv"), h.rows()), progress=False,
         log=lambda m: None,
     )  # fmt: skip
@@ -73,6 +75,10 @@ def worker(rank, world, port, tmp):
         }
         history, weights, trainer = train(B, os.path.join(tmp, f"rank{rank}"))
         torch.save({"history": history.__dict__, "weights": weights, "shards": shards}, os.path.join(tmp, f"{rank}.pt"))
+        # the same run with `compile`, on a backend that needs no C++ compiler (see test_trainer.py)
+        torch.compile = functools.partial(torch.compile, backend="aot_eager")
+        history, weights, trainer = train(B, os.path.join(tmp, "compiled", f"rank{rank}"), compile=True)
+        torch.save({"history": history.__dict__, "weights": weights}, os.path.join(tmp, "compiled", f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -101,6 +107,22 @@ def test_two_processes_at_batch_b_train_like_one_at_2b(two_processes, tmp_path):
         assert np.allclose(h["val_loss"], history.val_loss, rtol=0, atol=LOSS_TOLERANCE)
         for name, w in weights.items():
             assert torch.allclose(r["weights"][name], w, rtol=0, atol=WEIGHT_TOLERANCE), name
+
+
+def test_compile_composes_with_ddp(two_processes):
+    """`compile`: the DDP-wrapped module compiled, two processes train as they do without it; the saved
+    state holds the plain module's weights."""
+    tmp, eager = two_processes
+    for rank in range(2):
+        compiled = torch.load(tmp / "compiled" / f"{rank}.pt", weights_only=False)
+        h, ref = compiled["history"], eager[rank]["history"]
+        assert h["steps"] == ref["steps"] == 4
+        assert np.allclose(h["train_loss"], ref["train_loss"], rtol=0, atol=LOSS_TOLERANCE)
+        assert np.allclose(h["val_loss"], ref["val_loss"], rtol=0, atol=LOSS_TOLERANCE)
+        for name, w in eager[rank]["weights"].items():
+            assert torch.allclose(compiled["weights"][name], w, rtol=0, atol=WEIGHT_TOLERANCE), name
+    state = torch.load(tmp / "compiled" / "rank0" / "state.pt", weights_only=True)
+    assert not any("_orig_mod" in key or "module." in key for key in state["model"])
 
 
 def test_shards_are_disjoint_equal_and_cover_the_epoch(two_processes):
