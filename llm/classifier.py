@@ -25,7 +25,7 @@ from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_chec
 from llm.errors import CheckpointError, LLMError
 from llm.model import GPTModel, check_token_ids
 from llm.pooling import POOLINGS, pool
-from llm.runtime import autocast
+from llm.runtime import autocast, to_device
 from llm.tokenizer import EOT_ID, get_tokenizer
 
 LABELS = {"ham": 0, "spam": 1}
@@ -140,7 +140,7 @@ def classification_loss(pooling: str = "last"):
     """A loss_fn for `llm.trainer.Trainer`: cross-entropy of the pooled logits."""
 
     def loss_fn(model, batch, device, precision):
-        inputs, labels = batch[0].to(device), batch[1].to(device)
+        inputs, labels = to_device(batch[0], device), to_device(batch[1], device)
         with autocast(device, precision):
             logits = class_logits(model, inputs, pooling)
         return F.cross_entropy(logits.float(), labels)

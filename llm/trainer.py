@@ -342,6 +342,7 @@ class Trainer:
                     sampler=sampler,
                     drop_last=sampler is self.sampler,
                     collate_fn=collate_fn,
+                    pin_memory=self.device.type == "cuda",  # page-locked batches: copied to the GPU without waiting
                 )
 
             self.train_loader = loader(train_set, self.sampler)
