@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install repro test lint format bench
+.PHONY: install repro test lint format bench gpu-check
 
 # Re-install only when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -35,3 +35,7 @@ bench: install
 	$(BIN)/python -m bench.bench_train
 	$(BIN)/python -m bench.bench_generate
 	$(BIN)/python -m bench.bench_tokenize
+
+# One CUDA GPU: training and generation throughput at GPT_CONFIG_124M (bench/gpu_check.sh; exits 2 without CUDA).
+gpu-check: install
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh

@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 
 from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_checkpoint
 from llm.errors import CheckpointError, LLMError
-from llm.model import GPTModel
+from llm.model import GPTModel, check_token_ids
 from llm.pooling import POOLINGS, pool
-from llm.runtime import autocast
+from llm.runtime import autocast, to_device
 from llm.tokenizer import EOT_ID, get_tokenizer
 
 LABELS = {"ham": 0, "spam": 1}
@@ -140,7 +140,7 @@ def classification_loss(pooling: str = "last"):
     """A loss_fn for `llm.trainer.Trainer`: cross-entropy of the pooled logits."""
 
     def loss_fn(model, batch, device, precision):
-        inputs, labels = batch[0].to(device), batch[1].to(device)
+        inputs, labels = to_device(batch[0], device), to_device(batch[1], device)
         with autocast(device, precision):
             logits = class_logits(model, inputs, pooling)
         return F.cross_entropy(logits.float(), labels)
@@ -270,6 +270,7 @@ def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int 
     device = next(model.parameters()).device if device is None else device
     df = pd.DataFrame({"Label": [0] * len(texts), "Text": [t or " " for t in texts]})
     data = SpamDataset(df, get_tokenizer(), max_length=info["max_length"])
+    check_token_ids(data.tokens, model.cfg["vocab_size"], "the messages")  # GPT-2 ids, padded with 50256
     was_training = model.training
     model.eval()
     probs: list[float] = []

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llm.errors import LLMError
 from llm.io import atomic_path
+from llm.model import check_token_ids
 from llm.tokenizer import encode, get_tokenizer
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
@@ -38,8 +39,12 @@ def write_tokens(path: str | os.PathLike, chunks: Iterable[Iterable[int] | np.nd
     return n
 
 
-def read_tokens(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a token file written by `write_tokens` (read-only; nothing is loaded up front)."""
+def read_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-map a token file written by `write_tokens` (read-only; nothing is loaded up front).
+
+    With `vocab_size` (the model's), the file is read once to check that every id is below it
+    (`llm.model.check_token_ids`): an error naming the file, instead of a failure inside the model.
+    """
     path = Path(path)
     if not path.is_file():
         raise LLMError(f"token file {path} does not exist: the prepare_text stage writes it")
@@ -47,7 +52,10 @@ def read_tokens(path: str | os.PathLike) -> np.ndarray:
         raise LLMError(f"token file {path} is truncated: its size is not a multiple of 2 bytes")
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    ids = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    if vocab_size is not None:
+        check_token_ids(ids, vocab_size, f"token file {path}")
+    return ids
 
 
 class TokenWindowDataset(Dataset):
@@ -81,17 +89,18 @@ def min_split_tokens(max_length: int) -> int:
 
 
 def split_windows(
-    tokens_dir: str | os.PathLike, max_length: int, stride: int
+    tokens_dir: str | os.PathLike, max_length: int, stride: int, vocab_size: int | None = None
 ) -> tuple[TokenWindowDataset, TokenWindowDataset]:
     """The train and val windows of the token files the prepare_text stage wrote in `tokens_dir`.
 
     A split too small for one window is one line naming its size and the settings that decide it,
-    never an empty dataset that trains on nothing or evaluates to NaN.
+    never an empty dataset that trains on nothing or evaluates to NaN. With `vocab_size`, so is an
+    id the model cannot embed (`read_tokens`).
     """
     sets = []
     for split in ("train", "val"):
         path = Path(tokens_dir) / f"{split}.bin"
-        ds = TokenWindowDataset(read_tokens(path), max_length, stride)
+        ds = TokenWindowDataset(read_tokens(path, vocab_size), max_length, stride)
         if len(ds) == 0:
             raise LLMError(
                 f"{path} holds {len(ds.ids):,} tokens, too few for one window of train.max_length + 1 = "

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from llm.errors import LLMError
-from llm.model import GPTModel
+from llm.model import GPTModel, check_token_ids
 from llm.progress import progress_bar
 from llm.tokenizer import token_bytes
 
@@ -51,11 +51,7 @@ def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, to
         raise LLMError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise LLMError(f"top_p must be in (0, 1], got {top_p}")
-    vocab = model.cfg["vocab_size"]
-    low, high = int(idx.min()), int(idx.max())
-    if low < 0 or high >= vocab:
-        bad = low if low < 0 else high
-        raise LLMError(f"the prompt holds token id {bad}; this model's vocab_size is {vocab} (ids 0 to {vocab - 1})")
+    check_token_ids(idx, model.cfg["vocab_size"], "the prompt")
 
 
 def generate_stream(

@@ -11,12 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llm.runtime import autocast
+from llm.runtime import autocast, to_device
 
 
 def calc_loss_batch(input_batch, target_batch, model, device, precision: str = "fp32"):
     """Mean next-token cross-entropy of one batch (the book's function)."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    input_batch, target_batch = to_device(input_batch, device), to_device(target_batch, device)
     with autocast(torch.device(device), precision):
         logits = model(input_batch)
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())

@@ -8,9 +8,10 @@ model accepts a `KVCache` so generation costs one position's work per new token.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -263,6 +264,9 @@ class GPTModel(nn.Module):
         self._head_t: tuple[tuple, torch.Tensor] | None = None  # see _cached_logits; not in state_dict
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        # Only shapes are checked here, never the ids' values: reading them back would stop a CUDA
+        # device on every call and split a compiled graph. Ids are checked where they enter
+        # (`check_token_ids`); an id outside the vocabulary that reaches `tok_emb` on CPU is an IndexError.
         if in_idx.dim() != 2:
             raise LLMError(f"token ids must have shape (batch, seq_len), got {tuple(in_idx.shape)}")
         seq_len = in_idx.shape[1]
@@ -273,10 +277,6 @@ class GPTModel(nn.Module):
             raise LLMError(f"sequence of {start + seq_len} tokens exceeds context_length {self.cfg['context_length']}")
         if kv_cache is not None and seq_len > kv_cache.room():
             raise LLMError(f"KV cache has room for {kv_cache.room()} tokens, got {seq_len}")
-        lo, hi = torch.aminmax(in_idx)
-        if int(lo) < 0 or int(hi) >= self.cfg["vocab_size"]:
-            bad = int(hi) if int(hi) >= self.cfg["vocab_size"] else int(lo)
-            raise LLMError(f"token id {bad} is outside the vocabulary [0, {self.cfg['vocab_size']})")
         positions = torch.arange(start, start + seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
         for block in self.trf_blocks:
@@ -313,6 +313,28 @@ class GPTModel(nn.Module):
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
 
+def check_token_ids(ids: torch.Tensor | np.ndarray | Sequence[int], vocab_size: int, source: str) -> None:
+    """Raise LLMError unless every id of `ids` is in [0, vocab_size); `source` names where they come from.
+
+    `GPTModel.forward` does not look at the ids' values (see there): the project calls this once
+    where ids enter a model, on the token files (`llm.data.read_tokens`), on prompts
+    (`llm.generate`), on the finetuning datasets and on the messages `classify` scores.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+    else:
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            return
+        lo = 0 if arr.dtype.kind == "u" else int(arr.min())  # a token file is uint16: no pass for the minimum
+        hi = int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise LLMError(f"{source}: token id {bad} is outside the vocabulary [0, {vocab_size}) of the model")
+
+
 def flops_per_token(model: GPTModel, seq_len: int) -> float:
     """Training FLOPs per token: 6·N for the matmul weights plus attention's 12·L·d·T."""
     cfg = model.cfg
@@ -330,5 +352,6 @@ __all__ = [
     "LayerNorm",
     "MultiHeadAttention",
     "TransformerBlock",
+    "check_token_ids",
     "flops_per_token",
 ]

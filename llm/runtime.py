@@ -1,4 +1,4 @@
-"""Process-level settings: device choice, precision, seeding, and glibc's allocator."""
+"""Process-level settings: device choice (and TF32 on CUDA), precision, seeding, and glibc's allocator."""
 
 from __future__ import annotations
 
@@ -16,7 +16,17 @@ PRECISIONS = ("fp32", "bf16-mixed")
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit name must be available."""
+    """`auto` picks cuda, then mps, then cpu; an explicit name must be available.
+
+    A CUDA device also turns on TF32 for fp32 matmuls (`use_tf32`), for the whole process.
+    """
+    device = _device(name)
+    if device.type == "cuda":
+        use_tf32()
+    return device
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,6 +38,24 @@ def select_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LLMError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
+
+
+def use_tf32() -> None:
+    """Let fp32 matmuls on CUDA run on TF32 tensor cores (Ampere and newer; older cards ignore it).
+
+    TF32 keeps fp32's range with a 10-bit mantissa in the matmul inputs; weights, activations and
+    accumulation stay fp32. Set with `torch.set_float32_matmul_precision("high")` rather than only the
+    per-backend `torch.backends.cuda.matmul.fp32_precision`, which leaves the process-wide getter
+    (read by inductor's autotuning) raising on mixed settings.
+    """
+    torch.set_float32_matmul_precision("high")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`; to CUDA without waiting (`non_blocking`), so that the copy of a pinned
+    batch (the Trainer's loaders pin them on CUDA) overlaps the work already queued on the GPU."""
+    device = torch.device(device)
+    return tensor.to(device, non_blocking=device.type == "cuda")
 
 
 def autocast(device: torch.device, precision: str):

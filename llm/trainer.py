@@ -5,7 +5,8 @@ With the defaults (constant lr, no warmup, no clipping, no accumulation) it is t
 `eval_iter` batches of a fresh shuffle of the training set and of the validation set), and the
 same use of torch's global RNG, so a run seeded like the book's draws the same data order and
 dropout masks. On top: warmup + cosine decay, gradient clipping and accumulation, bf16 autocast,
-a progress bar, and resumable checkpoints (model, optimizer, step, data order, RNG) written
+`torch.compile` of the training steps (`compile`), a progress bar, and resumable checkpoints (model,
+optimizer, step, data order, RNG) written
 periodically, on Ctrl-C/SIGTERM and at the end, after which a resumed run ends with the same weights
 and History as an uninterrupted one, whichever step it stopped at.
 
@@ -159,6 +160,7 @@ class LoopSettings:
     precision: str = "fp32"
     device: str = "cpu"
     checkpoint_every: int = 0
+    compile: bool = False  # torch.compile for the training steps (settings without this attribute: off)
 
 
 @dataclass
@@ -371,6 +373,7 @@ class Trainer:
                     sampler=sampler,
                     drop_last=sampler is self.sampler,
                     collate_fn=collate_fn,
+                    pin_memory=self.device.type == "cuda",  # page-locked batches: copied to the GPU without waiting
                 )
 
             self.train_loader = loader(train_set, self.sampler)
@@ -393,6 +396,11 @@ class Trainer:
             no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
                        else "broadcast_buffers": False}  # fmt: skip
             self.ddp = ddp(self.model, device_ids=ids, **no_sync)
+        # settings.compile (optional, default false): the training steps run `torch.compile` of the module they
+        # train (the DDP wrap, if any); evaluation, the hooks and every saved state use `self.model` itself.
+        self.step_model = self.ddp or self.model
+        if getattr(settings, "compile", False):
+            self.step_model = torch.compile(self.step_model)
         if not self.is_main:
             log = _quiet
         if optimizer is None:
@@ -656,7 +664,7 @@ class Trainer:
 
     def _loop(self, resumed: bool) -> None:
         s, model, opt = self.s, self.model, self.optimizer
-        step_model = self.ddp or model  # DDP averages the gradients; evaluation runs the module itself
+        step_model = self.step_model  # DDP averages the gradients; evaluation runs the module itself
         bar = progress_bar(
             total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress
         )

@@ -30,7 +30,8 @@ def main(params_path: str = "params.yaml") -> dict:
     model = load_checkpoint(init_source(e.init), map_location=device)
     metrics = {}
     for split in ("train", "val"):
-        ds = TokenWindowDataset(read_tokens(TOKENS / f"{split}.bin"), t.max_length, t.stride)
+        ids = read_tokens(TOKENS / f"{split}.bin", model.cfg["vocab_size"])  # ids the model can embed
+        ds = TokenWindowDataset(ids, t.max_length, t.stride)
         loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=False, drop_last=False)
         loss = calc_loss_loader(loader, model, device, e.eval_batches, t.precision)
         metrics[split] = {"loss": loss, "perplexity": perplexity(loss), "windows": len(ds)}

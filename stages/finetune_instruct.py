@@ -10,6 +10,7 @@ response token fits the context) is written as null, with the reason in the log.
 
 import math
 import time
+from itertools import chain
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -29,12 +30,13 @@ from llm.instruct import (
 from llm.io import write_json
 from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
+from llm.model import check_token_ids
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
 from llm.pipeline.params import check_split_sizes
 from llm.pipeline.sources import is_location
 from llm.progress import progress_bar
-from llm.tokenizer import text_to_token_ids, token_ids_to_text
+from llm.tokenizer import EOT_ID, text_to_token_ids, token_ids_to_text
 
 RAW = Path("data/raw")
 RESPONSES = Path("data/instruct/responses.json")
@@ -77,6 +79,9 @@ class InstructStage(FinetuneStage):
             for name, split in (("train", self.train_data), ("val", self.val_data), ("test", self.test_data))
         }
         self.collate = make_collate(self.max_len)
+        for name, ds in self.sets.items():  # GPT-2 ids and the pad 50256: a model with a smaller vocab_size stops here
+            ids = [EOT_ID, *chain.from_iterable(ds.encoded_texts)]
+            check_token_ids(ids, model.cfg["vocab_size"], f"finetune_instruct: the {name} split")
         return self.sets["train"], self.sets["val"]
 
     def trainer_options(self, f) -> dict:

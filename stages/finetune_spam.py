@@ -27,6 +27,7 @@ from llm.classifier import (
 )
 from llm.errors import LLMError, run_main
 from llm.io import write_csv, write_json
+from llm.model import check_token_ids
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
 from llm.pipeline.params import check_split_sizes
@@ -91,6 +92,8 @@ class SpamStage(FinetuneStage):
             "val": SpamDataset(self.splits["validation"], tokenizer, train_set.max_length),
             "test": SpamDataset(self.splits["test"], tokenizer, train_set.max_length),
         }
+        for name, ds in self.sets.items():  # GPT-2 ids and the pad 50256: a model with a smaller vocab_size stops here
+            check_token_ids(ds.tokens, model.cfg["vocab_size"], f"finetune_spam: the {name} split")
         return self.sets["train"], self.sets["val"]
 
     def adapt(self, f, model):

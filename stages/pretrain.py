@@ -42,10 +42,10 @@ def main(params_path: str = "params.yaml") -> dict:
     t = params.train
     distributed.start(t, __name__, params_path)  # train.nproc_per_node > 1: torchrun runs this stage's processes
     keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
-    train_set, val_set = split_windows(TOKENS, t.max_length, t.stride)  # one line if a split is too small
-    train_ids, val_ids = train_set.ids, val_set.ids
-
     model, cfg = initial_model(params)
+    # one line if a split is too small, or holds an id the model cannot embed (model.vocab_size)
+    train_set, val_set = split_windows(TOKENS, t.max_length, t.stride, cfg["vocab_size"])
+    train_ids, val_ids = train_set.ids, val_set.ids
     tokenizer = get_tokenizer()
 
     def sample(model, epoch):

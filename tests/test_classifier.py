@@ -246,6 +246,18 @@ def test_classify_pads_and_truncates_as_training_did(classifier_ckpt, pooling):
     assert classify(model, info, [], batch_size=4).spam_probability == []
 
 
+def test_classify_refuses_messages_a_smaller_vocabulary_cannot_embed_in_one_line(tmp_path, capsys):
+    """GPT-2's ids, padded with 50256: a classifier with a smaller vocab_size is refused before it runs."""
+    torch.manual_seed(0)
+    model = add_classification_head(GPTModel(tiny_cfg(vocab_size=1000, context_length=16)), 2)
+    path = save_classifier(model, tmp_path / "small", max_length=8, pooling="mean")
+    with pytest.raises(LLMError, match=r"^the messages: token id 50256 is outside the vocabulary \[0, 1000\)"):
+        classify(model.eval(), {"max_length": 8, "pooling": "mean"}, ["hi"])
+    assert main(["classify", "--checkpoint", str(path), "WIN a prize"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "token id 50256 is outside the vocabulary [0, 1000)" in err
+
+
 def test_cli_classify_text_file_and_errors(classifier_ckpt, tmp_path, capsys):
     path, _ = classifier_ckpt
     assert main(["classify", "--checkpoint", str(path), "WIN a prize now"]) == 0

@@ -154,3 +154,19 @@ def test_split_windows_need_max_length_plus_one_tokens_in_each_split(tmp_path, m
     write_tokens(tmp_path / "val.bin", [])
     with pytest.raises(LLMError, match=r"val.bin holds 0 tokens, too few for one window"):
         split_windows(tmp_path, max_length, stride)
+
+
+def test_token_files_are_checked_against_the_models_vocabulary_once_at_load(tmp_path):
+    write_tokens(tmp_path / "train.bin", [[3, 96, 5, 1, 2]])
+    write_tokens(tmp_path / "val.bin", [[0, 1, 2, 97, 4]])
+    assert read_tokens(tmp_path / "train.bin", 97).tolist() == [3, 96, 5, 1, 2]
+    assert read_tokens(tmp_path / "val.bin").tolist() == [0, 1, 2, 97, 4]  # no vocab_size: not checked
+    read_tokens(tmp_path / "val.bin", 98)
+    with pytest.raises(LLMError) as err:
+        read_tokens(tmp_path / "val.bin", 97)
+    path = tmp_path / "val.bin"
+    assert str(err.value) == f"token file {path}: token id 97 is outside the vocabulary [0, 97) of the model"
+    with pytest.raises(LLMError, match=r"val.bin: token id 97 is outside the vocabulary \[0, 97\)"):
+        split_windows(tmp_path, 2, 2, vocab_size=97)
+    train, val = split_windows(tmp_path, 2, 2, vocab_size=98)
+    assert len(train) == len(val) == 2

@@ -2,6 +2,7 @@
 the batch, disjoint shards that cover each epoch, files from rank 0 only, and a stage relaunched
 through torchrun (`train.nproc_per_node: 2`)."""
 
+import functools
 import json
 import os
 import signal
@@ -27,14 +28,14 @@ B = 2  # the per-process batch; one process trains at 2 * B
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-4
 
 
-def settings(batch_size):
+def settings(batch_size, compile=False):
     """16 windows = 2 steps of 2 x 4 examples per epoch, 2 epochs; accumulation, a schedule and clipping."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
         seed=7, num_epochs=2, batch_size=batch_size, lr=5e-3, weight_decay=0.1, eval_freq=1, eval_iter=2,
         warmup_steps=1, lr_schedule="cosine", min_lr=1e-4, grad_clip=1.0, grad_accum_steps=2,
-        precision="fp32", device="cpu", checkpoint_every=1,
+        precision="fp32", device="cpu", checkpoint_every=1, compile=compile,
     )  # fmt: skip
 
 
@@ -45,7 +46,7 @@ def datasets():
     return train, val
 
 
-def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=None):
+def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=None, compile=False):
     """(history, final weights, trainer) of a run; its resume state (`state`, or in `out_dir`) and curve
     go to `out_dir`. `stop_after`: rank 0 asks to stop once step `stop_after` is recorded, as a signal
     would; the run then ends with TrainingInterrupted and its resume state saved (history None)."""
@@ -63,7 +64,7 @@ def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=N
             trainer.request_stop()
 
     trainer = Trainer(
-        model, train_set, val_set, settings(batch_size), state_path=state or os.path.join(out_dir, "state.pt"),
+        model, train_set, val_set, settings(batch_size, compile), state_path=state or os.path.join(out_dir, "state.pt"),
         run_id="ddp", on_record=on_record, progress=False, log=(log.append if log is not None else lambda m: None),
     )  # fmt: skip
     try:
@@ -92,6 +93,13 @@ def shards(rank, tmp):
     }
     history, weights, _ = train(B, os.path.join(tmp, f"rank{rank}"))
     return {"history": history.__dict__, "weights": weights, **result}
+
+
+def compiled(rank, tmp):
+    """The shards scenario's run with `compile`, on a backend that needs no C++ compiler (see test_trainer.py)."""
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")
+    history, weights, _ = train(B, os.path.join(tmp, "compiled", f"rank{rank}"), compile=True)
+    return {"history": history.__dict__, "weights": weights}
 
 
 def first_forward_rng(rank, tmp):
@@ -134,6 +142,7 @@ def uninterrupted(drop_rate):
 
 SCENARIOS = {
     "shards": shards,
+    "compiled": compiled,
     "rng": first_forward_rng,
     "stop": interrupted(0.0),
     "resume-1": resumed(0.0, "one-state.pt"),
@@ -180,6 +189,21 @@ def same_run(rank_result, history, weights):
     assert np.allclose(h["val_loss"], history.val_loss, rtol=0, atol=LOSS_TOLERANCE)
     for name, w in weights.items():
         assert torch.allclose(rank_result["weights"][name], w, rtol=0, atol=WEIGHT_TOLERANCE), name
+
+
+def test_compile_composes_with_ddp(two_processes):
+    """`compile`: the DDP-wrapped module compiled, two processes train as they do without it; the saved
+    state holds the plain module's weights."""
+    tmp, eager = two_processes
+    for rank, compiled_rank in enumerate(spawn(tmp, "compiled")["compiled"]):
+        h, ref = compiled_rank["history"], eager[rank]["history"]
+        assert h["steps"] == ref["steps"] == 4
+        assert np.allclose(h["train_loss"], ref["train_loss"], rtol=0, atol=LOSS_TOLERANCE)
+        assert np.allclose(h["val_loss"], ref["val_loss"], rtol=0, atol=LOSS_TOLERANCE)
+        for name, w in eager[rank]["weights"].items():
+            assert torch.allclose(compiled_rank["weights"][name], w, rtol=0, atol=WEIGHT_TOLERANCE), name
+    state = torch.load(tmp / "compiled" / "rank0" / "state.pt", weights_only=True)
+    assert not any("_orig_mod" in key or "module." in key for key in state["model"])
 
 
 def test_shards_are_disjoint_equal_and_cover_the_epoch(two_processes):

@@ -189,9 +189,7 @@ def test_the_stream_checks_its_arguments_before_the_first_step(pair, kwargs):
 def test_a_prompt_id_outside_the_models_vocabulary_is_refused(pair):
     cfg, _, ours = pair
     small = GPTModel(tiny_cfg(vocab_size=100)).eval()
-    with pytest.raises(
-        LLMError, match=r"^the prompt holds token id 100; this model's vocab_size is 100 \(ids 0 to 99\)$"
-    ):
+    with pytest.raises(LLMError, match=r"^the prompt: token id 100 is outside the vocabulary \[0, 100\) of the model$"):
         generate(small, torch.tensor([[5, 100]]), 2, 24)
     with pytest.raises(LLMError, match="token id -1"):
         generate(ours, torch.tensor([[-1]]), 2, 16)

@@ -2,11 +2,12 @@
 
 import io
 
+import numpy as np
 import pytest
 import torch
 
 from llm.errors import ConfigError, LLMError
-from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel, MultiHeadAttention, model_config
+from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel, MultiHeadAttention, check_token_ids, model_config
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
 
@@ -151,11 +152,46 @@ def test_presets_and_overrides():
     assert model_config({**PRESETS["gpt2-xl"], "context_length": 256})["context_length"] == 256
 
 
-def test_out_of_vocab_token_and_too_long_input_are_clear_errors():
+def test_too_long_input_is_a_clear_error():
     model = GPTModel(tiny_cfg(vocab_size=50, context_length=8)).eval()
-    with pytest.raises(LLMError, match="token id 50 is outside the vocabulary"):
-        model(torch.tensor([[1, 50]]))
-    with pytest.raises(LLMError, match="token id -1"):
-        model(torch.tensor([[-1, 2]]))
     with pytest.raises(LLMError, match="exceeds context_length 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["tensor", "uint16 array", "int array", "list"])
+def test_token_ids_are_checked_where_they_enter_with_one_line_naming_the_source(kind):
+    def as_kind(ids):
+        if kind == "tensor":
+            return torch.tensor(ids)
+        if kind == "list":
+            return ids
+        return np.asarray(ids, dtype=np.uint16 if kind == "uint16 array" else np.int64)
+
+    check_token_ids(as_kind([0, 3, 49]), 50, "x")
+    check_token_ids(as_kind([]), 50, "x")
+    with pytest.raises(LLMError, match=r"^f.bin: token id 50 is outside the vocabulary \[0, 50\) of the model$"):
+        check_token_ids(as_kind([1, 50, 7]), 50, "f.bin")
+    if kind != "uint16 array":
+        with pytest.raises(LLMError, match=r"^x: token id -1 is outside the vocabulary \[0, 50\)"):
+            check_token_ids(as_kind([-1, 2]), 50, "x")
+
+
+def test_an_id_outside_the_vocabulary_that_reaches_the_model_on_cpu_is_an_index_error():
+    model = GPTModel(tiny_cfg(vocab_size=50, context_length=8)).eval()
+    with pytest.raises(IndexError):
+        model(torch.tensor([[1, 50]]))
+
+
+def test_forward_reads_nothing_back_to_the_host():
+    """The training forward compiles to one graph: no `.item()`, `int(tensor)` or data-dependent branch,
+    each of which would stop a CUDA device until the value arrives (a sync on every step)."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1))
+    ids = torch.randint(0, 97, (2, 8))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    torch.manual_seed(1)
+    out = compiled(ids)
+    torch.manual_seed(1)
+    assert torch.equal(out, model(ids))  # the same dropout masks: the same function
+    out.sum().backward()

@@ -4,7 +4,10 @@ the settings and the sizes, and leaves the previous outputs as they were.
 - prepare_text: a split too small for one window (data.train_ratio near 0 or 1), a corpus file
   that is not UTF-8;
 - finetune_instruct / finetune_spam: a split that comes out empty, or a training split smaller
-  than one batch, stops in `load_data`, before the starting model is even loaded.
+  than one batch, stops in `load_data`, before the starting model is even loaded;
+- pretrain, eval, finetune_spam, finetune_instruct: a token id the model cannot embed (a
+  `model.vocab_size` below GPT-2's 50257) stops once the data and the model are loaded, naming the file
+  or split (the model itself does not check ids: `llm.model.check_token_ids`).
 """
 
 import json
@@ -12,12 +15,18 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+from llm.checkpoint import save_checkpoint
 from llm.errors import ConfigError, LLMError
+from llm.model import GPTModel
 from llm.pipeline.params import check_split_sizes, parse_params
-from stages import finetune_instruct, finetune_spam, prepare_text
-from tests.conftest import ROOT, committed_yaml
+from llm.tokenizer import get_tokenizer
+from stages import eval as stage_eval
+from stages import finetune_instruct, finetune_spam, prepare_text, pretrain
+from tests.conftest import ROOT, committed_yaml, tiny_cfg
 
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by Sam.", "output": "Sam baked the cake."}
 WORDS = "Every effort moves you toward the picture, said Gisburn, and the studio was quiet again.\n"
@@ -237,3 +246,72 @@ def test_check_splits_names_the_fractions_and_every_size(sizes, batch_size, need
     assert str(err.value) == f"s.a_frac 0.5 and s.b_frac 0.25 split the N things of f into {got}: {need}; use more " \
         "data or other fractions"  # fmt: skip
     check_split_sizes("s", {"a_frac": 0.5}, {"train": batch_size, "test": 1, "validation": 1}, "x", batch_size)
+
+
+# --- token ids the model cannot embed (a model.vocab_size smaller than the tokenizer's) ---------------
+SMALL = {"vocab_size": 97, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0}
+
+
+def token_files(folder, bad_id: int):
+    tokens = folder / "data/tokens"
+    tokens.mkdir(parents=True)
+    np.arange(40, dtype=np.uint16).tofile(tokens / "train.bin")
+    np.array([1, 2, bad_id, 4] * 5, dtype=np.uint16).tofile(tokens / "val.bin")
+
+
+def small_model():
+    torch.manual_seed(0)
+    return GPTModel({**tiny_cfg(), **SMALL})
+
+
+def test_pretrain_stops_on_a_token_the_model_cannot_embed_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    token_files(tmp_path, 200)
+    write_params(tmp_path / "params.yaml", model=SMALL, train={"max_length": 8, "stride": 8, "device": "cpu"})
+    monkeypatch.setattr(pretrain, "keep_freed_memory", lambda: None)  # process-wide: not in the test process
+    with pytest.raises(LLMError) as err:
+        pretrain.main()
+    message = "token file data/tokens/val.bin: token id 200 is outside the vocabulary [0, 97) of the model"
+    assert str(err.value) == message
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "data/tokens/train.bin",
+        "data/tokens/val.bin",
+        "params.yaml",
+    ]
+
+
+def test_eval_stops_on_a_token_the_model_cannot_embed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    token_files(tmp_path, 97)
+    save_checkpoint(small_model(), tmp_path / "models/pretrain")
+    write_params(tmp_path / "params.yaml", train={"max_length": 8, "stride": 8, "device": "cpu"})
+    with pytest.raises(LLMError, match=r"^token file data/tokens/val.bin: token id 97 is outside the vocabulary"):
+        stage_eval.main()
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_spam_datasets_a_model_cannot_embed_stop_before_training(tmp_path, monkeypatch):
+    """GPT-2's ids, padded with 50256: a model with a smaller vocab_size stops when the datasets are built."""
+    monkeypatch.chdir(tmp_path)
+    sms(tmp_path, 10, 10)
+    f = write_params(tmp_path / "params.yaml").finetune_spam
+    stage = finetune_spam.SpamStage()
+    stage.load_data(f)
+    with pytest.raises(LLMError, match=r"^finetune_spam: the train split: token id \d+ is outside the vocabulary"):
+        stage.datasets(f, small_model(), get_tokenizer())
+    train, val = stage.datasets(f, GPTModel(tiny_cfg(context_length=16)), get_tokenizer())  # GPT-2's vocabulary
+    assert len(train) == 14 and len(val) == 2
+
+
+def test_instruct_datasets_a_model_cannot_embed_stop_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = write_params(tmp_path / "params.yaml", finetune_instruct={"data": instructions(tmp_path, 20)})
+    stage = finetune_instruct.InstructStage()
+    stage.load_data(f.finetune_instruct)
+    with pytest.raises(LLMError, match=r"^finetune_instruct: the train split: token id \d+ is outside the vocabulary"):
+        stage.datasets(f.finetune_instruct, small_model(), get_tokenizer())
+    model = GPTModel(tiny_cfg(vocab_size=50256))  # every id of the text, but not the pad <|endoftext|>
+    with pytest.raises(LLMError, match=r"the train split: token id 50256 is outside the vocabulary \[0, 50256\)"):
+        stage.datasets(f.finetune_instruct, model, get_tokenizer())
+    train, _ = stage.datasets(f.finetune_instruct, GPTModel(tiny_cfg()), get_tokenizer())
+    assert len(train) == 17

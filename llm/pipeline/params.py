@@ -218,6 +218,9 @@ class LoopParams(Settings):
     nproc_per_node: int = Field(1, ge=1)
     """Training processes (DDP, one node); above 1 the stage relaunches itself through torchrun, each process
     training on batch_size examples per micro-batch and its own shard of every epoch."""
+    compile: bool = False
+    """true: the training steps run torch.compile of the model (compiled on the first step); evaluation and the
+    saved weights use the model itself."""
 
     @field_validator("device")
     @classmethod
