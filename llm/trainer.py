@@ -410,7 +410,10 @@ class Trainer:
         # its own lr, and one built here already holds settings.lr.
         self.scheduled = bool(settings.warmup_steps) or settings.lr_schedule != "constant"
         self.steps_per_epoch = math.ceil(len(self.train_loader) / settings.grad_accum_steps)
-        self.total_steps = self.steps_per_epoch * settings.num_epochs
+        # A step budget (`max_steps`, pretraining's token budget) instead of epochs: the epochs go on as
+        # needed, the last one may end early, and the lr schedule spans the budget.
+        self.max_steps = getattr(settings, "max_steps", None)
+        self.total_steps = self.max_steps or self.steps_per_epoch * settings.num_epochs
         self.progress, self.log = progress and self.is_main, log
         self.history = History()
         self.step = 0  # optimizer steps done
@@ -547,7 +550,7 @@ class Trainer:
                 self._reseed = True
         self._resume_seed = state["epoch_seed"]
         self._saved_step = self.step
-        if self.epoch >= self.s.num_epochs:  # a failure after training: only the outputs are left to write
+        if self.trained:  # a failure after training: only the outputs are left to write
             self.log(f"resuming from {self.state_path}: step {self.step}, training is complete")
         else:
             self.log(f"resuming from {self.state_path}: epoch {self.epoch + 1}, step {self.step}")
@@ -577,6 +580,13 @@ class Trainer:
     def _dropout_states(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
         return self.dropout_rng.get_state(), cuda
+
+    @property
+    def trained(self) -> bool:
+        """Whether training is complete: `max_steps` steps when set, else `num_epochs` epochs."""
+        if self.max_steps is not None:
+            return self.step >= self.max_steps
+        return self.epoch >= self.s.num_epochs
 
     def _restore_rng(self) -> None:
         """The RNG states of the interrupted run: torch's global RNG, and each rank's dropout stream
@@ -659,7 +669,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if self.s.num_epochs > 0:  # kept until the caller has written its outputs (clear_state)
+        if self.total_steps > 0:  # kept until the caller has written its outputs (clear_state)
             self._save_or_warn()
 
     def _loop(self, resumed: bool) -> None:
@@ -671,9 +681,9 @@ class Trainer:
         model.train()
         start = time.perf_counter()
         base_seconds = self.history.train_seconds
-        if s.num_epochs == 0:  # no training: measure the starting weights (e.g. GPT-2 as the book loads it)
+        if self.total_steps == 0:  # no training: measure the starting weights (e.g. GPT-2 as the book loads it)
             self._record(0.0, bar)
-        while self.epoch < s.num_epochs:
+        while not self.trained:
             skip = self.batches_done
             if resumed and skip:  # mid-epoch: this epoch's order, from the first batch not done
                 self.sampler.resume(self._resume_seed, skip * s.batch_size)
@@ -727,11 +737,12 @@ class Trainer:
                 self.history.steps = self.step
                 self.history.train_seconds = base_seconds + time.perf_counter() - start
                 bar.update(1)
-                if last_in_epoch:  # its checkpoint comes after on_epoch_end, which may draw from the RNG
+                budget_spent = self.max_steps is not None and self.step >= self.max_steps
+                if last_in_epoch or budget_spent:  # its checkpoint comes after on_epoch_end, which may draw from the RNG
                     self.epoch += 1
                     self.batches_done = 0
-                else:
-                    self._checkpoint(bar)
+                    break
+                self._checkpoint(bar)
             if self.batches_done:  # the loader stopped short of its len(): the epoch would never end
                 raise LLMError(
                     f"the training loader yielded {self.batches_done} of its {len(self.train_loader)} batches"

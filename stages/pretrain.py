@@ -87,7 +87,7 @@ def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
         "val": {"loss": history.val_loss[-1]},
         "tokens_seen": history.total_tokens,
         "steps": history.steps,
-        "epochs": t.num_epochs,
+        "epochs": trainer.epoch,  # begun, the last one perhaps cut short by train.max_steps
         "params": model.num_params(),
     }
     if trainer.world_size > 1:  # examples per optimizer step, over all processes (absent with one: unchanged files)

@@ -302,3 +302,42 @@ def test_compile_trains_like_eager_and_saves_the_plain_module(tmp_path, monkeypa
     assert state["model"].keys() == weights_state_dict(eager).keys()  # no `_orig_mod.` in the saved state
     assert not any("_orig_mod" in key for key in model.state_dict())
     assert all(not cls().compile for cls in (TrainParams, SpamParams, InstructParams))  # every stage's key, off
+
+
+def test_max_steps_is_a_budget_across_epochs_and_the_schedule_spans_it():
+    """30 steps at 12 per epoch: two epochs and a third cut short after 6 steps (its epoch-end hook
+    runs), whatever num_epochs says; warmup + cosine over the 30 steps."""
+    s = settings(max_steps=30, num_epochs=1, eval_freq=1, lr_schedule="cosine", warmup_steps=2, min_lr=1e-5)
+    ends = []
+    model, history = run(s, on_epoch_end=lambda m, epoch: ends.append(epoch))
+    assert history.steps == 30 and history.step == list(range(30)) and ends == [1, 2, 3]
+    assert history.total_examples == 30 * s.batch_size and history.epoch[-1] == 3
+    assert history.lr == pytest.approx([lr_at(k, 30, s) for k in range(30)])
+    assert history.lr[-1] < 0.05 * s.lr  # the decay ends with the budget, not after num_epochs
+
+
+def test_a_budget_of_whole_epochs_is_the_same_run_as_the_epochs():
+    by_epochs_model, by_epochs = run(settings(num_epochs=3))
+    by_steps_model, by_steps = run(settings(num_epochs=1, max_steps=36))  # 3 x 12 steps
+    assert by_steps.train_loss == by_epochs.train_loss and by_steps.val_loss == by_epochs.val_loss
+    for a, b in zip(by_steps_model.parameters(), by_epochs_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_run_with_a_budget_resumes_mid_epoch_bit_for_bit(tmp_path):
+    s = settings(max_steps=30, eval_freq=1, lr_schedule="cosine", min_lr=1e-5)
+    full_model, full = run(s, evaluate_fn=lambda m: {})
+    train, val = datasets()
+    holder, evaluate_fn = _interrupt_at(26)
+    torch.manual_seed(s.seed)
+    first = Trainer(GPTModel(CFG), train, val, s, evaluate_fn=evaluate_fn, state_path=tmp_path / "state.pt",
+                    run_id="r", progress=False, log=lambda m: None)  # fmt: skip
+    holder["trainer"] = first
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 27"):
+        first.fit()
+    model = fresh_model(s.seed)
+    resumed = Trainer(model, train, val, s, evaluate_fn=lambda m: {}, state_path=tmp_path / "state.pt", run_id="r",
+                      progress=False, log=lambda m: None).fit()  # fmt: skip
+    assert resumed.train_loss == full.train_loss and resumed.steps == 30
+    for a, b in zip(model.parameters(), full_model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -244,6 +244,10 @@ class LoopParams(Settings):
 class TrainParams(LoopParams):
     num_epochs: int = Field(10, ge=0)
     """0: only measure the starting weights (with model.init) and pass them on."""
+    max_steps: int | None = Field(None, gt=0)
+    """A budget of optimizer steps instead of epochs (nanoGPT's max_iters): training stops after it,
+    mid-epoch if need be, and the lr schedule spans it; num_epochs is then not read. Tokens trained on =
+    max_steps x batch_size x nproc_per_node x grad_accum_steps x max_length. null = num_epochs decides."""
     batch_size: int = Field(2, gt=0)
     lr: LearningRate = 0.0004
     eval_freq: int = Field(5, gt=0)
