@@ -67,6 +67,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def set_threads(threads: int) -> int:
+    """torch's CPU threads for this process (`runtime.threads`; 0 leaves torch's default); returns the count."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -738,7 +738,7 @@ class Trainer:
                 self.history.train_seconds = base_seconds + time.perf_counter() - start
                 bar.update(1)
                 budget_spent = self.max_steps is not None and self.step >= self.max_steps
-                if last_in_epoch or budget_spent:  # its checkpoint comes after on_epoch_end, which may draw from the RNG
+                if last_in_epoch or budget_spent:  # checkpoint after on_epoch_end, which may draw from the RNG
                     self.epoch += 1
                     self.batches_done = 0
                     break

@@ -1,7 +1,7 @@
 """Stage eval: loss and perplexity of the pretrained model on the whole splits, plus samples.
 
 Reads params `train.batch_size`, `train.max_length`, `train.stride`, `train.precision`,
-`train.device` and `eval`; writes `metrics/eval.json` and `data/eval/samples.json`.
+`train.device`, `eval` and `runtime`; writes `metrics/eval.json` and `data/eval/samples.json`.
 """
 
 from pathlib import Path
@@ -15,7 +15,7 @@ from llm.generate import generate
 from llm.io import write_json
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.params import init_source, load_params
-from llm.runtime import select_device
+from llm.runtime import select_device, set_threads
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
 TOKENS = Path("data/tokens")
@@ -25,6 +25,7 @@ METRICS = Path("metrics/eval.json")
 
 def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
+    set_threads(params.runtime.threads)
     t, e = params.train, params.eval
     device = select_device(t.device)
     model = load_checkpoint(init_source(e.init), map_location=device)

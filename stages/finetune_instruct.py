@@ -1,6 +1,6 @@
 """Stage finetune_instruct: the book's chapter-7 instruction finetuning, responses and evaluation.
 
-Reads params `finetune_instruct`, the download `data/raw/instructions/` (or the JSON file that
+Reads params `finetune_instruct`, `runtime`, the download `data/raw/instructions/` (or the JSON file that
 `finetune_instruct.data` names) and the starting model; writes `models/instruct/`,
 `data/instruct/responses.json` (the book's instruction-data-with-response.json), the loss curve
 (rewritten at every evaluation), `metrics/finetune_instruct.json` and the wall times in

@@ -1,6 +1,6 @@
 """Stage finetune_spam: the book's chapter-6 spam classifier, with full-split metrics and a baseline.
 
-Reads params `finetune_spam`, the download `data/raw/sms_spam/` and the starting model; writes
+Reads params `finetune_spam`, `runtime`, the download `data/raw/sms_spam/` and the starting model; writes
 `data/spam/{train,validation,test}.csv`, `models/spam/`, the loss and accuracy curves and the
 test set's confusion matrix (`metrics/curves/`, DVC plots), `metrics/finetune_spam.json` and the
 wall times in `timings/finetune_spam.json`.

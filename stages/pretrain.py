@@ -1,6 +1,6 @@
 """Stage pretrain: the book's chapter-5 pretraining loop on the token files.
 
-Reads params `model`, `train` and `data/tokens/`; writes the checkpoint `models/pretrain/`, the
+Reads params `model`, `train`, `runtime` and `data/tokens/`; writes the checkpoint `models/pretrain/`, the
 loss curve `metrics/curves/pretrain.csv` (rewritten at every evaluation), `metrics/pretrain.json`
 and the wall times in `timings/pretrain.json` (outputs other than the timings depend only on code,
 data and params). Ctrl-C or SIGTERM saves a resumable
@@ -25,7 +25,7 @@ from llm.generate import generate
 from llm.io import write_csv, write_json
 from llm.model import GPTModel
 from llm.pipeline.params import load_params
-from llm.runtime import keep_freed_memory, set_seed
+from llm.runtime import keep_freed_memory, set_seed, set_threads
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.trainer import Trainer, fingerprint, run_params
 
@@ -41,6 +41,7 @@ def main(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     t = params.train
     distributed.start(t, __name__, params_path)  # train.nproc_per_node > 1: torchrun runs this stage's processes
+    set_threads(params.runtime.threads)
     keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
     model, cfg = initial_model(params)
     # one line if a split is too small, or holds an id the model cannot embed (model.vocab_size)
@@ -109,7 +110,7 @@ def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
     save_checkpoint(model, MODEL_DIR, extra={"training": {**metrics, **info}})
     write_csv(CURVE, history.rows())
     write_json(METRICS, metrics)
-    write_json(TIMINGS, {**timings, "device": info["device"]})
+    write_json(TIMINGS, {**timings, "device": info["device"], "threads": torch.get_num_threads()})
     return metrics
 
 

@@ -294,10 +294,10 @@ def stage_project(tmp_path, **train):
 STAGE_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_stage(cwd, *args):
+def run_stage(cwd, *args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "stages.pretrain", *args], cwd=cwd, env=STAGE_ENV, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-m", "stages.pretrain", *args], cwd=cwd, env=env or STAGE_ENV, capture_output=True,
+        text=True, timeout=300,
     )  # fmt: skip
 
 

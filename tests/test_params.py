@@ -251,7 +251,7 @@ def assert_one_line_naming(raw, key):
 
 
 def test_fuzz_covers_every_section_and_key():
-    assert set(SECTIONS) == {"data", "model", "train", "eval", "finetune_spam", "finetune_instruct"}
+    assert set(SECTIONS) == {"data", "model", "train", "eval", "finetune_spam", "finetune_instruct", "runtime"}
     assert all(isinstance(m, type) and issubclass(m, BaseModel) for m in SECTIONS.values())
     assert len(FIELDS) > 80
 

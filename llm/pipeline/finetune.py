@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llm import distributed
 from llm.checkpoint import load_checkpoint
 from llm.io import write_csv, write_json
 from llm.model import GPTModel
 from llm.pipeline.params import LoopParams, Params, init_source, load_params
-from llm.runtime import keep_freed_memory, select_device, set_seed
+from llm.runtime import keep_freed_memory, select_device, set_seed, set_threads
 from llm.tokenizer import get_tokenizer
 from llm.trainer import History, Trainer, run_params
 
@@ -90,8 +92,10 @@ class FinetuneStage:
         return getattr(params, self.section)
 
     def run(self, params_path: str | Path = "params.yaml") -> dict:
-        s = self.settings(load_params(params_path))
+        params = load_params(params_path)
+        s = self.settings(params)
         distributed.start(s, self.module(), params_path)  # nproc_per_node > 1: torchrun runs the processes
+        set_threads(params.runtime.threads)
         self.load_data(s)
         self.device = select_device(s.device)
         keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
@@ -128,6 +132,7 @@ class FinetuneStage:
             self.save(s, model, str(init))
             write_csv(out.curve, history.rows())
             write_json(out.metrics, metrics)
-            write_json(out.timings, {"train_seconds": train_seconds, **timings, "device": str(self.device)})
+            write_json(out.timings, {"train_seconds": train_seconds, **timings, "device": str(self.device),
+                                     "threads": torch.get_num_threads()})  # fmt: skip
         print(self.summary(metrics, train_seconds))
         return metrics

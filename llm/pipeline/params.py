@@ -380,6 +380,14 @@ class InstructParams(LoopParams):
         return self
 
 
+class RuntimeParams(Settings):
+    threads: int = Field(0, ge=0, le=1024)
+    """CPU threads of torch in each process of the stages that run a model (torch.set_num_threads).
+    0 = torch's default: one per core, or OMP_NUM_THREADS (torchrun sets 1 per process). The numbers
+    are bit-identical for a given thread count; another count changes their last digits (the order of
+    float sums in CPU kernels), which is why it is a param. 1 for `dvc queue start -j 2` on 2 cores."""
+
+
 class Params(Settings):
     """Every setting of the pipeline, in sections; each stage declares in dvc.yaml the keys it reads."""
 
@@ -389,6 +397,7 @@ class Params(Settings):
     eval: EvalParams = EvalParams()
     finetune_spam: SpamParams = SpamParams()
     finetune_instruct: InstructParams = InstructParams()
+    runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")
     def _window_fits(self) -> Params:
