@@ -1,6 +1,7 @@
 """Multi-process (DDP) training on CPU with gloo, two processes: the same run as one process at twice
-the batch, disjoint shards that cover each epoch, files from rank 0 only, and a stage relaunched
-through torchrun (`train.nproc_per_node: 2`)."""
+the batch (also with `compile`), disjoint shards that cover each epoch, files from rank 0 only, each
+rank's own dropout stream, resume across world sizes and bit for bit on as many, the stages relaunched
+through torchrun (`nproc_per_node: 2`) and stopped by a signal, both finetuning stages under DDP."""
 
 import functools
 import json

@@ -281,3 +281,46 @@ def test_two_nodes_then_dvc_commit_as_the_readme_says(repo):
     finally:
         sh(["git", "checkout", "-q", "--", "."], path, env)
         sh(["dvc", "checkout", "-q", "-f"], path, env)
+
+
+def test_a_sweep_two_at_a_time_on_one_thread_each(repo):
+    """The README's sweep: queued with runtime.threads=1, run by `dvc queue start -j 2`; both succeed,
+    every stage that runs a model used one thread, the metrics follow the params, and the README's
+    comparison commands read the two experiments."""
+    import time
+
+    path, env = repo
+    lr = yaml.safe_load(profiled_params())["finetune_spam"]["lr"]
+    names = {"sweep-a": lr / 2, "sweep-b": lr * 2}
+    try:
+        for name, value in names.items():
+            sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune_spam.lr={value}",
+                "-S", "runtime.threads=1"], path, env)  # fmt: skip
+        sh(["dvc", "queue", "start", "-j", "2"], path, env)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = sh(["dvc", "queue", "status"], path, env).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(5)
+        assert status.count("Success") == 2 and "Failed" not in status, status
+        shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
+        experiments = {e["name"]: e for rev in shown for e in (rev.get("experiments") or [])}
+        loss = {}
+        for name, value in names.items():
+            data = experiments[name]["revs"][0]["data"]
+            params = data["params"]["params.yaml"]["data"]
+            assert params["runtime"]["threads"] == 1 and params["finetune_spam"]["lr"] == value
+            loss[name] = data["metrics"]["metrics/finetune_spam.json"]["data"]["train"]["loss"]
+            sh(["dvc", "exp", "apply", name], path, env)
+            for stage in ("pretrain", "finetune_spam", "finetune_instruct"):
+                assert json.loads((path / f"timings/{stage}.json").read_text())["threads"] == 1, stage
+        assert loss["sweep-a"] != loss["sweep-b"]
+        plots = sh(["dvc", "plots", "diff", "sweep-a", "sweep-b", "--json"], path, env).stdout
+        assert "sweep-a" in plots and "sweep-b" in plots
+        out = sh([str(BIN / "llm"), "compare", "--baseline", "sweep-a", "--target", "sweep-b"], path, env, ok=False)
+        assert out.returncode in (0, 1) and "finetune_spam" in out.stdout, out.stdout + out.stderr
+    finally:
+        sh(["dvc", "queue", "stop"], path, env, ok=False)
+        sh(["git", "checkout", "-q", "--", "."], path, env)
+        sh(["dvc", "checkout", "-q", "-f"], path, env)
