@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llm.errors import CheckpointError, ConfigError
+from llm.errors import CheckpointError, ConfigError, first_line
 from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
 from llm.io import atomic_path, atomic_write_bytes
 from llm.model import MASK_SUFFIX, GPTModel, model_config
@@ -135,10 +135,10 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         refusal = _unsafe_pickle(file, exc)
         if refusal is not None:
             raise refusal from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"cannot read checkpoint {file} (truncated or not a checkpoint?): {first}") from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"cannot read checkpoint {file} (truncated or not a checkpoint?): {first}") from None
     except Exception as exc:  # unpickling errors come in many types
         detail = " ".join(str(exc).split())[:200]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_checkpoint
-from llm.errors import CheckpointError, LLMError
+from llm.errors import CheckpointError, LLMError, first_line
 from llm.model import GPTModel, check_token_ids
 from llm.pooling import POOLINGS, pool
 from llm.runtime import autocast, to_device
@@ -41,7 +41,7 @@ def load_sms_spam(path: str | os.PathLike) -> pd.DataFrame:
             keep_default_na=False,
         )  # fmt: skip
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise LLMError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise LLMError(f"cannot read {path}: {first_line(exc)}") from None
     if df.empty:
         raise LLMError(f"{path} holds no messages")
     bad = ~df["Label"].isin(LABELS)
@@ -72,7 +72,7 @@ def read_split_csv(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise LLMError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise LLMError(f"cannot read {path}: {first_line(exc)}") from None
     missing = [c for c in ("Label", "Text") if c not in df.columns]
     if missing:
         raise LLMError(f"{path} has no {missing[0]!r} column (columns: {', '.join(map(str, df.columns))})")

@@ -73,12 +73,17 @@ def exit_code(exc: BaseException) -> int:
     return 1
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (torch, YAML and zip errors span several), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 def os_reason(exc: OSError) -> str:
     """The reason of an OSError in words: `os.strerror` of its errno, else its first line."""
     if exc.errno is not None:
         return os.strerror(exc.errno)
-    lines = str(exc).strip().splitlines()  # a timeout, a URL error…: no errno
-    return lines[0] if lines else type(exc).__name__
+    return first_line(exc)  # a timeout, a URL error…: no errno
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llm.errors import CheckpointError
+from llm.errors import CheckpointError, first_line
 from llm.model import model_config
 
 # Book-style names (chapter 5's `model_configs` keys) and the Hub repositories that hold them.
@@ -274,7 +274,7 @@ def hub_download(name: str) -> Path:
     try:
         paths = [Path(hf_hub_download(repo, f)) for f in HUB_FILES]
     except Exception as exc:  # offline, no network, gated, disk full: one line, with the way out
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(
             f"{canonical}: cannot get {repo} from the Hugging Face Hub and it is not in the cache "
             f"({type(exc).__name__}: {reason[:160]}). Without internet, put {' and '.join(HUB_FILES)} from "

@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from llm import distributed
 from llm.checkpoint import weights_state_dict
 from llm.data import TokenWindowDataset
-from llm.errors import LLMError
+from llm.errors import LLMError, first_line
 from llm.io import atomic_path, exclusive_lock
 from llm.losses import calc_loss_batch, calc_loss_loader
 from llm.progress import progress_bar, write
@@ -271,8 +271,7 @@ def _quiet(message: str) -> None:
 
 def _reason(exc: BaseException) -> str:
     """`exc` on one line (torch's write errors span several)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 _SAVE_ERRORS = (OSError, RuntimeError)  # torch.save reports a failed write (a full disk) as RuntimeError

@@ -11,6 +11,7 @@ from llm.errors import (
     LLMError,
     describe,
     exit_code,
+    first_line,
     naming,
     read_text,
     report_error,
@@ -275,3 +276,8 @@ def test_read_text_of_a_missing_file_or_a_directory(tmp_path):
         read_text(tmp_path / "no")
     with pytest.raises(LLMError, match="^cannot read --file .*: Is a directory$"):
         read_text(tmp_path, "--file")
+
+
+def test_first_line_of_a_message_that_spans_several_or_of_none():
+    assert first_line(RuntimeError("\n  cannot write: disk full  \nadvice\nmore advice")) == "cannot write: disk full"
+    assert first_line(ValueError("")) == "ValueError"

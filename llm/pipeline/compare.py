@@ -27,7 +27,7 @@ from typing import Any
 
 from ruamel.yaml.error import YAMLError
 
-from llm.errors import ConfigError, LLMError, read_text
+from llm.errors import ConfigError, LLMError, first_line, read_text
 from llm.pipeline.doc import markdown_table, number, text_table
 from llm.pipeline.validate import parse_yaml
 
@@ -172,7 +172,7 @@ def load_gates(path: str | Path) -> dict[str, dict[str, Gate]]:
     except OSError as exc:
         raise ConfigError(f"cannot read thresholds {path}: {exc.strerror}") from None
     except YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must map metrics files to their gated metrics")
     gates: dict[str, dict[str, Gate]] = {}

@@ -97,7 +97,7 @@ class FinetuneStage:
         distributed.start(s, self.module(), params_path)  # nproc_per_node > 1: torchrun runs the processes
         set_threads(params.runtime.threads)
         self.load_data(s)
-        self.device = select_device(s.device)
+        select_device(s.device)  # an unavailable device stops the stage before the model loads
         keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
         init = init_source(s.init)
         model = load_checkpoint(init)
@@ -118,6 +118,7 @@ class FinetuneStage:
             **self.trainer_options(s),
         )
         self.trainer = trainer  # for the steps: e.g. `trainer.history.epoch_metrics` restored on resume
+        self.device = trainer.device  # where the model is (under DDP on CUDA: this rank's GPU)
         with trainer:  # the resume state goes only once every output below is written
             started = time.perf_counter()
             history = trainer.fit()

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, first_line
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -43,7 +43,7 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return parse_yaml(text)
     except YAMLError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"{path} is not valid YAML: {first}") from None
 
 
