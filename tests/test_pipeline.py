@@ -303,7 +303,8 @@ def test_a_sweep_two_at_a_time_on_one_thread_each(repo):
             if "Queued" not in status and "Running" not in status:
                 break
             time.sleep(5)
-        assert status.count("Success") == 2 and "Failed" not in status, status
+        rows = {line.split()[1]: line.split()[-1] for line in status.splitlines() if len(line.split()) >= 4}
+        assert [rows.get(name) for name in names] == ["Success", "Success"], status
         shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
         experiments = {e["name"]: e for rev in shown for e in (rev.get("experiments") or [])}
         loss = {}
