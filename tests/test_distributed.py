@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -416,3 +417,52 @@ def test_finetuning_stage_with_two_processes_equals_one_at_twice_the_batch(tmp_p
             assert a == b, path
 
     close(two, one)
+
+
+CHILD = """
+import os, signal, sys, time
+out = sys.argv[1]
+def on_term(*_):
+    with open(out, "a") as f:
+        f.write("TERM ")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+with open(out, "a") as f:
+    f.write(os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] + " ")
+time.sleep(60)
+"""
+
+PARENT = """
+import sys
+import time
+from llm.distributed import run_torchrun
+sys.exit(run_torchrun([sys.executable, "-c", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def relaunching_parent(out):
+    """A process that runs a stand-in for torchrun through `run_torchrun`, once the child is up."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(out)], env=STAGE_ENV, start_new_session=True)
+    for _ in range(200):
+        if out.exists() and out.read_text():
+            return parent
+        time.sleep(0.05)
+    raise AssertionError("the child did not start")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_the_relaunching_process_passes_one_sigterm_to_torchrun(tmp_path, how):
+    """Ctrl-C or SIGTERM to the stage: torchrun gets one SIGTERM (and TORCH_ELASTIC_SHUTDOWN_TIMEOUT 120
+    unless set); the stage killed outright: torchrun still gets SIGTERM (the parent-death signal)."""
+    out = tmp_path / "child.txt"
+    parent = relaunching_parent(out)
+    if how == "SIGINT":  # as a terminal sends Ctrl-C: to the whole foreground process group
+        os.killpg(parent.pid, signal.SIGINT)
+    else:
+        parent.send_signal(getattr(signal, how))
+    parent.wait(timeout=30)
+    for _ in range(200):
+        if "TERM" in out.read_text():
+            break
+        time.sleep(0.05)
+    assert out.read_text().split() == ["120", "TERM"]
