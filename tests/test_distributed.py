@@ -425,6 +425,7 @@ out = sys.argv[1]
 def on_term(*_):
     with open(out, "a") as f:
         f.write("TERM ")
+    time.sleep(float(os.environ.get("CHILD_SAVES_FOR", "0")))  # as workers finish a step and save
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
 with open(out, "a") as f:
@@ -440,9 +441,10 @@ sys.exit(run_torchrun([sys.executable, "-c", sys.argv[1], sys.argv[2]]))
 """
 
 
-def relaunching_parent(out):
+def relaunching_parent(out, **kw):
     """A process that runs a stand-in for torchrun through `run_torchrun`, once the child is up."""
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(out)], env=STAGE_ENV, start_new_session=True)
+    kw.setdefault("env", STAGE_ENV)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(out)], start_new_session=True, **kw)
     for _ in range(200):
         if out.exists() and out.read_text():
             return parent
@@ -466,3 +468,19 @@ def test_the_relaunching_process_passes_one_sigterm_to_torchrun(tmp_path, how):
             break
         time.sleep(0.05)
     assert out.read_text().split() == ["120", "TERM"]
+
+
+def test_a_second_signal_to_the_relaunching_process_is_not_passed_on(tmp_path):
+    """While the workers save, another Ctrl-C only says that they are being waited for."""
+    out = tmp_path / "child.txt"
+    env = {**STAGE_ENV, "CHILD_SAVES_FOR": "2"}
+    parent = relaunching_parent(out, stderr=subprocess.PIPE, text=True, env=env)
+    parent.send_signal(signal.SIGTERM)
+    for _ in range(200):
+        if "TERM" in out.read_text():
+            break
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGINT)
+    _, stderr = parent.communicate(timeout=30)
+    assert out.read_text().split() == ["120", "TERM"]  # one SIGTERM reached the child
+    assert "already stopping: waiting for the workers to save" in stderr and parent.returncode == 0, stderr
