@@ -325,3 +325,22 @@ def test_a_sweep_two_at_a_time_on_one_thread_each(repo):
         sh(["dvc", "queue", "stop"], path, env, ok=False)
         sh(["git", "checkout", "-q", "--", "."], path, env)
         sh(["dvc", "checkout", "-q", "-f"], path, env)
+
+
+def test_an_experiment_with_two_processes_is_recorded_like_any_other(repo):
+    """`dvc exp run -S finetune_spam.nproc_per_node=2`: the stage relaunches itself through torchrun inside
+    DVC's run, and the experiment's metrics say 2 processes and the global batch."""
+    path, env = repo
+    try:
+        sh(["dvc", "exp", "run", "-n", "spam-ddp", "-S", "finetune_spam.nproc_per_node=2"], path, env)
+        m = json.loads((path / "metrics/finetune_spam.json").read_text())
+        assert m["processes"] == 2 and m["global_batch"] == 2 * PROFILE["finetune_spam"]["batch_size"]
+        assert m["test"]["accuracy"] >= 0.8
+        shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
+        experiments = {e["name"]: e for rev in shown for e in (rev.get("experiments") or [])}
+        data = experiments["spam-ddp"]["revs"][0]["data"]
+        assert data["metrics"]["metrics/finetune_spam.json"]["data"]["processes"] == 2
+        assert data["params"]["params.yaml"]["data"]["finetune_spam"]["nproc_per_node"] == 2
+    finally:
+        sh(["git", "checkout", "-q", "--", "."], path, env)
+        sh(["dvc", "checkout", "-q", "-f"], path, env)

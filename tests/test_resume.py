@@ -17,6 +17,7 @@ from llm.data import TokenWindowDataset
 from llm.io import LockHeld, exclusive_lock
 from llm.model import GPTModel
 from llm.pipeline.finetune import FinetuneStage, Outputs
+from llm.pipeline.params import Params
 from llm.trainer import NonFiniteLoss, Trainer, TrainingInterrupted, data_fingerprint, lm_loss
 from tests.conftest import ROOT, tiny_cfg
 
@@ -209,7 +210,7 @@ class TinyStage(FinetuneStage):
 
 
 def test_a_finetuning_stage_whose_writes_fail_resumes_at_the_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(finetune, "load_params", lambda path: None)
+    monkeypatch.setattr(finetune, "load_params", lambda path: Params())  # the stage's own section: settings()
     monkeypatch.setattr(finetune, "load_checkpoint", lambda init: starting_model(3))
     monkeypatch.setattr(finetune, "get_tokenizer", lambda: None)
     monkeypatch.setattr(finetune, "keep_freed_memory", lambda: None)
