@@ -2,8 +2,9 @@
 
 A training stage calls `start(section, module, params_path)` once its params are read. With
 `nproc_per_node: 1` it does nothing. Above 1, a process not started by torchrun (no `LOCAL_RANK`
-and `WORLD_SIZE` in its environment) runs `python -m torch.distributed.run --standalone
---nproc_per_node N -m llm.distributed MODULE PARAMS` and exits with its status; each process that
+and `WORLD_SIZE` in its environment) runs torchrun, `python -m llm.distributed --torchrun --standalone
+--nproc_per_node N -m llm.distributed MODULE PARAMS` (`launch`: torchrun with one-line failures), in a
+session of its own (`run_torchrun`), and exits with its status; each process that
 torchrun starts joins the process group (gloo on CPU, nccl on CUDA with the GPU `LOCAL_RANK`) and
 runs the stage's `main`. `llm.trainer.Trainer` reads the rank and world size from the group, wraps
 the model in DistributedDataParallel and averages its evaluation losses over the ranks; the group

@@ -336,33 +336,32 @@ class Trainer:
                 "the data order of a given DataLoader cannot be saved and restored"
             )
         self.s = settings
+        # The book's functions, with their given loaders, train in one process.
+        self.rank, self.world_size = (0, 1) if given_loaders else distributed.rank_world()
+        self.is_main = self.rank == 0
         self.state_path = Path(state_path) if state_path else None
         if self.state_path:  # before training and before moving to the device: the weights a run starts from
             start = {"weights": weights_fingerprint(model), "train": data_fingerprint(train_set)}
             start["val"] = data_fingerprint(val_set)
             # Examples per micro-batch over all processes, not how they are split: 2 x 4 resumes on 1 x 8.
-            start["micro_batch"] = settings.batch_size * distributed.rank_world()[1]
+            start["micro_batch"] = settings.batch_size * self.world_size
             self.run_id = fingerprint({"run": run_id, "start": start})
         else:
             self.run_id = fingerprint(run_id) if run_id is not None else None
         self.device = select_device(settings.device)
-        if self.device.type == "cuda" and self.device.index is None and distributed.rank_world()[1] > 1:
+        if self.device.type == "cuda" and self.device.index is None and self.world_size > 1:
             self.device = torch.device("cuda", torch.cuda.current_device())  # DDP: the rank's GPU
         self.model = model.to(self.device)
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.loss_fn, self.evaluate_fn, self.on_epoch_end = loss_fn, evaluate_fn, on_epoch_end
         self.on_record = on_record
         if given_loaders:
-            self.rank, self.world_size = 0, 1
-            self.is_main = True
             self.sampler = None
             self.train_loader = train_loader
             # The book evaluates on the training loader itself (a fresh pass: a new shuffle).
             self.train_eval_loader = train_loader
             self.val_loader = val_loader
         else:
-            self.rank, self.world_size = distributed.rank_world()
-            self.is_main = self.rank == 0
             self.sampler = EpochSampler(len(train_set), True, self.rank, self.world_size, even=True)
 
             def loader(ds, sampler):
@@ -425,6 +424,14 @@ class Trainer:
         self._lock: ExitStack | None = None
 
     # --- evaluation ----------------------------------------------------------------------------
+    def process_metrics(self) -> dict[str, int]:
+        """With several processes, the examples per optimizer step over all of them (`global_batch`)
+        and their number, for a stage's metrics; nothing with one (its metrics files stay as they were)."""
+        if self.world_size == 1:
+            return {}
+        global_batch = self.s.batch_size * self.world_size * self.s.grad_accum_steps
+        return {"global_batch": global_batch, "processes": self.world_size}
+
     def _mean_loss(self, loader: DataLoader, num_batches: int | None) -> float:
         mean = calc_loss_loader(loader, self.model, self.device, num_batches, self.s.precision, self.loss_fn)
         if self.world_size == 1:

@@ -91,9 +91,7 @@ def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
         "epochs": trainer.epoch,  # begun, the last one perhaps cut short by train.max_steps
         "params": model.num_params(),
     }
-    if trainer.world_size > 1:  # examples per optimizer step, over all processes (absent with one: unchanged files)
-        metrics["global_batch"] = t.batch_size * trainer.world_size * t.grad_accum_steps
-        metrics["processes"] = trainer.world_size
+    metrics.update(trainer.process_metrics())  # global_batch and processes, with several processes
     timings = {
         "train_seconds": history.train_seconds,
         "wall_seconds": wall,

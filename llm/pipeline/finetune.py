@@ -127,9 +127,7 @@ class FinetuneStage:
                 return {}
 
             metrics, timings = self.evaluate(s, model, history)
-            if trainer.world_size > 1:  # examples per optimizer step, over all processes (as pretrain)
-                metrics["global_batch"] = s.batch_size * trainer.world_size * s.grad_accum_steps
-                metrics["processes"] = trainer.world_size
+            metrics.update(trainer.process_metrics())  # global_batch and processes, with several processes
             self.save(s, model, str(init))
             write_csv(out.curve, history.rows())
             write_json(out.metrics, metrics)
