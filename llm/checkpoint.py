@@ -14,11 +14,15 @@ Public API:
   `Checkpoint.model(map_location, num_classes)`, e.g. for a classifier's head;
 - `checkpoint_meta(path)`: what a stage recorded in `config.json`, without reading the weights;
 - `export_hf(model, out_dir)`: a Hugging Face GPT-2 directory;
+- `save_adapter(...)`: a LoRA adapter checkpoint, a directory of `lora.safetensors` (the adapters and any
+  new head) and `lora.json` (rank, alpha, targets, the base model's name, path and sha256); every reader
+  above takes it, loading the base, checking its hash and merging the adapters (`llm.lora`);
 - `weights_state_dict`, `load_weights`, `reconfigure`, `resolve_checkpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -33,14 +37,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llm.errors import CheckpointError, ConfigError, first_line
+from llm.errors import CheckpointError, ConfigError, LLMError, first_line
 from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
 from llm.io import atomic_path, atomic_write_bytes
+from llm.lora import lora_layers, merge_state
 from llm.model import MASK_SUFFIX, GPTModel, model_config
 
 WEIGHTS_NAME = "model.safetensors"  # the same file names as Hugging Face's
 CONFIG_NAME = "config.json"
 _FORMAT = "llm.GPTModel"  # config.json's "format"
+ADAPTER_WEIGHTS = "lora.safetensors"
+ADAPTER_CONFIG = "lora.json"
+_ADAPTER_FORMAT = "llm.LoRA"  # lora.json's "format"
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,35 @@ def _write(path: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, A
     return path
 
 
+def _no_adapters(model: torch.nn.Module, what: str) -> None:
+    if lora_layers(model):
+        raise CheckpointError(
+            f"{what} takes a plain model: this one holds LoRA adapters (save them with save_adapter, "
+            "or merge them first with llm.lora.merge_lora)"
+        )
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors (names, dtypes, shapes, bytes, in name order), without the book's
+    recomputable mask buffers: the same weights hash the same whatever file format they came from."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if not k.endswith(MASK_SUFFIX)):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write `path/model.safetensors` and `path/config.json` (the model config and `extra`)."""
+    _no_adapters(model, "save_checkpoint")
     meta = {"format": _FORMAT, "model": model.cfg, **(dict(extra) if extra else {})}
     return _write(Path(path), weights_state_dict(model), meta)
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face GPT-2 checkpoint directory (`config.json` + `model.safetensors`)."""
+    _no_adapters(model, "export_hf")
     config, state = book_to_hf(model)
     return _write(Path(out_dir), state, config)
 
@@ -178,6 +207,10 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     weights; {} for a GPT-2 name or a weights file without a config.json."""
     if _is_gpt2_name(path):
         return {}
+    adapter = adapter_dir(path)
+    if adapter is not None:
+        meta = _adapter_meta(adapter)
+        return {"format": _FORMAT, "model": meta["base"]["config"], **_adapter_extras(meta)}
     _, config = resolve_checkpoint(path)
     return _read_meta(config) if config is not None and config.is_file() else {}
 
@@ -189,6 +222,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     if _is_gpt2_name(path):
         path = hub_download(str(path))
+    adapter = adapter_dir(path)
+    if adapter is not None:
+        return _read_adapter(adapter)
     weights, config = resolve_checkpoint(path)
     state = _read_weights(weights)
     meta = _read_meta(config) if config is not None and config.is_file() else None
@@ -201,6 +237,110 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     else:
         cfg = _infer_config(state, weights)
     return Checkpoint(state, cfg, meta or {}, weights)
+
+
+# --- LoRA adapter checkpoints -------------------------------------------------------------------
+def save_adapter(
+    adapter: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    lora: Mapping[str, Any],
+    base: str,
+    base_sha256: str,
+    base_config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an adapter checkpoint: `path/lora.safetensors` (`llm.lora.adapter_state_dict`: A and B of each
+    adapted layer, and the modules that trained in full) and `path/lora.json`: `lora` (rank, alpha, targets,
+    modules_to_save), the base model (`base` as given, its path relative to `path` when it is a local
+    checkpoint, its `weights_sha256` and config) and `extra` (what the stage records, as in config.json)."""
+    path = Path(path)
+    local = Path(base).exists()
+    relative = os.path.relpath(Path(base).resolve(), path.resolve()) if local else None
+    meta = {
+        "format": _ADAPTER_FORMAT,
+        "lora": dict(lora),
+        "base": {"model": str(base), "path": relative, "sha256": base_sha256, "config": dict(base_config)},
+        **(dict(extra) if extra else {}),
+    }
+    with atomic_path(path / ADAPTER_WEIGHTS) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, tmp, metadata={"format": "pt"})
+    atomic_write_bytes(path / ADAPTER_CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    return path
+
+
+def adapter_dir(path: str | os.PathLike) -> Path | None:
+    """The adapter checkpoint directory `path` names (the directory, or its lora.json or lora.safetensors),
+    or None when it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        return path if (path / ADAPTER_CONFIG).is_file() else None
+    if path.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) and (path.parent / ADAPTER_CONFIG).is_file():
+        return path.parent
+    return None
+
+
+def _adapter_meta(directory: Path) -> dict[str, Any]:
+    """lora.json, checked: one line naming the file and the bad entry."""
+    file = directory / ADAPTER_CONFIG
+    meta = _read_meta(file)
+    if meta.get("format") != _ADAPTER_FORMAT:
+        raise CheckpointError(f"{file} is not a LoRA adapter config (format {meta.get('format')!r})")
+    lora, base = meta.get("lora"), meta.get("base")
+    if not isinstance(lora, dict) or not isinstance(base, dict):
+        raise CheckpointError(f"{file}: needs 'lora' and 'base' objects")
+    alpha = lora.get("alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise CheckpointError(f"{file}: lora.alpha must be a number > 0, got {alpha!r}")
+    for key in ("model", "sha256"):
+        if not isinstance(base.get(key), str):
+            raise CheckpointError(f"{file}: base.{key} must be a string")
+    if base.get("path") is not None and not isinstance(base["path"], str):
+        raise CheckpointError(f"{file}: base.path must be a string or null")
+    base["config"] = _model_config({"model": base.get("config")}, file)
+    return meta
+
+
+def _adapter_extras(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a stage recorded beside the adapter ("classifier", "instruct", "training"…) and its LoRA settings."""
+    extras = {k: v for k, v in meta.items() if k not in ("format", "lora", "base", "model")}
+    return {**extras, "lora": {**meta["lora"], "base": meta["base"]["model"]}}
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    return f"{cfg['n_layers']} layers x {cfg['emb_dim']}, context {cfg['context_length']}, vocab {cfg['vocab_size']}"
+
+
+def _read_adapter(directory: Path) -> Checkpoint:
+    """The merged weights of an adapter checkpoint: its base read and checked against the recorded
+    sha256 and shape, then each adapter folded in (W + alpha * (A @ B)^T)."""
+    meta = _adapter_meta(directory)
+    base = meta["base"]
+    spec: str | Path = (directory / base["path"]) if base.get("path") else base["model"]
+    try:
+        checkpoint = read_checkpoint(spec)
+    except CheckpointError as exc:
+        raise CheckpointError(f"adapter {directory}: cannot read its base model {base['model']}: {exc}") from None
+    recorded, found = base["config"], checkpoint.cfg
+    if any(recorded[k] != found[k] for k in recorded if k != "drop_rate"):
+        raise CheckpointError(
+            f"adapter {directory} was trained on {base['model']} ({_describe(recorded)}), "
+            f"but {spec} is another model ({_describe(found)})"
+        )
+    sha = weights_sha256(checkpoint.state)
+    if sha != base["sha256"]:
+        raise CheckpointError(
+            f"adapter {directory} was trained on {base['model']} (sha256 {base['sha256'][:12]}), "
+            f"but {spec} holds other weights (sha256 {sha[:12]})"
+        )
+    weights = directory / ADAPTER_WEIGHTS
+    adapter = _read_weights(weights)
+    try:
+        state = merge_state(checkpoint.state, adapter, meta["lora"]["alpha"], str(weights))
+    except LLMError as exc:
+        raise CheckpointError(str(exc)) from None
+    return Checkpoint(state, checkpoint.cfg, {"format": _FORMAT, "model": checkpoint.cfg, **_adapter_extras(meta)},
+                      weights)  # fmt: skip
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPTModel:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from llm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, save_checkpoint
+from llm.checkpoint import ADAPTER_CONFIG, CONFIG_NAME, WEIGHTS_NAME, adapter_dir, read_checkpoint, save_checkpoint
 from llm.errors import CheckpointError, LLMError, first_line
 from llm.model import GPTModel, check_token_ids
 from llm.pooling import POOLINGS, pool
@@ -213,12 +213,13 @@ def save_classifier(model: GPTModel, path, max_length: int, pooling: str, extra:
 def load_classifier(path, map_location="cpu") -> tuple[GPTModel, dict]:
     """A classifier checkpoint written by `save_classifier` → (model in eval mode, its settings)."""
     path = Path(path)
-    if not (path / WEIGHTS_NAME).is_file():
+    if not (path / WEIGHTS_NAME).is_file() and adapter_dir(path) is None:
         raise CheckpointError(f"classifier checkpoint {path} has no {WEIGHTS_NAME} (expected a directory)")
     checkpoint = read_checkpoint(path)
+    config = path / CONFIG_NAME if adapter_dir(path) is None else adapter_dir(path) / ADAPTER_CONFIG
     if "classifier" not in checkpoint.meta:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not a classifier config: no 'classifier' settings")
-    info = classifier_settings(checkpoint.meta["classifier"], path / CONFIG_NAME, checkpoint.cfg["context_length"])
+        raise CheckpointError(f"{config} is not a classifier config: no 'classifier' settings")
+    info = classifier_settings(checkpoint.meta["classifier"], config, checkpoint.cfg["context_length"])
     return checkpoint.model(map_location, num_classes=info["num_classes"]), info
 
 

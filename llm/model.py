@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.errors import ConfigError, LLMError
+from llm.lora import LoRALayer
 
 # --- the model's config: the book's plain dict with seven keys, checked in one place ------------
 # `GPTModel(cfg)` takes the dict the book uses (`GPT_CONFIG_124M`); `model_config()` checks it and
@@ -189,7 +190,8 @@ class MultiHeadAttention(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + MASK_NAME] = self.book_mask().to(self.W_query.weight.device)
+        device = next(self.parameters()).device  # W_query may be wrapped (LoRA): ask any parameter
+        destination[prefix + MASK_NAME] = self.book_mask().to(device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         mask = state_dict.pop(prefix + MASK_NAME, None)  # load_state_dict passes its own copy
@@ -283,7 +285,7 @@ class GPTModel(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += seq_len
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and isinstance(self.out_head, nn.Linear):  # not under a LoRA adapter
                 return self._cached_logits(self.final_norm(x))
         return self.out_head(self.final_norm(x))
 
@@ -303,14 +305,16 @@ class GPTModel(nn.Module):
         return out if self.out_head.bias is None else out + self.out_head.bias
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.out_head.weight
+        p = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def num_params(self, matmul_only: bool = False) -> int:
-        """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token)."""
+        """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token): the linear
+        layers' weights and LoRA adapters' A and B."""
         if not matmul_only:
             return sum(p.numel() for p in self.parameters())
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return linear + sum(m.A.numel() + m.B.numel() for m in self.modules() if isinstance(m, LoRALayer))
 
 
 def check_token_ids(ids: torch.Tensor | np.ndarray | Sequence[int], vocab_size: int, source: str) -> None:

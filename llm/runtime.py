@@ -104,3 +104,16 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_MAX, 0) == 1
     ok = (mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1) and ok
     return ok
+
+
+def peak_memory_mib(device: torch.device | str | None = None) -> dict[str, float]:
+    """This process's peak resident memory so far (`peak_rss_mib`, from getrusage) and, on a CUDA device,
+    the peak of tensor memory allocated on it (`cuda_peak_mib`): a measurement, so it goes with timings."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if device is not None and torch.device(device).type == "cuda":
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out

@@ -123,7 +123,7 @@ class InstructStage(FinetuneStage):
         return metrics, timings
 
     def save(self, f, model, init):
-        meta = {"instruct": {"prompt_style": f.prompt_style, "init": init}}
+        meta = {"instruct": {"prompt_style": f.prompt_style, "init": init}, **self.lora_meta(f)}
         save_checkpoint(model, self.outputs.model_dir, extra=meta)
         write_json(RESPONSES, self.entries)
 

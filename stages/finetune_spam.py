@@ -61,6 +61,7 @@ def tfidf_baseline(splits, seed: int) -> dict:
 class SpamStage(FinetuneStage):
     section = "finetune_spam"
     outputs = OUTPUTS
+    modules_to_save = ("out_head",)  # the new head: with LoRA it trains in full, without an adapter
 
     def load_data(self, f) -> None:
         """The book's balancing and split, written to data/spam/ and read back as the stage keeps them."""
@@ -143,7 +144,7 @@ class SpamStage(FinetuneStage):
         return metrics, timings
 
     def save(self, f, model, init):
-        extra = {"training": {"init": init}}
+        extra = {"training": {"init": init}, **self.lora_meta(f)}
         save_classifier(model, self.outputs.model_dir, self.sets["train"].max_length, f.pooling, extra=extra)
         write_csv(ACC_CURVE, self.accuracy_rows)
         write_json(CONFUSION, self.confusion)

@@ -1,4 +1,4 @@
-"""The book's own code (rasbt/LLMs-from-scratch, chapters 2-6), kept verbatim as the oracle.
+"""The book's own code (rasbt/LLMs-from-scratch, chapters 2-6 and appendix E), kept verbatim as the oracle.
 
 Copyright (c) Sebastian Raschka under Apache License 2.0 (the code; the comments naming sources are
 ours). Tests load its state_dicts into the project's model (and back) and compare outputs; bench/
@@ -8,6 +8,7 @@ slowness and quirks are the point. Chapter 6 redefines chapter 5's `calc_loss_ba
 (`book.ch6.train_classifier_simple`), where each function calls its own chapter's helpers.
 """
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -439,3 +440,37 @@ def _chapter_6():
 
 
 ch6 = _chapter_6()
+
+
+# --- appendix E (appendix-E/01_main-chapter-code/appendix-E.ipynb) ----------------------------
+class LoRALayer(torch.nn.Module):
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # similar to standard weight initialization
+        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
+        self.alpha = alpha
+
+    def forward(self, x):
+        x = self.alpha * (x @ self.A @ self.B)
+        return x
+
+
+class LinearWithLoRA(torch.nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(model, rank, alpha):
+    for name, module in model.named_children():
+        if isinstance(module, torch.nn.Linear):
+            # Replace the Linear layer with LinearWithLoRA
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        else:
+            # Recursively apply the same function to child modules
+            replace_linear_with_lora(module, rank, alpha)

@@ -17,12 +17,18 @@ Steps 7 to 9 run inside `with trainer:`: the stage holds `<state>.lock` (a secon
 at once), and the resume state, saved at the end of training, is removed only once every output
 is written. If evaluating or writing fails, a rerun resumes at the end and redoes only steps 8-9.
 
-A third task (say, LoRA finetuning or another classifier) subclasses it and writes steps 2, 4,
-6, 8 and 9 only.
+A third task (say, another classifier) subclasses it and writes steps 2, 4, 6, 8 and 9 only.
+
+LoRA (`lora.rank > 0` in the stage's section, the book's appendix E) is part of the recipe, for every
+task: after step 6 every weight freezes and adapters wrap the target layers (`llm.lora.apply_lora`; the
+stage's `modules_to_save`, a new head, train in full); after step 7 the adapters (and those modules)
+are kept for the adapter checkpoint `<model_dir>/adapter/` and merged into the weights, so steps 8 and 9
+see an ordinary model and `<model_dir>/` holds the merged one.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +37,13 @@ from typing import Any
 import torch
 
 from llm import distributed
-from llm.checkpoint import load_checkpoint
+from llm.checkpoint import checkpoint_meta, read_checkpoint, save_adapter, weights_sha256
+from llm.errors import ConfigError
 from llm.io import write_csv, write_json
+from llm.lora import adapter_state_dict, apply_lora, count_parameters, merge_lora
 from llm.model import GPTModel
 from llm.pipeline.params import LoopParams, Params, init_source, load_params
-from llm.runtime import keep_freed_memory, select_device, set_seed, set_threads
+from llm.runtime import keep_freed_memory, peak_memory_mib, select_device, set_seed, set_threads
 from llm.tokenizer import get_tokenizer
 from llm.trainer import History, Trainer, run_params
 
@@ -56,6 +64,7 @@ class FinetuneStage:
 
     section: str  # the params.yaml section, e.g. "finetune_spam"
     outputs: Outputs
+    modules_to_save: tuple[str, ...] = ()  # modules `adapt` adds, which train in full under LoRA (peft's name)
 
     # --- steps a stage writes ----------------------------------------------------------------------
     def load_data(self, s: LoopParams) -> None:
@@ -83,6 +92,33 @@ class FinetuneStage:
     def summary(self, metrics: dict, train_seconds: float) -> str:
         return f"{self.section}: {train_seconds:.0f} s of training"
 
+    # --- LoRA ----------------------------------------------------------------------------------------
+    def add_adapters(self, s: LoopParams, model: GPTModel) -> None:
+        """Freeze the model and wrap the target layers in adapters; the `modules_to_save` train in full."""
+        rank, emb_dim = s.lora.rank, model.cfg["emb_dim"]
+        if rank > emb_dim:
+            raise ConfigError(
+                f"{self.section}.lora.rank ({rank}) exceeds the model's emb_dim ({emb_dim}): a larger rank adds "
+                "parameters, not capacity"
+            )
+        apply_lora(model, rank, s.lora.alpha, s.lora.targets, modules_to_save=self.modules_to_save)
+        n = count_parameters(model)
+        print(f"LoRA rank {rank}, alpha {s.lora.alpha:g} on {', '.join(s.lora.targets)}: "
+              f"{n['trainable']:,} of {n['total']:,} parameters train ({n['trainable'] / n['total']:.2%})")  # fmt: skip
+
+    def lora_meta(self, s: LoopParams) -> dict[str, Any]:
+        """What a LoRA run records in its checkpoints' config ({} without LoRA)."""
+        if not s.lora.rank:
+            return {}
+        lora = {"rank": s.lora.rank, "alpha": s.lora.alpha, "targets": list(s.lora.targets)}
+        return {"lora": {**lora, "modules_to_save": list(self.modules_to_save)}}
+
+    def adapter_extra(self) -> dict[str, Any]:
+        """What the merged checkpoint's config.json records besides the model and LoRA settings: the adapter
+        checkpoint records it too, so that it reads like the merged one (a classifier's settings…)."""
+        meta = checkpoint_meta(self.outputs.model_dir)
+        return {k: v for k, v in meta.items() if k not in ("format", "model", "lora")}
+
     # --- the recipe ------------------------------------------------------------------------------
     def module(self) -> str:
         """The stage's module, which torchrun runs when nproc_per_node > 1."""
@@ -100,11 +136,16 @@ class FinetuneStage:
         select_device(s.device)  # an unavailable device stops the stage before the model loads
         keep_freed_memory()  # faster steps on CPU: see llm/runtime.py and bench/
         init = init_source(s.init)
-        model = load_checkpoint(init)
+        start = read_checkpoint(init)
+        model = start.model()
         train_set, val_set = self.datasets(s, model, get_tokenizer())
 
         set_seed(s.seed)  # the book: torch.manual_seed(123) before the new head and the loaders
         model = self.adapt(s, model)
+        lora = s.lora.rank > 0
+        if lora:
+            self.add_adapters(s, model)
+        self.param_counts = count_parameters(model)
         model.train()
         out = self.outputs
         trainer = Trainer(
@@ -126,12 +167,23 @@ class FinetuneStage:
             if not trainer.is_main:  # rank 0 evaluates and writes every output
                 return {}
 
+            if lora:  # keep the adapters, then evaluate and save the merged model
+                adapter = adapter_state_dict(model, self.modules_to_save)
+                merge_lora(model)
             metrics, timings = self.evaluate(s, model, history)
             metrics.update(trainer.process_metrics())  # global_batch and processes, with several processes
+            metrics["parameters"] = self.param_counts
             self.save(s, model, str(init))
+            adapter_out = out.model_dir / "adapter"
+            if lora:
+                save_adapter(adapter, adapter_out, lora=self.lora_meta(s)["lora"], base=str(init),
+                             base_sha256=weights_sha256(start.state), base_config=start.cfg,
+                             extra=self.adapter_extra())  # fmt: skip
+            elif adapter_out.exists():  # an adapter of an earlier LoRA run no longer goes with the model
+                shutil.rmtree(adapter_out)
             write_csv(out.curve, history.rows())
             write_json(out.metrics, metrics)
             write_json(out.timings, {"train_seconds": train_seconds, **timings, "device": str(self.device),
-                                     "threads": torch.get_num_threads()})  # fmt: skip
+                                     "threads": torch.get_num_threads(), **peak_memory_mib(self.device)})  # fmt: skip
         print(self.summary(metrics, train_seconds))
         return metrics

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llm.errors import ConfigError
 from llm.judge import JUDGES
+from llm.lora import ALL_TARGETS, TARGETS
 from llm.model import GPT_CONFIG_124M, PRESETS, model_config
 from llm.pipeline.validate import Settings, read_yaml, validate
 from llm.pooling import POOLINGS
@@ -62,6 +63,9 @@ two moments."""
 MAX_MASK_BYTES = 4 * 2**30
 """Every checkpoint holds the book's attention masks, n_layers float32 context_length x context_length
 matrices, built when it is saved: at most 4 GiB of them (GPT-2 XL's: 0.19 GiB)."""
+MAX_LORA_ALPHA = 1e4
+"""The adapter's output is multiplied by alpha: far above the rank-16 alpha of 16 (the book), an update
+of lr x alpha per step diverges at once."""
 DEVICE_PATTERN = r"auto|cpu|cuda|cuda:[0-9]+|mps"
 # GPT-2's tokenizer (llm.tokenizer.VOCAB_SIZE, EOT_ID; a test keeps them equal), without importing it
 # here: every stage reads params, and only some tokenize.
@@ -315,6 +319,28 @@ def check_split_sizes(
     raise ConfigError(f"{settings} split the {of} into {got}: {need}; use more data or other fractions")
 
 
+class LoraParams(Settings):
+    """LoRA (the book's appendix E) for a finetuning stage: only low-rank adapters train (and a new head)."""
+
+    rank: int = Field(0, ge=0)
+    """The adapters' rank; 0 = off (full finetuning, as without this section). The book: 16."""
+    alpha: float = Field(16.0, gt=0, le=MAX_LORA_ALPHA)
+    """The adapter's output is alpha * (x @ A @ B): the book's scaling. In peft (lora_alpha / r) the same
+    adapter has lora_alpha = alpha * rank."""
+    targets: list[Literal[TARGETS]] = Field(list(ALL_TARGETS), min_length=1)
+    """The linear layers that get adapters: attention (= query, key, value, out_proj), feed_forward, head, or
+    single projections; the default is every linear layer (the book). A new classification head trains in full
+    instead of getting an adapter."""
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        seen = [t for i, t in enumerate(value) if t in value[:i]]
+        if seen:
+            raise ValueError(f"{seen[0]!r} is listed twice")
+        return value
+
+
 class SpamParams(LoopParams):
     init: str = Field("pretrain", min_length=1)
     """The pretrain stage's model, a GPT-2 name or a checkpoint path."""
@@ -336,10 +362,16 @@ class SpamParams(LoopParams):
     """The book: 5.0e-5."""
     eval_freq: int = Field(50, gt=0)
     eval_iter: int = Field(5, gt=0)
+    lora: LoraParams = LoraParams()
 
     @model_validator(mode="after")
     def _splits(self) -> SpamParams:
         _fractions("finetune_spam", "train_frac", self.train_frac, "validation_frac", self.validation_frac)
+        if self.lora.rank and self.trainable_blocks != -1:
+            raise ValueError(
+                f"finetune_spam.trainable_blocks ({self.trainable_blocks}) chooses what trains in full finetuning; "
+                "with lora.rank > 0 only the adapters and the new head train: leave trainable_blocks at -1"
+            )
         return self
 
 
@@ -373,6 +405,7 @@ class InstructParams(LoopParams):
     """ollama: score responses 0-100 with a local Ollama server (the book's judge)."""
     judge_model: str = Field("llama3", min_length=1)
     judge_url: str = Field("http://localhost:11434", min_length=1)
+    lora: LoraParams = LoraParams()
 
     @model_validator(mode="after")
     def _splits(self) -> InstructParams:

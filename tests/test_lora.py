@@ -1,0 +1,372 @@
+"""LoRA (appendix E): the book's layers and semantics, peft as an oracle, merging, adapter checkpoints."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from llm.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    checkpoint_meta,
+    load_checkpoint,
+    read_checkpoint,
+    save_adapter,
+    save_checkpoint,
+    weights_sha256,
+)
+from llm.classifier import add_classification_head, load_classifier, save_classifier
+from llm.errors import CheckpointError, LLMError
+from llm.generate import generate
+from llm.lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    adapter_state_dict,
+    apply_lora,
+    count_parameters,
+    lora_layers,
+    merge_lora,
+    replace_linear_with_lora,
+    target_paths,
+)
+from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel
+from tests import book_reference as book
+from tests.conftest import tiny_cfg
+
+IDS = torch.tensor([[3, 14, 15, 92, 65, 35], [8, 97, 93, 2, 38, 46]])
+
+
+def base_model(seed=0, **cfg) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(tiny_cfg(**cfg)).eval()
+
+
+def randomize_b(model, seed=1, scale=0.05):
+    """Adapters as after some training: B no longer zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g) * scale)
+    return model
+
+
+# --- the book's layers ---------------------------------------------------------------------------------
+def test_layers_and_replacement_equal_the_books_draw_for_draw():
+    """Same seed, same model: the same A in the same order (the book's init and visiting order), and
+    with the same B the same logits as the book's own appendix-E code."""
+    ours, ref = base_model(), book.GPTModel(tiny_cfg())
+    ref.load_state_dict(ours.state_dict())
+    torch.manual_seed(7)
+    replace_linear_with_lora(ours, rank=4, alpha=2.0)
+    torch.manual_seed(7)
+    book.replace_linear_with_lora(ref, rank=4, alpha=2.0)
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert ours_sd.keys() == ref_sd.keys()  # the book's names: W_query.linear.weight, W_query.lora.A…
+    for key in ours_sd:
+        assert torch.equal(ours_sd[key], ref_sd[key]), key
+    randomize_b(ours)
+    ref.load_state_dict(ours.state_dict())
+    ref.eval()
+    torch.testing.assert_close(ours(IDS), ref(IDS), rtol=0, atol=1e-5)
+
+
+def test_a_freshly_wrapped_model_gives_exactly_the_base_logits():
+    model = base_model()
+    before = model(IDS)
+    apply_lora(model, rank=8, alpha=16)
+    assert len(lora_layers(model)) == 2 * 6 + 1  # every nn.Linear: 4 attention + 2 feed-forward per block, head
+    assert torch.equal(model(IDS), before)  # B = 0
+
+
+def test_the_book_count_of_trainable_lora_parameters():
+    """Appendix E: GPT-2 small with a 2-class head, rank 16: 2,666,528 trainable LoRA parameters."""
+    with torch.device("meta"):
+        model = GPTModel(PRESETS["gpt2-small"])
+        model.out_head = nn.Linear(GPT_CONFIG_124M["emb_dim"], 2)
+        for p in model.parameters():
+            p.requires_grad = False
+        replace_linear_with_lora(model, rank=16, alpha=16)
+    assert count_parameters(model)["trainable"] == 2_666_528
+
+
+def test_gradients_reach_only_the_adapters_and_the_new_head():
+    model = add_classification_head(base_model(), num_classes=2, trainable_blocks=-1)
+    apply_lora(model, rank=4, alpha=8, modules_to_save=("out_head",))
+    assert not isinstance(model.out_head, LinearWithLoRA)  # the new head trains in full, without an adapter
+    model.train()
+    model(IDS)[:, -1].sum().backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    adapters = {n for n, _ in model.named_parameters() if n.endswith((".lora.A", ".lora.B"))}
+    assert len(adapters) == 2 * 12  # every linear layer of the 2 blocks; not the head
+    assert trained == adapters | {"out_head.weight", "out_head.bias"}
+    assert trained == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("targets", "wrapped"),
+    [
+        (["attention"], {"att.W_query", "att.W_key", "att.W_value", "att.out_proj"}),
+        (["query", "value"], {"att.W_query", "att.W_value"}),
+        (["feed_forward"], {"ff.layers.0", "ff.layers.2"}),
+        (["head"], set()),
+    ],
+)
+def test_targets_choose_the_layers(targets, wrapped):
+    model = replace_linear_with_lora(base_model(), 2, 1.0, targets)
+    names = set(lora_layers(model))
+    assert names == {f"trf_blocks.{i}.{w}" for i in range(2) for w in wrapped} | (
+        {"out_head"} if "head" in targets else set()
+    )
+    assert names == target_paths(2, targets)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0, "alpha": 1.0}, "LoRA rank must be a whole number >= 1, got 0"),
+        ({"rank": 2, "alpha": 0.0}, "LoRA alpha must be a number > 0, got 0.0"),
+        ({"rank": 2, "alpha": 1.0, "targets": ["ff"]}, "unknown LoRA target 'ff'; allowed: attention, query"),
+        ({"rank": 2, "alpha": 1.0, "targets": []}, "LoRA targets are empty"),
+    ],
+)
+def test_bad_lora_settings_are_one_line(kwargs, message):
+    with pytest.raises(LLMError, match=message.replace("(", r"\(")):
+        replace_linear_with_lora(base_model(), **kwargs)
+
+
+# --- merging -------------------------------------------------------------------------------------------------
+def test_merge_and_unmerge_round_trip():
+    model = randomize_b(apply_lora(base_model(), rank=4, alpha=8))
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = model(IDS)
+    for layer in lora_layers(model).values():
+        layer.merge()
+    torch.testing.assert_close(model(IDS), adapted, rtol=0, atol=1e-5)
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, plain[key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(IDS), adapted, rtol=0, atol=1e-5)
+
+
+def test_merge_lora_leaves_a_plain_gpt_model_with_the_same_logits_and_generations():
+    model = randomize_b(apply_lora(base_model(), rank=4, alpha=8))
+    adapted = model(IDS)
+    greedy = generate(model, IDS[:1], max_new_tokens=6, context_size=24)  # KV cache, head under an adapter
+    merge_lora(model)
+    assert not lora_layers(model) and isinstance(model.out_head, nn.Linear)
+    assert set(model.state_dict()) == set(base_model().state_dict())  # the book's keys again
+    torch.testing.assert_close(model(IDS), adapted, rtol=0, atol=1e-5)
+    assert torch.equal(generate(model, IDS[:1], max_new_tokens=6, context_size=24), greedy)
+
+
+def test_plain_checkpoints_and_exports_refuse_unmerged_adapters(tmp_path):
+    from llm.checkpoint import export_hf
+
+    model = apply_lora(base_model(), rank=2, alpha=1.0)
+    for write in (lambda: save_checkpoint(model, tmp_path / "m"), lambda: export_hf(model, tmp_path / "hf")):
+        with pytest.raises(CheckpointError, match="holds LoRA adapters .save them with save_adapter"):
+            write()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "hf").exists()
+
+
+# --- peft as the oracle ----------------------------------------------------------------------------------------
+def test_the_same_adapters_as_peft_give_the_same_logits():
+    """peft on the same GPTModel, with lora_alpha = alpha * rank (peft scales by lora_alpha / r): the same
+    layers adapted, the same shapes (peft stores A and B transposed, as nn.Linear weights), the same
+    trainable count, and with our A and B copied in, the same logits, merged and not."""
+    peft = pytest.importorskip("peft")
+    rank, alpha = 4, 2.0
+    ours = randomize_b(apply_lora(base_model(), rank=rank, alpha=alpha, targets=["attention", "feed_forward"]))
+    names = sorted(lora_layers(ours))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha * rank, target_modules=names, lora_dropout=0.0, bias="none")
+    theirs = peft.get_peft_model(base_model(), config)
+    adapted = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(adapted) == names
+    with torch.no_grad():
+        for name in names:
+            mine, peft_layer = lora_layers(ours)[name].lora, adapted[name]
+            assert tuple(peft_layer.lora_A["default"].weight.shape) == tuple(mine.A.T.shape)
+            assert tuple(peft_layer.lora_B["default"].weight.shape) == tuple(mine.B.T.shape)
+            assert peft_layer.scaling["default"] == alpha
+            peft_layer.lora_A["default"].weight.copy_(mine.A.T)
+            peft_layer.lora_B["default"].weight.copy_(mine.B.T)
+    trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert trainable == count_parameters(ours)["trainable"]
+    theirs.eval()
+    torch.testing.assert_close(theirs(IDS), ours(IDS), rtol=0, atol=1e-5)
+    merged_theirs = theirs.merge_and_unload()
+    merge_lora(ours)
+    for key, value in merged_theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+# --- adapter checkpoints ----------------------------------------------------------------------------------------
+def trained_adapter(tmp_path, classifier=False, targets=None):
+    """A base checkpoint on disk and an adapter checkpoint beside it (B random, as after training)."""
+    base_dir = tmp_path / "base"
+    save_checkpoint(base_model(), base_dir)
+    start = read_checkpoint(base_dir)
+    model = start.model()
+    modules = ()
+    if classifier:
+        torch.manual_seed(3)
+        model = add_classification_head(model, 2, -1)
+        modules = ("out_head",)
+    randomize_b(apply_lora(model, rank=4, alpha=8, targets=targets, modules_to_save=modules))
+    extra = {"classifier": {"num_classes": 2, "max_length": 8, "pooling": "mean"}} if classifier else {}
+    lora = {"rank": 4, "alpha": 8.0, "targets": targets or ["attention", "feed_forward", "head"]}
+    out = save_adapter(adapter_state_dict(model, modules), tmp_path / "adapter", lora=lora, base=str(base_dir),
+                       base_sha256=weights_sha256(start.state), base_config=start.cfg, extra=extra)  # fmt: skip
+    return model.eval(), out, base_dir
+
+
+def test_an_adapter_checkpoint_holds_only_the_adapters_and_loads_merged(tmp_path):
+    model, adapter, base_dir = trained_adapter(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter / ADAPTER_WEIGHTS)
+    assert len(saved) == 2 * 13 and all(k.endswith((".lora.A", ".lora.B")) for k in saved)
+    assert (adapter / ADAPTER_WEIGHTS).stat().st_size < (base_dir / "model.safetensors").stat().st_size / 10
+    meta = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert meta["base"]["path"] == "../base" and meta["base"]["model"] == str(base_dir)
+    for path in (adapter, adapter / ADAPTER_WEIGHTS, adapter / ADAPTER_CONFIG):  # the directory or either file
+        loaded = load_checkpoint(path)
+        assert not lora_layers(loaded)
+        torch.testing.assert_close(loaded(IDS), model(IDS), rtol=0, atol=1e-5)
+    assert checkpoint_meta(adapter)["lora"]["rank"] == 4
+
+
+def test_a_classifier_adapter_carries_its_new_head_and_settings(tmp_path):
+    model, adapter, _ = trained_adapter(tmp_path, classifier=True)
+    loaded, info = load_classifier(adapter)
+    assert info == {"num_classes": 2, "max_length": 8, "pooling": "mean"}
+    torch.testing.assert_close(loaded(IDS), model(IDS), rtol=0, atol=1e-5)
+
+
+def test_an_adapter_on_the_wrong_base_is_refused_naming_both(tmp_path):
+    _, adapter, base_dir = trained_adapter(tmp_path)
+    other = base_model(seed=5)  # same shape, other weights
+    save_checkpoint(other, base_dir)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(adapter)
+    message = str(err.value)
+    assert "\n" not in message and str(adapter) in message and str(base_dir) in message
+    assert "holds other weights (sha256" in message
+
+    save_checkpoint(base_model(n_layers=3), base_dir)  # another shape
+    with pytest.raises(CheckpointError, match=r"was trained on .*\(2 layers x 36.*is another model \(3 layers x 36"):
+        load_checkpoint(adapter)
+
+    import shutil
+
+    shutil.rmtree(base_dir)
+    with pytest.raises(CheckpointError, match="cannot read its base model .*does not exist"):
+        load_checkpoint(adapter)
+
+
+def test_a_malformed_adapter_config_names_the_file(tmp_path):
+    _, adapter, _ = trained_adapter(tmp_path)
+    meta = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    meta["lora"]["alpha"] = "big"
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"lora.json: lora.alpha must be a number > 0, got 'big'"):
+        load_checkpoint(adapter)
+
+
+def test_the_cli_takes_an_adapter_wherever_it_takes_a_model(tmp_path, capsys):
+    from llm.cli import main
+
+    model, adapter, _ = trained_adapter(tmp_path)
+    merged = copy.deepcopy(model)
+    merge_lora(merged)
+    save_checkpoint(merged, tmp_path / "merged")
+    outputs = []
+    for path in (adapter, tmp_path / "merged"):
+        assert main(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+    assert main(["export", "--model", str(adapter), "--out", str(tmp_path / "hf")]) == 0
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, model(IDS), rtol=0, atol=1e-4)
+
+
+def test_the_cli_classifies_with_a_classifier_adapter(tmp_path, capsys):
+    from llm.cli import main
+
+    model, adapter, _ = trained_adapter(tmp_path, classifier=True)
+    merged = copy.deepcopy(model)
+    merge_lora(merged)
+    save_classifier(merged, tmp_path / "merged", max_length=8, pooling="mean")
+    answers = []
+    for path in (adapter, tmp_path / "merged"):
+        assert main(["classify", "--model", str(path), "You won a prize, call now"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and "spam probability" in answers[0]
+
+
+def test_lora_layer_repr_names_its_shape():
+    assert "rank=4, alpha=8" in repr(LoRALayer(6, 5, 4, 8.0))
+
+
+# --- both finetuning stages --------------------------------------------------------------------------------------
+def lora_project(folder, **lora):
+    from tests.test_distributed import finetune_project
+
+    project = finetune_project(folder, nproc=1, batch_size=4)
+    raw = json.loads((project / "params.yaml").read_text())
+    for section in ("finetune_spam", "finetune_instruct"):
+        raw[section]["lora"] = lora
+    (project / "params.yaml").write_text(json.dumps(raw))
+    return project
+
+
+@pytest.mark.parametrize("stage", ["finetune_spam", "finetune_instruct"])
+def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, stage):
+    """LoRA on in the stage: only adapters (and the spam head) train; the metrics count them; the merged
+    model and the adapter checkpoint load to the same logits; the timings hold the peak memory."""
+    from tests.test_distributed import run_module
+
+    project = lora_project(tmp_path / "p", rank=2, alpha=4.0, targets=["attention", "head"])
+    out = run_module(f"stages.{stage}", project)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LoRA rank 2, alpha 4 on attention, head: " in out.stdout
+    metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
+    emb, layers, vocab = 16, 1, 50257
+    attention = layers * 4 * (emb * 2 + 2 * emb)
+    head = emb * 2 + 2 if stage == "finetune_spam" else emb * 2 + 2 * vocab  # new head in full / its adapter
+    assert metrics["parameters"]["trainable"] == attention + head
+    assert metrics["parameters"]["total"] > 10 * metrics["parameters"]["trainable"]
+    timings = json.loads((project / "timings" / f"{stage}.json").read_text())
+    assert timings["peak_rss_mib"] > 50
+
+    model_dir = project / "models" / stage.removeprefix("finetune_")
+    meta = json.loads((model_dir / "config.json").read_text())
+    assert meta["lora"] == {"rank": 2, "alpha": 4.0, "targets": ["attention", "head"],
+                            "modules_to_save": ["out_head"] if stage == "finetune_spam" else []}  # fmt: skip
+    adapter = json.loads((model_dir / "adapter" / ADAPTER_CONFIG).read_text())
+    assert adapter["base"]["path"] == "../../pretrain" and adapter["base"]["model"] == "models/pretrain"
+    assert adapter["base"]["sha256"] == weights_sha256(read_checkpoint(project / "models" / "pretrain").state)
+    if stage == "finetune_spam":
+        merged, info = load_classifier(model_dir)
+        from_adapter, info_adapter = load_classifier(model_dir / "adapter")
+        assert info == info_adapter
+    else:
+        merged, from_adapter = load_checkpoint(model_dir), load_checkpoint(model_dir / "adapter")
+        assert checkpoint_meta(model_dir / "adapter")["instruct"]["prompt_style"] == "alpaca"
+    torch.testing.assert_close(from_adapter(IDS), merged(IDS), rtol=0, atol=1e-5)
+
+    # LoRA off again: full finetuning, and the adapter of the earlier run is gone with it
+    raw = json.loads((project / "params.yaml").read_text())
+    raw[stage]["lora"]["rank"] = 0
+    (project / "params.yaml").write_text(json.dumps(raw))
+    out = run_module(f"stages.{stage}", project)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
+    assert metrics["parameters"]["trainable"] == metrics["parameters"]["total"]
+    assert not (model_dir / "adapter").exists() and "lora" not in json.loads((model_dir / "config.json").read_text())
