@@ -440,3 +440,45 @@ def test_unverified_sources_only_for_a_users_own_files(tmp_path):
 
 def test_the_vocabulary_bounds_are_the_tokenizers():
     assert (params_module.VOCAB_SIZE, params_module.EOT_ID) == (VOCAB_SIZE, EOT_ID) == (get_tokenizer().n_vocab, 50256)
+
+
+def readme_overrides() -> list[list[tuple[str, str]]]:
+    """The `-S key=value` settings of every `dvc exp run` command in README.md, one list per command."""
+    import re
+    import shlex
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("dvc exp run")]
+    found = []
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        settings = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+        found.append([tuple(re.fullmatch(r"([\w.]+)=(.*)", s).groups()) for s in settings])
+    return found
+
+
+def test_every_dvc_exp_run_of_the_readme_sets_valid_params():
+    """Each README command's -S settings (values read as DVC reads them, YAML 1.2) applied to params.yaml
+    validate: a renamed or misspelt key, or a value out of bounds, in the README fails here."""
+    from llm.pipeline.validate import parse_yaml
+
+    commands = readme_overrides()
+    assert len(commands) >= 8 and any(("finetune_spam.lora.rank", "16") in c for c in commands)
+    for settings in commands:
+        raw = copy.deepcopy(RAW)
+        for key, value in settings:
+            *path, last = key.split(".")
+            node = raw
+            for part in path:
+                node = node.setdefault(part, {})
+            # a shell variable (the sweep's `$lr`): the key must exist, the value is the committed one
+            node[last] = parse_yaml(value) if "$" not in value else node.get(last, parse_yaml(value))
+        params = parse_params(raw)
+        for key, _ in settings:
+            *path, last = key.split(".")
+            node = params
+            for part in path:
+                node = getattr(node, part)
+            assert last in type(node).model_fields, key
