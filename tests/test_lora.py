@@ -375,3 +375,59 @@ def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, sta
     metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
     assert metrics["parameters"]["trainable"] == metrics["parameters"]["total"]
     assert not (model_dir / "adapter").exists() and "lora" not in json.loads((model_dir / "config.json").read_text())
+
+
+def test_lora_under_two_processes_trains_like_one_at_twice_the_batch(tmp_path):
+    """DDP with frozen weights: only the adapters' and the head's gradients are all-reduced; dropout 0,
+    2 processes at batch 2 give the curve and metrics of 1 process at batch 4."""
+    from tests.test_distributed import finetune_project, run_module
+
+    runs = {}
+    for nproc, batch in ((2, 2), (1, 4)):
+        project = finetune_project(tmp_path / f"n{nproc}", nproc, batch)
+        raw = json.loads((project / "params.yaml").read_text())
+        raw["finetune_spam"]["lora"] = {"rank": 2, "alpha": 4.0}
+        (project / "params.yaml").write_text(json.dumps(raw))
+        out = run_module("stages.finetune_spam", project)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[nproc] = json.loads((project / "metrics" / "finetune_spam.json").read_text())
+        assert (project / "models" / "spam" / "adapter" / ADAPTER_WEIGHTS).is_file()
+    two, one = runs[2], runs[1]
+    assert two["parameters"] == one["parameters"] and two["steps"] == one["steps"]
+    for split in ("train", "val", "test"):
+        assert two[split]["accuracy"] == one[split]["accuracy"]
+        assert two[split]["loss"] == pytest.approx(one[split]["loss"], abs=1e-4)
+
+
+def test_an_interrupted_lora_run_resumes_bit_for_bit(tmp_path):
+    """The resume state holds the adapters (and only they and the optimizer's moments for them change):
+    stopped after step 2 and resumed, the run ends with the weights of an uninterrupted one."""
+    from llm.trainer import Trainer, TrainingInterrupted
+    from tests.test_distributed import CFG, datasets, settings
+
+    def run(folder, stop_after=None):
+        torch.manual_seed(7)
+        model = apply_lora(GPTModel({**CFG, "drop_rate": 0.1}), rank=2, alpha=4.0)
+        trainer = None
+
+        def on_record(h):
+            if h.step[-1] == stop_after:
+                trainer.request_stop()
+
+        trainer = Trainer(model, *datasets(), settings(4), state_path=folder / "state.pt", run_id="lora",
+                          on_record=on_record, progress=False, log=lambda m: None)  # fmt: skip
+        try:
+            trainer.fit()
+        except TrainingInterrupted:
+            return None
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plain = run(tmp_path / "plain")
+    assert run(tmp_path / "cut", stop_after=2) is None and (tmp_path / "cut" / "state.pt").is_file()
+    resumed = run(tmp_path / "cut")
+    assert resumed.keys() == plain.keys()
+    for key, value in plain.items():
+        assert torch.equal(resumed[key], value), key
+    torch.manual_seed(7)
+    frozen = GPTModel({**CFG, "drop_rate": 0.1})
+    assert torch.equal(resumed["trf_blocks.0.att.W_query.linear.weight"], frozen.trf_blocks[0].att.W_query.weight)
