@@ -105,6 +105,19 @@ def test_full_report(tmp_path):
     assert "<td>Name a | color.</td>" in html
 
 
+def test_the_finetuning_sections_say_what_trained(tmp_path):
+    inputs = full_inputs()
+    inputs.metrics["finetune_spam"]["parameters"] = {"trainable": 2_655_746, "total": 127_108_354}
+    inputs.metrics["finetune_instruct"]["parameters"] = {"trainable": 1_000, "total": 1_000}
+    inputs.params["finetune_spam"] = {**inputs.params["finetune_spam"], "lora": {"rank": 16, "alpha": 16.0,
+                                      "targets": ["attention", "feed_forward", "head"]}}  # fmt: skip
+    write_report(inputs, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    lora = "LoRA adapters, rank 16, alpha 16, on attention, feed_forward, head"
+    assert f"Trainable parameters: 2,655,746 of 127,108,354 (2.09%); {lora}." in md
+    assert "Trainable parameters: 1,000 of 1,000 (100.00%); no LoRA." in md
+
+
 def test_the_curves_are_dvc_yamls_plot_definitions(tmp_path):
     """One definition per curve: dvc.yaml's top-level plots are exactly the ones the page draws."""
     assert PLOTS == CURVES

@@ -230,6 +230,20 @@ def _settings(doc: Doc, params: dict, name: str, keys: list[str]) -> None:
         doc.para(f"Settings (`{name}` in params.yaml): " + ", ".join(shown) + ".")
 
 
+def _trained(doc: Doc, inputs: ReportInputs, stage: str) -> None:
+    """What trained in a finetuning stage: the parameter counts, and the LoRA settings when LoRA was on."""
+    m = inputs.metrics[stage]
+    trainable, total = m.get("parameters.trainable"), m.get("parameters.total")
+    if not trainable or not total:
+        return
+    lora = (inputs.params.get(stage) or {}).get("lora") or {}
+    if lora.get("rank"):
+        how = f"LoRA adapters, rank {lora['rank']}, alpha {fmt(lora['alpha'])}, on {', '.join(lora['targets'])}"
+    else:
+        how = "no LoRA"
+    doc.para(f"Trainable parameters: {int(trainable):,} of {int(total):,} ({trainable / total:.2%}); {how}.")
+
+
 def _curve_figure(doc: Doc, inputs: ReportInputs, figures: Path, plot_id: str, stage: str, section: str) -> None:
     """dvc.yaml's plot `plot_id`, if it is defined and its curve exists, with epochs on top."""
     defn = inputs.plots.get(plot_id)
@@ -273,6 +287,7 @@ def _eval_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
 def _spam_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
     ms = inputs.metrics["finetune_spam"]
     _settings(doc, inputs.params, "finetune_spam", ["init", "trainable_blocks", "pooling", "num_epochs", "lr"])
+    _trained(doc, inputs, "finetune_spam")
     _curve_figure(doc, inputs, figures, "finetune_spam_loss", "finetune_spam", "finetune_spam")
     _curve_figure(doc, inputs, figures, "finetune_spam_accuracy", "finetune_spam", "finetune_spam")
     if inputs.confusion:
@@ -291,6 +306,7 @@ def _spam_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
 def _instruct_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
     keys = ["init", "prompt_style", "mask_prompt", "num_epochs", "lr"]
     _settings(doc, inputs.params, "finetune_instruct", keys)
+    _trained(doc, inputs, "finetune_instruct")
     _curve_figure(doc, inputs, figures, "finetune_instruct_loss", "finetune_instruct", "finetune_instruct")
     if inputs.responses:
         doc.para(f"The first test instructions ({len(inputs.responses)} in `data/instruct/responses.json`):")
