@@ -67,6 +67,7 @@ CHAPTERS = {
         "classify_review",
     },
     "ch07": {"format_input", "InstructionDataset", "custom_collate_fn"},
+    "appendix_e": {"LoRALayer", "LinearWithLoRA", "replace_linear_with_lora"},
 }
 TWINS = {"calc_loss_batch", "calc_loss_loader", "evaluate_model"}  # chapters 5 and 6 differ
 

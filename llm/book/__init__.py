@@ -17,6 +17,8 @@ the same model and the same training loop.
   `train_classifier_simple`, `classify_review`
 - chapter 7, finetuning to follow instructions: `llm.book.ch07`: `format_input`, `InstructionDataset`,
   `custom_collate_fn`
+- appendix E, parameter-efficient finetuning with LoRA: `llm.book.appendix_e`: `LoRALayer`,
+  `LinearWithLoRA`, `replace_linear_with_lora`
 
 `from llm.book import ...` gives every name above except the three that chapters 5 and 6 define
 differently (next-token loss there, last-token classification loss here): import
@@ -26,6 +28,7 @@ e.g. `from llm.book.ch06 import evaluate_model`.
 The engine's modules never import this package: it sits on top of them.
 """
 
+from llm.book.appendix_e import LinearWithLoRA, LoRALayer, replace_linear_with_lora
 from llm.book.ch02 import GPTDatasetV1, create_dataloader_v1
 from llm.book.ch03 import MultiHeadAttention, SelfAttention_v2
 from llm.book.ch04 import (
@@ -83,4 +86,8 @@ __all__ = [
     "format_input",
     "InstructionDataset",
     "custom_collate_fn",
+    # appendix E
+    "LoRALayer",
+    "LinearWithLoRA",
+    "replace_linear_with_lora",
 ]
