@@ -138,6 +138,8 @@ class FinetuneStage:
         init = init_source(s.init)
         start = read_checkpoint(init)
         model = start.model()
+        base = {"base_sha256": weights_sha256(start.state), "base_config": start.cfg} if s.lora.rank else {}
+        del start  # the weights live in the model now
         train_set, val_set = self.datasets(s, model, get_tokenizer())
 
         set_seed(s.seed)  # the book: torch.manual_seed(123) before the new head and the loaders
@@ -176,8 +178,7 @@ class FinetuneStage:
             self.save(s, model, str(init))
             adapter_out = out.model_dir / "adapter"
             if lora:
-                save_adapter(adapter, adapter_out, lora=self.lora_meta(s)["lora"], base=str(init),
-                             base_sha256=weights_sha256(start.state), base_config=start.cfg,
+                save_adapter(adapter, adapter_out, lora=self.lora_meta(s)["lora"], base=str(init), **base,
                              extra=self.adapter_extra())  # fmt: skip
             elif adapter_out.exists():  # an adapter of an earlier LoRA run no longer goes with the model
                 shutil.rmtree(adapter_out)
