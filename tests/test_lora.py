@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -364,6 +366,27 @@ def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, sta
     else:
         merged, from_adapter = load_checkpoint(model_dir), load_checkpoint(model_dir / "adapter")
         assert checkpoint_meta(model_dir / "adapter")["instruct"]["prompt_style"] == "alpaca"
+        answers = [  # `llm instruct` takes either, with the prompt style the stage recorded
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "llm",
+                    "instruct",
+                    "--model",
+                    str(path),
+                    "Name a color.",
+                    "--max-new-tokens",
+                    "4",
+                ],
+                cwd=project,
+                capture_output=True,
+                text=True,
+            )  # fmt: skip
+            for path in (model_dir, model_dir / "adapter")
+        ]
+        assert answers[0].returncode == answers[1].returncode == 0, answers[1].stderr
+        assert answers[0].stdout == answers[1].stdout
     torch.testing.assert_close(from_adapter(IDS), merged(IDS), rtol=0, atol=1e-5)
 
     # LoRA off again: full finetuning, and the adapter of the earlier run is gone with it
