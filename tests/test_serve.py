@@ -161,7 +161,7 @@ def test_stop_text_holds_back_what_may_begin_a_stop_sequence():
 
 
 def test_end_of_text_finishes_with_stop(models):
-    """A model whose every step ends the text: finish_reason "stop", no tokens."""
+    """A model whose every step ends the text: finish_reason "stop", no tokens; with `ignore_eos`, max_tokens."""
     served = models["tiny"]
     head = served.model.out_head
     saved = head.weight.detach().clone()
@@ -171,11 +171,13 @@ def test_end_of_text_finishes_with_stop(models):
             head.weight[EOT_ID] = 1.0
         with TestClient(create_app({"tiny": served})) as c:
             data = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "temperature": 0}).json()
+            past = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "ignore_eos": True}).json()
     finally:
         with torch.no_grad():
             head.weight.copy_(saved)
     assert data["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
     assert data["usage"]["completion_tokens"] == 0
+    assert past["choices"][0]["finish_reason"] == "length" and past["usage"]["completion_tokens"] == 5  # ignore_eos
 
 
 def test_unknown_fields_are_ignored(client):

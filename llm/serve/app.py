@@ -89,8 +89,8 @@ class StopText:
 
 class Generation:
     """One request's tokens: `generate_stream` (KV cache, the same steps as `llm generate`) run a token at a
-    time on the scheduler's worker, decoded to text. `finish_reason` is "stop" (<|endoftext|> or a stop
-    sequence) or "length" once `pieces()` is done."""
+    time on the scheduler's worker, decoded to text. `finish_reason` is "stop" (<|endoftext|>, unless the
+    request sets `ignore_eos`, or a stop sequence) or "length" once `pieces()` is done."""
 
     def __init__(self, scheduler: Scheduler, served: ServedModel, ids: list[int], req, max_new: int, stops):
         import torch
@@ -111,7 +111,7 @@ class Generation:
             temperature=req.temperature,
             top_k=req.top_k,
             top_p=req.top_p,
-            eos_id=EOT_ID,
+            eos_id=None if req.ignore_eos else EOT_ID,
             seed=req.seed,
         )
         self._stop = StopText(stops)

@@ -26,6 +26,7 @@ class _Sampling(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)  # extension
     seed: int | None = Field(None, ge=0, le=SEED_MAX)  # extension (OpenAI's beta field)
+    ignore_eos: bool = False  # extension (as vLLM's): go on past <|endoftext|>, e.g. for benchmarks
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
