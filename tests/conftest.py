@@ -119,6 +119,17 @@ def instruct_ckpt(tmp_path_factory):
     return save_checkpoint(model, tmp_path_factory.mktemp("ins") / "m", extra={"instruct": {"prompt_style": "alpaca"}})
 
 
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory):
+    """The path of a tiny language model with a context of 1024, so that a generation lasts long enough to be
+    interrupted (from "Hi" its greedy text runs 1000 tokens without <|endoftext|>)."""
+    from llm.checkpoint import save_checkpoint
+    from llm.model import GPTModel
+
+    torch.manual_seed(4)
+    return save_checkpoint(GPTModel(tiny_cfg(context_length=1024)).eval(), tmp_path_factory.mktemp("long") / "long")
+
+
 @pytest.fixture
 def verdict_text(public_input):
     return public_input("the-verdict").read_text(encoding="utf-8")

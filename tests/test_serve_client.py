@@ -11,11 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-from llm.checkpoint import save_checkpoint
-from llm.model import GPTModel
-from tests.conftest import ROOT, tiny_cfg
+from tests.conftest import ROOT
 from tests.serve_process import llm_serve
 
 PROMPT = "Every effort moves you"
@@ -31,14 +28,6 @@ def server(ckpt, instruct_ckpt, classifier_ckpt):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def long_ckpt(tmp_path_factory):
-    """A tiny language model with a long context, so that a generation of 1000 tokens lasts long enough to
-    be interrupted (`ignore_eos`: all 1000 are generated)."""
-    torch.manual_seed(4)
-    return save_checkpoint(GPTModel(tiny_cfg(context_length=1024)).eval(), tmp_path_factory.mktemp("long") / "long")
 
 
 def _llm(*args: str) -> str:
