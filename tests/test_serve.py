@@ -83,6 +83,17 @@ def test_the_page_is_served_and_needs_nothing_from_elsewhere(client):
     assert "<script src" not in html and "<link" not in html and "@import" not in html
 
 
+def test_a_book_pth_file_is_served_as_llm_generate_reads_it(ckpt, tmp_path):
+    path, model = ckpt
+    torch.save(model.state_dict(), tmp_path / "book.pth")  # its config in a config.json beside it
+    (tmp_path / "config.json").write_text(json.dumps({"model": model.cfg}))
+    (served,) = load_models([str(tmp_path / "book.pth")]).values()
+    assert (served.id, served.kind, served.context_length) == ("book", "language", 32)
+    with TestClient(create_app({"book": served})) as c:
+        body = {"prompt": "Every effort", "max_tokens": 5, "temperature": 0}
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == _greedy(model, "Every effort", 5)
+
+
 def test_model_names_come_from_the_folder_or_name_equals_path(tmp_path):
     assert split_spec("models/spam") == ("spam", "models/spam")
     assert split_spec("models/spam/") == ("spam", "models/spam/")

@@ -2,6 +2,7 @@
 greedy output equal to `llm generate`'s and `llm instruct`'s, a client that goes away, the full queue,
 the API key, the drain on SIGTERM and Ctrl-C."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -36,7 +37,8 @@ def _llm(*args: str) -> str:
     return out.stdout
 
 
-def test_completions_create_is_what_llm_generate_prints(client, ckpt):
+def test_completions_create_is_what_llm_generate_prints(client, server, ckpt):
+    assert server.url.startswith("http://127.0.0.1:")  # the default address: this machine only
     printed = _llm("generate", "--model", str(ckpt[0]), "--prompt", PROMPT, "--max-new-tokens", "12", "--eos")
     completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
     assert printed == PROMPT + completion.choices[0].text + "\n"
@@ -145,3 +147,24 @@ def test_a_public_address_without_a_key_warns_and_with_a_key_every_request_needs
         keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
     assert port.isdigit()
+
+
+@pytest.mark.parametrize(
+    ("args", "signals", "code"),
+    [(["--drain-timeout", "0.2"], [signal.SIGTERM], 0), ([], [signal.SIGINT, signal.SIGINT], 130)],
+    ids=["drain-timeout", "second-ctrl-c"],
+)
+def test_the_drain_timeout_or_a_second_ctrl_c_cuts_the_requests_short(long_ckpt, args, signals, code):
+    body = {"model": "long", "prompt": "Hi", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
+    with llm_serve("--model", str(long_ckpt), *args) as served, httpx.Client(base_url=served.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            _first_event(lines)
+            for sig in signals:
+                served.proc.send_signal(sig)
+                served.wait_line("stopping")
+            rest = []
+            with contextlib.suppress(httpx.HTTPError):  # the connection cut mid-response
+                rest = list(lines)
+            assert "data: [DONE]" not in rest  # not finished
+        assert served.proc.wait(timeout=60) == code
