@@ -197,10 +197,28 @@ def test_unknown_fields_are_ignored(client):
 
 
 # --- chat ------------------------------------------------------------------------------------------------
-def _respond(path, entry, n):
+def _respond(path, entry, n, style="alpaca"):
     from llm.checkpoint import load_checkpoint
 
-    return "".join(respond(load_checkpoint(path), entry, "alpaca", n))
+    return "".join(respond(load_checkpoint(path), entry, style, n))
+
+
+def test_chat_uses_the_prompt_style_the_checkpoint_recorded(instruct_ckpt, tmp_path):
+    import shutil
+
+    phi3 = tmp_path / "phi3"
+    shutil.copytree(instruct_ckpt, phi3)
+    config = json.loads((phi3 / "config.json").read_text())
+    config["instruct"]["prompt_style"] = "phi3"
+    (phi3 / "config.json").write_text(json.dumps(config))
+    models = load_models([str(phi3)])
+    assert models["phi3"].card()["prompt_style"] == "phi3"
+    messages = [{"role": "system", "content": "red, green"}, {"role": "user", "content": "Pick one."}]
+    with TestClient(create_app(models)) as c:
+        body = {"messages": messages, "max_tokens": 8, "temperature": 0}
+        got = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    expected = _respond(instruct_ckpt, {"instruction": "Pick one.", "input": "red, green"}, 8, "phi3")
+    assert got == expected != _respond(instruct_ckpt, {"instruction": "Pick one.", "input": "red, green"}, 8)
 
 
 def test_a_greedy_chat_answer_is_what_llm_instruct_gives(client, instruct_ckpt):

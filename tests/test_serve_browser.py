@@ -18,8 +18,16 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def server(long_ckpt, classifier_ckpt):
-    with llm_serve("--model", f"long={long_ckpt}", "--model", f"spam={classifier_ckpt[0]}", "--api-key", KEY) as s:
+def server(long_ckpt, instruct_ckpt, classifier_ckpt):
+    models = [
+        "--model",
+        f"long={long_ckpt}",
+        "--model",
+        f"ins={instruct_ckpt}",
+        "--model",
+        f"spam={classifier_ckpt[0]}",
+    ]
+    with llm_serve(*models, "--api-key", KEY) as s:
         yield s
 
 
@@ -60,7 +68,7 @@ def _open(browser, server, model: str):
     _wait(key.is_displayed, what="the page to ask for the API key")
     assert "needs an API key" in browser.find_element(By.ID, "page-error").text
     key.send_keys(KEY, Keys.ENTER)
-    _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#model option")) == 2, what="the models")
+    _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#model option")) == 3, what="the models")
     Select(browser.find_element(By.ID, "model")).select_by_value(model)
     return lambda element_id: browser.find_element(By.ID, element_id)
 
@@ -105,6 +113,24 @@ def test_stop_ends_the_generation_on_the_server(browser, server):
         what="the server to stop generating",
     )
     assert health["active"] == 0
+
+
+def test_an_instruction_and_its_input_are_answered_on_the_page(browser, server):
+    find = _open(browser, server, "ins")
+    assert find("input-box").is_displayed() and find("prompt-label").text == "instruction"
+    find("prompt").send_keys("Rewrite the sentence.")
+    find("input").send_keys("The cake was baked by Sam.")
+    find("max-tokens").clear()
+    find("max-tokens").send_keys("8")
+    find("generate").click()
+    _wait(lambda: "finish:" in find("status").text, what="the answer")
+    messages = [
+        {"role": "system", "content": "The cake was baked by Sam."},
+        {"role": "user", "content": "Rewrite the sentence."},
+    ]
+    body = {"model": "ins", "messages": messages, "max_tokens": 8, "temperature": 0}
+    api = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert _generated(browser) == api.json()["choices"][0]["message"]["content"]
 
 
 def test_a_message_is_classified_on_the_page(browser, server, classifier_ckpt):
