@@ -1,4 +1,5 @@
-"""`llm` command line: `llm generate …` (also `llm-from-scratch …` and `python -m llm`).
+"""`llm` command line: `llm generate …` (also `llm-from-scratch …` and `python -m llm`); `llm serve`
+runs the models behind an OpenAI-compatible HTTP API (`llm.serve`).
 
 Each command parses its arguments, calls the library, and prints; errors print as one line
 (`llm.errors.report_error`): bad arguments and input, unreadable or unwritable files (a full disk,
@@ -141,6 +142,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     exp.add_argument("--model", "--checkpoint", dest="checkpoint", required=True, help=MODEL_HELP)
     exp.add_argument("--out", required=True, help="directory for config.json and model.safetensors")
     exp.set_defaults(func=cmd_export)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API, with a web page to try them",
+        description="Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+        "/v1/chat/completions, /v1/classify, /health) and a web page at /. Ctrl-C or SIGTERM finishes the "
+        "requests in flight and exits 0.",
+    )
+    srv.add_argument(
+        "--model", "--checkpoint", dest="models", action="append", required=True, metavar="[NAME=]PATH",
+        help="a language, instruction or classifier model (repeat for several); named after its folder "
+        "unless NAME= is given. " + MODEL_HELP,
+    )  # fmt: skip
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    srv.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' on every API request (default: $LLM_API_KEY; none when unset)",
+    )  # fmt: skip
+    srv.add_argument("--max-active", type=_positive_int, default=8, help="requests generating at once, in turns (8)")
+    srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a turn; more get 503 (32)")
+    srv.add_argument("--max-tokens", type=_positive_int, default=1024, help="most tokens one request may ask (1024)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="largest request body (1 MB)")
+    srv.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish requests on stop (60)")
+    srv.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    srv.set_defaults(func=cmd_serve)
 
     cmp = sub.add_parser(
         "compare",
@@ -314,6 +341,32 @@ def cmd_export(args: argparse.Namespace) -> None:
         out = export_hf(model, args.out)
     usage = "transformers.GPT2LMHeadModel.from_pretrained"
     write_stdout(f"wrote {out}/config.json and {out}/model.safetensors ({usage})\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from llm.runtime import select_device
+    from llm.serve.app import Limits, create_app
+    from llm.serve.registry import load_models
+    from llm.serve.server import bind, is_loopback, serve, url_of
+
+    if not 0 <= args.port <= 65535:
+        raise LLMError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise LLMError(f"--max-queue must be >= 0, got {args.max_queue}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LLM_API_KEY") or None
+    models = load_models(args.models, select_device(args.device))
+    limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes)
+    app = create_app(models, api_key=api_key, limits=limits)
+    sock = bind(args.host, args.port)
+    prog = f"{args.prog} serve"
+    if not is_loopback(args.host) and not api_key:
+        print(f"{prog}: warning: listening on {args.host} without an API key: anyone who can reach this port "
+              "can use the models (set --api-key or LLM_API_KEY)", file=sys.stderr, flush=True)  # fmt: skip
+    names = ", ".join(f"{m.id} ({m.kind})" for m in models.values())
+    print(f"{prog}: listening on {url_of(sock)} with {names}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    return serve(app, sock, prog, args.drain_timeout)
 
 
 def _append(path: Path, data: bytes) -> None:

@@ -84,6 +84,52 @@ def tiny_cfg(**overrides):
     return cfg
 
 
+# --- tiny checkpoints of each kind, written once per test module (the `llm` commands and `llm serve` read them)
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """(path, model): a tiny language model (context 32), as `llm generate` reads it."""
+    from llm.checkpoint import save_checkpoint
+    from llm.model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg(context_length=32)).eval()
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny"), model
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    """(path, model): a tiny spam classifier (mean pooling, max_length 8), as `llm classify` reads it."""
+    from llm.classifier import add_classification_head, save_classifier
+    from llm.model import GPTModel
+
+    torch.manual_seed(2)
+    model = add_classification_head(GPTModel(tiny_cfg(context_length=16)), 2)
+    path = save_classifier(model, tmp_path_factory.mktemp("cls") / "spam", max_length=8, pooling="mean")
+    return path, model.eval()
+
+
+@pytest.fixture(scope="module")
+def instruct_ckpt(tmp_path_factory):
+    """The path of a tiny instruction model (context 64) that records the Alpaca prompt style."""
+    from llm.checkpoint import save_checkpoint
+    from llm.model import GPTModel
+
+    torch.manual_seed(3)
+    model = GPTModel(tiny_cfg(context_length=64))
+    return save_checkpoint(model, tmp_path_factory.mktemp("ins") / "m", extra={"instruct": {"prompt_style": "alpaca"}})
+
+
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory):
+    """The path of a tiny language model with a context of 1024, so that a generation lasts long enough to be
+    interrupted (from "Hi" its greedy text runs 1000 tokens without <|endoftext|>)."""
+    from llm.checkpoint import save_checkpoint
+    from llm.model import GPTModel
+
+    torch.manual_seed(4)
+    return save_checkpoint(GPTModel(tiny_cfg(context_length=1024)).eval(), tmp_path_factory.mktemp("long") / "long")
+
+
 @pytest.fixture
 def verdict_text(public_input):
     return public_input("the-verdict").read_text(encoding="utf-8")

@@ -195,14 +195,6 @@ def test_quotes_survive_and_split_csv_is_checked(tmp_path):
         read_split_csv(tmp_path / "c.csv")
 
 
-@pytest.fixture(scope="module")
-def classifier_ckpt(tmp_path_factory):
-    torch.manual_seed(2)
-    model = add_classification_head(GPTModel(tiny_cfg(context_length=16)), 2)
-    path = save_classifier(model, tmp_path_factory.mktemp("cls") / "spam", max_length=8, pooling="mean")
-    return path, model.eval()
-
-
 def test_classifier_checkpoint_roundtrip(classifier_ckpt, tmp_path):
     path, model = classifier_ckpt
     loaded, info = load_classifier(path)

@@ -10,19 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.checkpoint import save_checkpoint
 from llm.cli import main
 from llm.generate import generate
 from llm.model import GPTModel
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from tests.conftest import ROOT, tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPTModel(tiny_cfg(context_length=32)).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny"), model
 
 
 def test_generate_prints_the_greedy_continuation(ckpt, capsys):
@@ -171,6 +163,8 @@ def inputs(tmp_path_factory, ckpt):
 
 OUTPUTS = {"classify": "--output", "instruct": "--output", "export": "--out", "compare": "--markdown"}
 PRINTING = ["generate", "classify", "instruct", "export", "compare"]
+# Runs until stopped, writes no file and nothing to standard output (its lines go to stderr): tests/test_serve*.py
+SERVING = ["serve"]
 
 
 def _subcommands():
@@ -188,7 +182,7 @@ def test_every_command_and_output_flag_is_in_the_failure_tests_below():
         for flag in action.option_strings if flag in writes
     }  # fmt: skip
     assert found == OUTPUTS
-    assert sorted(_subcommands()) == sorted(PRINTING)
+    assert sorted(_subcommands()) == sorted(PRINTING + SERVING)
 
 
 def _tree(folder):

@@ -148,13 +148,6 @@ def test_judge_against_a_local_ollama_api():
     assert parse_score("101") is None and parse_score("7.") == 7 and parse_score("abc") is None
 
 
-@pytest.fixture(scope="module")
-def instruct_ckpt(tmp_path_factory):
-    torch.manual_seed(3)
-    model = GPTModel(tiny_cfg(context_length=64))
-    return save_checkpoint(model, tmp_path_factory.mktemp("ins") / "m", extra={"instruct": {"prompt_style": "alpaca"}})
-
-
 def test_cli_instruct_streams_and_runs_files(instruct_ckpt, tmp_path, capsys):
     assert main(["instruct", "--checkpoint", str(instruct_ckpt), "Name a color.", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.endswith("\n")

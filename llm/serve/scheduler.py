@@ -1,0 +1,90 @@
+"""The fair queue: one worker thread runs every model step, first in, first out; a bounded number of
+requests take turns on it and a bounded number wait for a turn (see `llm.serve`'s docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """Every turn is taken and the waiting line is full: the request is answered 503."""
+
+
+class Scheduler:
+    """`reserve()` admits a request (QueueFull when `max_active` run and `max_queue` wait);
+    `run(fn)` runs one step on the worker thread and returns its result."""
+
+    def __init__(self, max_active: int = 8, max_queue: int = 32):
+        if max_active < 1 or max_queue < 0:
+            raise ValueError("max_active must be >= 1 and max_queue >= 0")
+        self.max_active, self.max_queue = max_active, max_queue
+        self.active = 0  # requests holding a turn
+        self.waiting = 0  # requests waiting for one
+        self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "tokens": 0}
+        self._turns: asyncio.Semaphore | None = None  # made in the server's event loop
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-serve")
+        self._closed = False
+
+    def reserve(self) -> Ticket:
+        """Admit a request to the waiting line (QueueFull when it is full); `Ticket.turn()` then waits for a
+        turn and `Ticket.release()` gives back whatever the ticket holds."""
+        if self.active + self.waiting >= self.max_active + self.max_queue:
+            self.counts["rejected"] += 1
+            raise QueueFull
+        if self._turns is None:
+            self._turns = asyncio.Semaphore(self.max_active)
+        self.waiting += 1
+        return Ticket(self)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the worker thread. Steps of different requests take turns there."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the worker thread after what is queued there, without waiting (closing
+        a generator whose step may still be running); here at once when the worker has stopped."""
+        try:
+            self._worker.submit(fn, *args)
+        except RuntimeError:  # shut down: nothing runs there any more
+            fn(*args)
+
+    def stats(self) -> dict[str, int]:
+        return {"active": self.active, "queued": self.waiting, **self.counts}
+
+    def start(self) -> None:
+        """Ready to serve in the running event loop (the app's startup; a test client may start it again)."""
+        self._turns = asyncio.Semaphore(self.max_active - self.active)
+        if self._closed:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-serve")
+            self._closed = False
+
+    def close(self) -> None:
+        """Wait for the worker's queued steps, then stop it (the app's shutdown, after the drain)."""
+        self._worker.shutdown(wait=True)
+        self._closed = True
+
+
+class Ticket:
+    """A request's place: waiting, then holding a turn (`turn()`), then done (`release()`, idempotent)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler, self.state = scheduler, "waiting"
+
+    async def turn(self) -> None:
+        await self.scheduler._turns.acquire()  # cancelled while waiting: still "waiting", released below
+        self.scheduler.waiting -= 1
+        self.scheduler.active += 1
+        self.state = "active"
+
+    def release(self) -> None:
+        if self.state == "waiting":
+            self.scheduler.waiting -= 1
+        elif self.state == "active":
+            self.scheduler.active -= 1
+            self.scheduler._turns.release()
+        self.state = "done"

@@ -1,0 +1,170 @@
+"""`llm serve` as a real process on 127.0.0.1, talked to by the official `openai` client and by httpx:
+greedy output equal to `llm generate`'s and `llm instruct`'s, a client that goes away, the full queue,
+the API key, the drain on SIGTERM and Ctrl-C."""
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT
+from tests.serve_process import llm_serve
+
+PROMPT = "Every effort moves you"
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, instruct_ckpt, classifier_ckpt):
+    args = ["--model", f"tiny={ckpt[0]}", "--model", f"ins={instruct_ckpt}", "--model", f"spam={classifier_ckpt[0]}"]
+    with llm_serve(*args) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _llm(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "llm", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_completions_create_is_what_llm_generate_prints(client, server, ckpt):
+    assert server.url.startswith("http://127.0.0.1:")  # the default address: this machine only
+    printed = _llm("generate", "--model", str(ckpt[0]), "--prompt", PROMPT, "--max-new-tokens", "12", "--eos")
+    completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert printed == PROMPT + completion.choices[0].text + "\n"
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 12
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    assert PROMPT + "".join(c.choices[0].text for c in chunks) + "\n" == printed
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_completions_create_is_what_llm_instruct_prints(client, instruct_ckpt):
+    printed = _llm("instruct", "--model", str(instruct_ckpt), "Name a color.", "--max-new-tokens", "10")
+    messages = [{"role": "user", "content": "Name a color."}]
+    chat = client.chat.completions.create(model="ins", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content + "\n" == printed
+    stream = client.chat.completions.create(model="ins", messages=messages, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) + "\n" == printed
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_classify_and_errors_through_the_client(client, server):
+    assert [m.id for m in client.models.list()] == ["tiny", "ins", "spam"]
+    with pytest.raises(openai.BadRequestError, match="'spam' is a classifier"):
+        client.completions.create(model="spam", prompt="Hi")
+    with pytest.raises(openai.BadRequestError, match="has a context of 32 tokens"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="'tiny' is not instruction-finetuned"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+    result = httpx.post(server.url + "/v1/classify", json={"model": "spam", "input": ["WIN a prize", "see you"]})
+    assert [row["label"] in ("spam", "not spam") for row in result.json()["data"]] == [True, True]
+
+
+def _first_event(lines) -> dict:
+    """The first event of a response's `iter_lines()` (keep that iterator: dropping it closes the connection)."""
+    for line in lines:
+        if line.startswith("data: "):
+            return json.loads(line[6:])
+    raise AssertionError("no event")
+
+
+def _health(url: str, until=lambda h: True, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        health = httpx.get(url + "/health").json()
+        if until(health) or time.monotonic() > end:
+            return health
+        time.sleep(0.05)
+
+
+def test_a_client_that_goes_away_frees_its_turn_and_a_full_queue_is_a_503(long_ckpt):
+    body = {"model": "long", "prompt": "Hi", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
+    with llm_serve("--model", str(long_ckpt), "--max-active", "1", "--max-queue", "0") as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+        with (
+            httpx.Client(base_url=served.url, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            lines = r.iter_lines()
+            assert _first_event(lines)["choices"][0]["text"]
+            # its one turn is taken, no place to wait: the next request is turned away
+            with pytest.raises(openai.InternalServerError) as refused:
+                client.completions.create(model="long", prompt="Hi", max_tokens=2)
+            assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "1"
+        # the response closed before its end: the server stops generating and frees the turn
+        health = _health(served.url, until=lambda h: h["active"] == 0 and h["cancelled"] == 1)
+        assert (health["active"], health["cancelled"], health["rejected"]) == (0, 1, 1)
+        assert health["tokens"] < 1000  # stopped, not run to the end
+        assert client.completions.create(model="long", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_finish_the_requests_in_flight_and_exit_0(long_ckpt, sig):
+    body = {"model": "long", "prompt": "Hi", "max_tokens": 600, "temperature": 0, "stream": True, "ignore_eos": True}
+    body["stream_options"] = {"include_usage": True}
+    with llm_serve("--model", str(long_ckpt)) as served, httpx.Client(base_url=served.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            events = [_first_event(lines)]
+            served.proc.send_signal(sig)
+            served.wait_line(r"stopping: finishing 1 request\(s\) in flight")
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert served.proc.wait(timeout=60) == 0
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 600  # every token
+        assert served.lines[-1] == "llm serve: stopped"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(served.url + "/health")
+
+
+def test_a_public_address_without_a_key_warns_and_with_a_key_every_request_needs_it(ckpt):
+    with llm_serve("--model", str(ckpt[0]), "--host", "0.0.0.0", env={"LLM_API_KEY": ""}) as served:
+        warning = served.wait_line("warning")
+        assert warning == (
+            "llm serve: warning: listening on 0.0.0.0 without an API key: anyone who can reach this port can use "
+            "the models (set --api-key or LLM_API_KEY)"
+        )
+        port = served.url.rsplit(":", 1)[1]
+    with llm_serve("--model", str(ckpt[0]), "--host", "0.0.0.0", env={"LLM_API_KEY": "s3cret"}) as served:
+        assert not any("warning" in line for line in served.lines)
+        url = f"http://127.0.0.1:{served.url.rsplit(':', 1)[1]}/v1"
+        with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+            openai.OpenAI(base_url=url, api_key="guess", max_retries=0).models.list()
+        keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert keyed.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
+    assert port.isdigit()
+
+
+@pytest.mark.parametrize(
+    ("args", "signals", "code"),
+    [(["--drain-timeout", "0.2"], [signal.SIGTERM], 0), ([], [signal.SIGINT, signal.SIGINT], 130)],
+    ids=["drain-timeout", "second-ctrl-c"],
+)
+def test_the_drain_timeout_or_a_second_ctrl_c_cuts_the_requests_short(long_ckpt, args, signals, code):
+    body = {"model": "long", "prompt": "Hi", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
+    with llm_serve("--model", str(long_ckpt), *args) as served, httpx.Client(base_url=served.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            _first_event(lines)
+            for sig in signals:
+                served.proc.send_signal(sig)
+                served.wait_line("stopping")
+            rest = []
+            with contextlib.suppress(httpx.HTTPError):  # the connection cut mid-response
+                rest = list(lines)
+            assert "data: [DONE]" not in rest  # not finished
+        assert served.proc.wait(timeout=60) == code
