@@ -454,3 +454,15 @@ def test_an_interrupted_lora_run_resumes_bit_for_bit(tmp_path):
     torch.manual_seed(7)
     frozen = GPTModel({**CFG, "drop_rate": 0.1})
     assert torch.equal(resumed["trf_blocks.0.att.W_query.linear.weight"], frozen.trf_blocks[0].att.W_query.weight)
+
+
+def test_llm_serve_takes_an_adapter_like_any_model(tmp_path):
+    from llm.serve.registry import CLASSIFIER, LANGUAGE, load_models
+
+    classifier, spam_adapter, _ = trained_adapter(tmp_path / "spam", classifier=True)
+    language, lm_adapter, _ = trained_adapter(tmp_path / "lm")
+    served = load_models([f"spam={spam_adapter}", f"lm={lm_adapter}"])
+    assert (served["spam"].kind, served["lm"].kind) == (CLASSIFIER, LANGUAGE)
+    assert served["spam"].classifier == {"num_classes": 2, "max_length": 8, "pooling": "mean"}
+    torch.testing.assert_close(served["spam"].model(IDS), classifier(IDS), rtol=0, atol=1e-5)
+    torch.testing.assert_close(served["lm"].model(IDS), language(IDS), rtol=0, atol=1e-5)
