@@ -207,7 +207,7 @@ def main() -> int:
                 head_label=args.head_label,
                 gate_base=BASELINE / "metrics",
                 footer=f"The CI profile ({PROFILE.relative_to(ROOT)}); locally: `python ci/run_profile.py"
-                f"{f' --base {args.base}' if args.base else ''} --comment DIR`",
+                f"{f' --base {base_label}' if args.base else ''} --comment DIR`",
             )
             print(f"comment written: {Path(args.comment) / 'comment.md'}")
             if summary:

