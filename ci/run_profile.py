@@ -2,10 +2,19 @@
 
     python ci/run_profile.py                     # run, then `llm compare` against ci/baseline
     python ci/run_profile.py --update-baseline   # run, then make its metrics the new baseline
+    python ci/run_profile.py -S train.lr=0.03    # the profile with a param changed (repeatable)
+    python ci/run_profile.py --base main --comment out/   # and the pull-request comment against main
 
 The copy holds the tracked and untracked-but-not-ignored files (what a commit would hold), so
 the workspace, its params.yaml and its DVC cache are never touched. Stages run through `dvc
-repro` with the venv's tools first on PATH. Exit status: that of `llm compare` (1 = regression).
+repro` with the venv's tools first on PATH. Exit status: that of `llm compare` against the
+committed ci/baseline (1 = regression), or 2 with one line for bad options.
+
+--comment DIR writes what CI posts on a pull request (`llm.pipeline.prcomment`): the verdict, the
+gated metrics against the base's CI-profile metrics (ci/baseline/metrics at --base, default this
+checkout's), `dvc params diff --md` between the base's profile params and this run's, and the
+loss curves of both. The scratch copy's git history is that diff: a first commit with the base's
+params.yaml and dvc.yaml (the profile and no -S applied), then the run's files.
 """
 
 import argparse
@@ -17,8 +26,12 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from ruamel.yaml.error import YAMLError
 
-from llm.pipeline.validate import read_yaml
+from llm.errors import LLMError, first_line, report_error
+from llm.pipeline.compare import load_gates
+from llm.pipeline.prcomment import write_comment
+from llm.pipeline.validate import parse_yaml, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "ci" / "profile.yaml"
@@ -32,47 +45,184 @@ def project_files(root: Path) -> list[str]:
     return [rel for rel in listed if rel and (root / rel).is_file() and not rel.startswith(("data/", "models/"))]
 
 
-def make_workspace(dest: Path, profile: dict) -> Path:
-    """A git repository at `dest` with the project's files and `profile` applied to params.yaml."""
+def parse_set(text: str) -> tuple[list[str], object]:
+    """`-S section.key=value` as DVC reads it: the dotted key, and the value as YAML 1.2."""
+    key, sep, value = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or len(path) < 2 or not all(path):
+        raise LLMError(f"-S {text!r}: give section.key=value, e.g. -S train.lr=0.03")
+    try:
+        return path, parse_yaml(value)
+    except YAMLError as exc:
+        raise LLMError(f"-S {text!r}: the value is not YAML: {first_line(exc)}") from None
+
+
+def with_profile(params: dict, profile: dict, sets: list[str] = ()) -> dict:
+    """`params` with each section of `profile` updated, then each `-S section.key=value` applied;
+    a `-S` key that params.yaml lacks is an error (a typo would silently change nothing)."""
+    for section, values in profile.items():
+        params[section].update(values)
+    for text in sets:
+        path, value = parse_set(text)
+        node = params
+        for i, name in enumerate(path):
+            if not isinstance(node, dict) or name not in node:
+                raise LLMError(f"-S {text!r}: params.yaml has no {'.'.join(path[: i + 1])}")
+            if i < len(path) - 1:
+                node = node[name]
+        node[path[-1]] = value
+    return params
+
+
+def _git(dest: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost"}
+    env.update(GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost")
+    return subprocess.run(["git", *args], cwd=dest, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def make_workspace(dest: Path, profile: dict, sets: list[str] = (), base: dict[str, str] | None = None) -> Path:
+    """A git repository at `dest` with the project's files, `profile` and then `sets` applied to
+    params.yaml. `base` ({file: text}: the base's params.yaml with its profile, and its dvc.yaml)
+    is committed first, so that `dvc params diff HEAD~1 HEAD` is the change from base to run."""
+    dest.mkdir(parents=True, exist_ok=True)
+    _git(dest, "init", "-q")
+    if base:
+        for rel, text in base.items():
+            (dest / rel).write_text(text, encoding="utf-8")
+        _git(dest, "add", "-A")
+        _git(dest, "commit", "-qm", "base: the CI profile's params")
     for rel in project_files(ROOT):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
-    params = read_yaml(dest / "params.yaml")  # YAML 1.2, as DVC and the stages read it
-    for section, values in profile.items():
-        params[section].update(values)
+    params = with_profile(read_yaml(dest / "params.yaml"), profile, sets)  # YAML 1.2, as DVC reads it
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost"}
-    env.update(GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost")
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "CI profile"]):
-        subprocess.run(["git", *args], cwd=dest, env=env, check=True, stdout=subprocess.DEVNULL)
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-qm", "CI profile")
     return dest
+
+
+def git_show(rev: str, rel: str) -> str:
+    """A file of this repository at revision `rev`; an LLMError when it has none."""
+    out = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        raise LLMError(f"--base {rev}: cannot read {rel}: {lines[-1] if lines else out.returncode}")
+    return out.stdout
+
+
+def base_side(rev: str | None, dest: Path) -> tuple[dict[str, str], Path]:
+    """What the comment compares against: ({file: text} of the base's profile params.yaml and its
+    dvc.yaml, the base's ci/baseline/metrics). Without `rev`: this checkout's, before any -S."""
+    if rev is None:
+        params = with_profile(read_yaml(ROOT / "params.yaml"), yaml.safe_load(PROFILE.read_text()))
+        return {"params.yaml": yaml.safe_dump(params, sort_keys=False), "dvc.yaml": (ROOT / "dvc.yaml").read_text()}, (
+            BASELINE / "metrics"
+        )
+    if rev.startswith("-") or not rev.strip():
+        raise LLMError(f"--base {rev!r}: a revision must not be empty or start with '-'")
+    profile = parse_yaml(git_show(rev, "ci/profile.yaml"))
+    params = with_profile(parse_yaml(git_show(rev, "params.yaml")), profile)
+    files = {"params.yaml": yaml.safe_dump(params, sort_keys=False), "dvc.yaml": git_show(rev, "dvc.yaml")}
+    listed = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", rev, "--", "ci/baseline/metrics"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    if not listed:
+        raise LLMError(f"--base {rev}: it has no ci/baseline/metrics to compare with")
+    for rel in listed:
+        target = dest / Path(rel).relative_to("ci/baseline/metrics")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(git_show(rev, rel), encoding="utf-8")
+    return files, dest
+
+
+def params_diff(work: Path, env: dict, base_label: str, head_label: str) -> str:
+    """`dvc params diff --md` from the base's commit to the run's, its columns named by the labels."""
+    out = subprocess.run(
+        ["dvc", "params", "diff", "HEAD~1", "HEAD", "--md"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ).stdout.strip()
+    lines = out.splitlines()
+    cells = [c.strip() for c in lines[0].strip("|").split("|")] if lines else []
+    if cells[2:] == ["HEAD~1", "HEAD"]:  # | Path | Param | HEAD~1 | HEAD |
+        lines[0] = "| " + " | ".join([*cells[:2], base_label, head_label]) + " |"
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update-baseline", action="store_true", help="store this run's metrics as the baseline")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy and print its path")
+    parser.add_argument(
+        "-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="change a param after the profile"
+    )
+    parser.add_argument("--comment", metavar="DIR", help="write the pull-request comment and its images to DIR")
+    parser.add_argument("--base", metavar="REV", help="with --comment: compare with this revision's CI profile")
+    parser.add_argument("--base-label", help="the base's name in the comment (default: REV, or ci/baseline)")
+    parser.add_argument("--head-label", default="this run", help="the run's name in the comment")
     args = parser.parse_args()
+    if args.base and not args.comment:
+        parser.error("--base needs --comment DIR")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     scratch = Path(tempfile.mkdtemp(prefix="llm-ci-"))
     try:
-        work = make_workspace(scratch / "project", yaml.safe_load(PROFILE.read_text()))
+        base_files, base_metrics = base_side(args.base, scratch / "base") if args.comment else (None, None)
+        if args.comment and Path(args.comment).exists() and not Path(args.comment).is_dir():
+            raise LLMError(f"--comment {args.comment} is a file: give a directory")
+        work = make_workspace(scratch / "project", yaml.safe_load(PROFILE.read_text()), args.set, base_files)
         subprocess.run(["dvc", "repro"], cwd=work, env=env, check=True, stdin=subprocess.DEVNULL)
         if args.update_baseline:
             shutil.rmtree(BASELINE / "metrics", ignore_errors=True)
             shutil.copytree(work / "metrics", BASELINE / "metrics", ignore=shutil.ignore_patterns("curves"))
+            # the loss curves too (small CSVs): a pull request's comment draws them beside its own
+            (BASELINE / "metrics" / "curves").mkdir()
+            for curve in sorted((work / "metrics" / "curves").glob("*.csv")):
+                shutil.copy2(curve, BASELINE / "metrics" / "curves" / curve.name)
             shutil.copy2(work / "reports" / "report.md", BASELINE / "report.md")
             print(f"baseline updated: {BASELINE / 'metrics'}")
             return 0
         compare = [str(bin_dir / "llm"), "compare", "--old", str(BASELINE / "metrics"), "--new", str(work / "metrics")]
         compare += ["--thresholds", str(ROOT / "thresholds.yaml")]
-        if os.environ.get("GITHUB_STEP_SUMMARY"):
-            compare += ["--markdown", os.environ["GITHUB_STEP_SUMMARY"]]
-        return subprocess.run(compare, env=env).returncode
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary and not args.comment:
+            compare += ["--markdown", summary]
+        code = subprocess.run(compare, env=env).returncode
+        if args.comment:
+            base_label = args.base_label or args.base or "ci/baseline"
+            write_comment(
+                args.comment,
+                base_metrics,
+                work / "metrics",
+                load_gates(ROOT / "thresholds.yaml"),
+                params_diff(work, env, base_label, args.head_label),
+                base_label=base_label,
+                head_label=args.head_label,
+                gate_base=BASELINE / "metrics",
+                footer=f"The CI profile ({PROFILE.relative_to(ROOT)}); locally: `python ci/run_profile.py"
+                f"{f' --base {base_label}' if args.base else ''} --comment DIR`",
+            )
+            print(f"comment written: {Path(args.comment) / 'comment.md'}")
+            if summary:
+                with open(summary, "a", encoding="utf-8") as f:
+                    f.write((Path(args.comment) / "summary.md").read_text(encoding="utf-8"))
+        return code
     except subprocess.CalledProcessError as exc:
-        print(f"ci/run_profile.py: {' '.join(map(str, exc.cmd))} failed with exit {exc.returncode}", file=sys.stderr)
+        detail = (exc.stderr or "").strip().splitlines()
+        why = f": {detail[-1]}" if detail else ""
+        print(
+            f"ci/run_profile.py: {' '.join(map(str, exc.cmd))} failed with exit {exc.returncode}{why}", file=sys.stderr
+        )
         return 1
+    except LLMError as exc:
+        return report_error("ci/run_profile.py", exc)
     finally:
         if args.keep:
             print(f"scratch copy kept: {scratch}")

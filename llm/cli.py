@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llm.errors import LLMError, flush_stdout, report_error, reportable, write_stdout, writing
+from llm.errors import LLMError, flush_stdout, read_text, report_error, reportable, write_stdout, writing
 
 DISTRIBUTION = "llm-from-scratch-dvc"
 PROGRAMS = ("llm", "llm-from-scratch")  # the console scripts; the first is the default name
@@ -57,7 +57,8 @@ def _check_output(flag: str, path: str, directory: bool = False, append: bool = 
     (not `append`ed to), a device or pipe, which the replacement would not write but remove."""
     file = Path(path)
     if directory and file.exists() and not file.is_dir():
-        raise LLMError(f"{flag} {file} is a file: give a directory (new or existing) for the checkpoint")
+        what = "the checkpoint" if flag == "--out" else "its files"
+        raise LLMError(f"{flag} {file} is a file: give a directory (new or existing) for {what}")
     if not directory and file.is_dir():
         raise LLMError(f"{flag} {file} is a directory: give a file name")
     if not directory and not append and file.exists() and not file.is_file():
@@ -182,6 +183,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cmp.add_argument("--thresholds", default="thresholds.yaml", help="gates file (default thresholds.yaml)")
     cmp.add_argument("--all", action="store_true", help="also list unchanged metrics")
     cmp.add_argument("--markdown", metavar="FILE", help="also append the table as Markdown (e.g. $GITHUB_STEP_SUMMARY)")
+    cmp.add_argument(
+        "--comment",
+        metavar="DIR",
+        help="with --old/--new: write the pull-request comment (verdict, tables, loss curves of both) to DIR",
+    )
+    cmp.add_argument("--params-diff", metavar="FILE", help="with --comment: `dvc params diff --md` output to include")
     cmp.set_defaults(func=cmd_compare)
     return parser
 
@@ -394,6 +401,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.markdown:
         _check_output("--markdown", args.markdown, append=True)
+    if (args.comment or args.params_diff) and not args.old:
+        raise LLMError("--comment needs --old and --new: two metrics directories, with their curves/")
+    if args.params_diff and not args.comment:
+        raise LLMError("--params-diff needs --comment DIR")
+    if args.comment:
+        _check_output("--comment", args.comment, directory=True)
+    params_diff = read_text(args.params_diff, "--params-diff") if args.params_diff else ""
     gates = (
         load_gates(args.thresholds) if Path(args.thresholds).is_file() or args.thresholds != "thresholds.yaml" else {}
     )
@@ -411,6 +425,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         md = f"### Metrics: {label}\n\n{table(rows, markdown=True, changed_only=not args.all)}\n\n**{result}**\n"
         with writing(f"--markdown {args.markdown}"):
             _append(Path(args.markdown), md.encode())
+    if args.comment:
+        from llm.pipeline.prcomment import write_comment
+
+        new_dir = args.new or "metrics"
+        with writing(f"--comment {args.comment}"):
+            write_comment(args.comment, args.old, new_dir, gates, params_diff, base_label=args.old, head_label=new_dir)
     write_stdout(f"metrics {label}\n{table(rows, changed_only=not args.all)}\n{result}\n")
     return 1 if any(r.failed for r in rows) else 0
 
