@@ -42,6 +42,11 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "spam-book-lora": ("finetune_spam", {**BOOK_SPAM, **LORA}, "book app. E: LoRA r16 a16"),
     "instruct-full": ("finetune_instruct", {}, "default: every weight trains"),
     "instruct-lora": ("finetune_instruct", LORA, "default, LoRA r16 a16"),
+    "instruct-lora-no-head": (
+        "finetune_instruct",
+        {"lora": {**LORA["lora"], "targets": ["attention", "feed_forward"]}},
+        "default, LoRA r16 a16, not on the head",
+    ),
 }
 
 

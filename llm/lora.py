@@ -83,9 +83,13 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
         if self.merged:
-            return self.linear(x)
-        return self.linear(x) + self.lora(x)
+            return out
+        # The book's `linear(x) + lora(x)`, with the adapter's product added into the linear layer's output
+        # in place: the same sum without two more tensors of the output's size at once (for an adapter on the
+        # head, batch x T x vocab floats each; README: LoRA).
+        return out.add_((x @ self.lora.A) @ self.lora.B, alpha=self.lora.alpha)
 
     @torch.no_grad()
     def merge(self) -> None:
