@@ -83,8 +83,12 @@ def run(name: str, scratch: Path) -> dict:
         raise SystemExit(f"{name} failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
     metrics = json.loads((folder / "metrics" / f"{stage}.json").read_text())
     timings = json.loads((folder / "timings" / f"{stage}.json").read_text())
+    model_dir = folder / "models" / stage.removeprefix("finetune_")
+    adapter = model_dir / "adapter" / "lora.safetensors"
+    sizes = {"model_mb": (model_dir / "model.safetensors").stat().st_size / 1e6,
+             "adapter_mb": adapter.stat().st_size / 1e6 if adapter.is_file() else None}  # fmt: skip
     log(f"{name}: done in {time.perf_counter() - started:.0f} s")
-    return {"metrics": metrics, "timings": timings}
+    return {"metrics": metrics, "timings": timings, "sizes": sizes}
 
 
 def row(name: str, result: dict) -> list[str]:
@@ -102,6 +106,7 @@ def row(name: str, result: dict) -> list[str]:
         score,
         f"{t['train_seconds']:.0f}",
         f"{t['peak_rss_mib']:,.0f}",
+        f"{result['sizes']['adapter_mb']:.1f}" if result["sizes"]["adapter_mb"] else "",
     ]
 
 
@@ -117,14 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as scratch:
         results = {name: run(name, Path(scratch)) for name in names}
     threads = {r["timings"]["threads"] for r in results.values()}
-    header = ["variant", "settings", "trainable parameters", "test", "train s", "peak RSS MiB"]
+    header = ["variant", "settings", "trainable parameters", "test", "train s", "peak RSS MiB", "adapter MB"]
     text = "\n".join(
         [
             "# LoRA against full finetuning (bench/bench_lora.py)",
             "",
             f"- CPU: {cpu_name()}, os.cpu_count() = {os.cpu_count()}, torch threads = {', '.join(map(str, threads))}",
             "- From the pretrain stage's model (params.yaml's `model` section); each variant is one run of the stage;",
-            "  peak RSS is the stage process's, training seconds exclude evaluation.",
+            "  peak RSS is the stage process's, training seconds exclude evaluation; adapter MB is the size of",
+            "  `adapter/lora.safetensors` (the merged `model.safetensors` beside it is as large as full finetuning's).",
             "",
             markdown_table(header, [row(name, r) for name, r in results.items()], left=2),
             "",
