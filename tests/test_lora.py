@@ -387,6 +387,14 @@ def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, sta
         ]
         assert answers[0].returncode == answers[1].returncode == 0, answers[1].stderr
         assert answers[0].stdout == answers[1].stdout
+        # a stage's init takes an adapter: the spam classifier starts from the merged instruction model
+        raw = json.loads((project / "params.yaml").read_text())
+        raw["finetune_spam"].update(init="models/instruct/adapter", num_epochs=1, lora={"rank": 0})
+        (project / "params.yaml").write_text(json.dumps(raw))
+        out = run_module("stages.finetune_spam", project)
+        assert out.returncode == 0, out.stderr[-3000:]
+        spam = json.loads((project / "models" / "spam" / "config.json").read_text())
+        assert spam["training"]["init"] == "models/instruct/adapter"
     torch.testing.assert_close(from_adapter(IDS), merged(IDS), rtol=0, atol=1e-5)
 
     # LoRA off again: full finetuning, and the adapter of the earlier run is gone with it
