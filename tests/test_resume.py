@@ -211,7 +211,7 @@ class TinyStage(FinetuneStage):
 
 def test_a_finetuning_stage_whose_writes_fail_resumes_at_the_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(finetune, "load_params", lambda path: Params())  # the stage's own section: settings()
-    monkeypatch.setattr(finetune, "load_checkpoint", lambda init: starting_model(3))
+    monkeypatch.setattr(finetune, "read_checkpoint", lambda init: SimpleNamespace(model=lambda: starting_model(3)))
     monkeypatch.setattr(finetune, "get_tokenizer", lambda: None)
     monkeypatch.setattr(finetune, "keep_freed_memory", lambda: None)
     reference = TinyStage(tmp_path / "a")

@@ -58,7 +58,7 @@ def _reason(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {detail}".split())  # one line, whatever the OS said
 
 
-def _expected(sha256: str | None, url: str) -> str | None:
+def expected_sha256(sha256: str | None, url: str) -> str | None:
     if sha256 is None:
         return None
     digest = sha256.strip().lower()
@@ -186,7 +186,7 @@ def fetch(
     not verified (and not resumed), only copied atomically, and `dest` is refreshed on every call.
     """
     url, dest = os.fspath(url), Path(dest)
-    expected = _expected(sha256, url)
+    expected = expected_sha256(sha256, url)
     if expected and dest.is_file() and sha256_file(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def fetch(
         raise DownloadError(f"cannot {verb} {url}{note}: {exc}") from None
 
 
-def _extract(archive: Path, member: str, expected: str | None, dest: Path, url: str) -> Path:
+def extract_member(archive: Path, member: str, expected: str | None, dest: Path, url: str) -> Path:
     """Write `member` of `archive` to `dest` via a .part, verified against `expected`."""
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
@@ -250,7 +250,7 @@ def fetch_zip_member(
     it is cached beside `dest` under its URL name and reused while it yields the right member.
     """
     url, dest = os.fspath(url), Path(dest)
-    expected = _expected(sha256, url)
+    expected = expected_sha256(sha256, url)
     if expected and dest.is_file() and sha256_file(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -258,11 +258,11 @@ def fetch_zip_member(
     archive = dest.parent / (name if name not in ("", ".", "..", dest.name) else dest.name + ".zip")
     if archive.is_file():
         try:
-            return _extract(archive, member, expected, dest, url)
+            return extract_member(archive, member, expected, dest, url)
         except DownloadError:
             archive.unlink()  # stale or damaged cache: fetch it again below
     fetch(url, None, archive, mirror=mirror, progress=progress)
-    return _extract(archive, member, expected, dest, url)
+    return extract_member(archive, member, expected, dest, url)
 
 
 def fetch_source(src, dest_dir: str | os.PathLike, mirror: str | None = MIRROR_FROM_ENV) -> Path:

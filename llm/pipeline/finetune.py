@@ -42,7 +42,7 @@ from llm.errors import ConfigError
 from llm.io import write_csv, write_json
 from llm.lora import adapter_state_dict, apply_lora, count_parameters, merge_lora
 from llm.model import GPTModel
-from llm.pipeline.params import LoopParams, Params, init_source, load_params
+from llm.pipeline.params import LoopParams, LoraParams, Params, init_source, load_params
 from llm.runtime import keep_freed_memory, peak_memory_mib, select_device, set_seed, set_threads
 from llm.tokenizer import get_tokenizer
 from llm.trainer import History, Trainer, run_params
@@ -57,6 +57,11 @@ class Outputs:
     metrics: Path
     timings: Path  # wall times: a cached output, not a metric
     state: Path  # resumable state while interrupted; never a DVC output
+
+
+def lora_params(s: LoopParams) -> LoraParams:
+    """The section's `lora` settings; off for a section without them (a task of one's own)."""
+    return getattr(s, "lora", None) or LoraParams()
 
 
 class FinetuneStage:
@@ -95,23 +100,25 @@ class FinetuneStage:
     # --- LoRA ----------------------------------------------------------------------------------------
     def add_adapters(self, s: LoopParams, model: GPTModel) -> None:
         """Freeze the model and wrap the target layers in adapters; the `modules_to_save` train in full."""
-        rank, emb_dim = s.lora.rank, model.cfg["emb_dim"]
+        lora = lora_params(s)
+        rank, emb_dim = lora.rank, model.cfg["emb_dim"]
         if rank > emb_dim:
             raise ConfigError(
                 f"{self.section}.lora.rank ({rank}) exceeds the model's emb_dim ({emb_dim}): a larger rank adds "
                 "parameters, not capacity"
             )
-        apply_lora(model, rank, s.lora.alpha, s.lora.targets, modules_to_save=self.modules_to_save)
+        apply_lora(model, rank, lora.alpha, lora.targets, modules_to_save=self.modules_to_save)
         n = count_parameters(model)
-        print(f"LoRA rank {rank}, alpha {s.lora.alpha:g} on {', '.join(s.lora.targets)}: "
+        print(f"LoRA rank {rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: "
               f"{n['trainable']:,} of {n['total']:,} parameters train ({n['trainable'] / n['total']:.2%})")  # fmt: skip
 
     def lora_meta(self, s: LoopParams) -> dict[str, Any]:
         """What a LoRA run records in its checkpoints' config ({} without LoRA)."""
-        if not s.lora.rank:
+        lora = lora_params(s)
+        if not lora.rank:
             return {}
-        lora = {"rank": s.lora.rank, "alpha": s.lora.alpha, "targets": list(s.lora.targets)}
-        return {"lora": {**lora, "modules_to_save": list(self.modules_to_save)}}
+        settings = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+        return {"lora": {**settings, "modules_to_save": list(self.modules_to_save)}}
 
     def adapter_extra(self) -> dict[str, Any]:
         """What the merged checkpoint's config.json records besides the model and LoRA settings: the adapter
@@ -138,13 +145,13 @@ class FinetuneStage:
         init = init_source(s.init)
         start = read_checkpoint(init)
         model = start.model()
-        base = {"base_sha256": weights_sha256(start.state), "base_config": start.cfg} if s.lora.rank else {}
+        base = {"base_sha256": weights_sha256(start.state), "base_config": start.cfg} if lora_params(s).rank else {}
         del start  # the weights live in the model now
         train_set, val_set = self.datasets(s, model, get_tokenizer())
 
         set_seed(s.seed)  # the book: torch.manual_seed(123) before the new head and the loaders
         model = self.adapt(s, model)
-        lora = s.lora.rank > 0
+        lora = lora_params(s).rank > 0
         if lora:
             self.add_adapters(s, model)
         self.param_counts = count_parameters(model)

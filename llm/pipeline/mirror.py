@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from llm.pipeline.download import DownloadError, _expected, _extract, fetch, url_file_name
+from llm.pipeline.download import DownloadError, expected_sha256, extract_member, fetch, url_file_name
 
 
 def fill_mirror(sources: dict, mirror: str | os.PathLike, progress: bool = True) -> list[Path]:
@@ -29,17 +29,17 @@ def fill_mirror(sources: dict, mirror: str | os.PathLike, progress: bool = True)
         if src.member is None:
             files.append(fetch(src.url, src.sha256, dest, mirror=None, progress=progress))
             continue
-        expected = _expected(src.sha256, src.url)
+        expected = expected_sha256(src.sha256, src.url)
         check = mirror / f".{dest.name}.member"  # the member, extracted only to verify it
         try:
             if dest.is_file():
                 try:
-                    _extract(dest, src.member, expected, check, src.url)
+                    extract_member(dest, src.member, expected, check, src.url)
                 except DownloadError:
                     dest.unlink()  # stale or damaged: fetched again below
             if not dest.is_file():
                 fetch(src.url, None, dest, mirror=None, progress=progress)
-                _extract(dest, src.member, expected, check, src.url)
+                extract_member(dest, src.member, expected, check, src.url)
         except DownloadError:
             dest.unlink(missing_ok=True)  # a zip whose member does not verify is not left in the mirror
             raise

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llm.errors import LLMError
 from llm.pipeline.compare import METRICS_DIR, Gate, Row, compare, read_metrics_dir, table, verdict
-from llm.pipeline.report import CURVES, _figure, _save, read_curve
+from llm.pipeline.report import CURVES, new_figure, read_curve, save_figure
 
 LOSS_CURVES = ("pretrain_loss", "finetune_spam_loss", "finetune_instruct_loss")  # ids in CURVES / dvc.yaml
 COMMENT = "comment.md"
@@ -43,7 +43,7 @@ def plot_side_by_side(plot_id: str, sides: list[tuple[str, list[dict] | None]], 
     A side without the curve gets an empty panel that says so."""
     defn = CURVES[plot_id]
     ((_, columns),) = defn["y"].items()
-    plt = _figure(path)
+    plt = new_figure(path)
     fig, axes = plt.subplots(1, len(sides), figsize=(4.2 * len(sides), 3.2), sharex=True, sharey=True, squeeze=False)
     for ax, (label, rows) in zip(axes[0], sides, strict=True):
         ax.set_title(label, fontsize=10)
@@ -58,7 +58,7 @@ def plot_side_by_side(plot_id: str, sides: list[tuple[str, list[dict] | None]], 
         ax.legend(loc="best", fontsize=8)
     axes[0][0].set_ylabel(defn.get("y_label", ""))
     fig.suptitle(defn.get("title", plot_id), fontsize=11)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def _table(rows: list[Row], base_label: str, head_label: str) -> str:

@@ -101,7 +101,7 @@ def fmt(value: Any) -> str:
     return number(value) if isinstance(value, (int, float)) else str(value)
 
 
-def _figure(path: Path):
+def new_figure(path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +111,7 @@ def _figure(path: Path):
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110, metadata={"Software": None})  # no version stamp: same run, same bytes
@@ -123,7 +123,7 @@ def plot_definition(defn: dict, rows: list[dict], path: Path, per_epoch: float |
     """A `dvc.yaml` plot definition drawn with matplotlib: each `y` column against `x`, with its
     title and axis labels. `per_epoch` (x units per epoch) adds an epoch axis on top, as the book
     plots its losses; when the rows' `lr` changes, the schedule is drawn below."""
-    plt = _figure(path)
+    plt = new_figure(path)
     ((_, columns),) = defn["y"].items()
     columns = [columns] if isinstance(columns, str) else columns
     lrs = [r.get("lr") for r in rows]
@@ -148,12 +148,12 @@ def plot_definition(defn: dict, rows: list[dict], path: Path, per_epoch: float |
         ax2.plot(x, lrs, color="tab:green")
         ax2.set(xlabel=defn.get("x_label", defn["x"]), ylabel="learning rate", title="Learning-rate schedule")
         ax2.grid(alpha=0.3)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_confusion(rows: list[dict], path: Path, labels: tuple[str, str] = ("ham", "spam")) -> None:
     """The confusion matrix of {actual, predicted} rows (what DVC's `confusion` template reads)."""
-    plt = _figure(path)
+    plt = new_figure(path)
     cells = [[sum(r["actual"] == a and r["predicted"] == p for r in rows) for p in labels] for a in labels]
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(cells, cmap="Blues")
@@ -165,11 +165,11 @@ def plot_confusion(rows: list[dict], path: Path, labels: tuple[str, str] = ("ham
     ax.set_xticks([0, 1], labels=list(labels))
     ax.set_yticks([0, 1], labels=list(labels))
     ax.set(xlabel="predicted", ylabel="actual", title="Test set confusion matrix")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_vs_baseline(m: dict, path: Path) -> None:
-    plt = _figure(path)
+    plt = new_figure(path)
     names = ["accuracy", "precision", "recall", "f1"]
     llm = [100 * m[f"test.{n}"] for n in names]
     base = [100 * m[f"baseline.test.{n}"] for n in names]
@@ -184,7 +184,7 @@ def plot_vs_baseline(m: dict, path: Path) -> None:
     ax.set_xticks(list(pos), labels=names)
     ax.set(ylabel="test set (%)", title="LLM classifier vs classic baseline")
     ax.legend(loc="lower right")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def build(inputs: ReportInputs, out_dir: Path) -> Doc:
