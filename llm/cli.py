@@ -174,12 +174,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "compare",
         help="metrics of two revisions or experiments side by side; exit 1 when a gated metric regresses",
         description="Wraps `dvc metrics diff --json --all BASELINE [TARGET]` (or compares two metrics "
-        "directories) and applies the thresholds file. Exit 0: no gated metric regressed; 1: one did; 2: bad input.",
+        "directories) and applies the thresholds file. Each side may be several runs (replicates: "
+        "runtime.replicate): then each metric shows mean ± sd, the change with its 95%% interval and a p-value, "
+        "and a gated metric fails only when worse by more than its allowance and by more than the seeds explain "
+        "(Welch's t-test, Holm across the gates). Exit 0: no gated metric regressed; 1: one did; 2: bad input.",
     )
-    cmp.add_argument("--baseline", default="HEAD", help="git revision or experiment name (default HEAD)")
-    cmp.add_argument("--target", default=None, help="revision or experiment to check (default: the workspace)")
-    cmp.add_argument("--old", help="a metrics directory to compare instead of --baseline (no DVC needed)")
-    cmp.add_argument("--new", help="with --old: the metrics directory to check (default: metrics)")
+    cmp.add_argument(
+        "--baseline", nargs="+", action="extend", metavar="REV",
+        help="git revision or experiment name (default HEAD); several: the replicates of one experiment",
+    )  # fmt: skip
+    cmp.add_argument(
+        "--target", nargs="+", action="extend", metavar="REV",
+        help="revision or experiment to check (default: the workspace); several: its replicates",
+    )  # fmt: skip
+    cmp.add_argument(
+        "--old", nargs="+", action="extend", metavar="DIR",
+        help="a metrics directory to compare instead of --baseline (no DVC needed); several: one per replicate",
+    )  # fmt: skip
+    cmp.add_argument(
+        "--new", nargs="+", action="extend", metavar="DIR",
+        help="with --old: the metrics directory to check (default: metrics); several: one per replicate",
+    )  # fmt: skip
+    cmp.add_argument(
+        "--group-by", nargs="+", action="extend", metavar="KEY",
+        help="compare the experiments of `dvc exp show` grouped by these params (e.g. train.lr), each group one "
+        "experiment under its replicates (runtime.replicate), every group against HEAD's",
+    )  # fmt: skip
     cmp.add_argument("--thresholds", default="thresholds.yaml", help="gates file (default thresholds.yaml)")
     cmp.add_argument("--all", action="store_true", help="also list unchanged metrics")
     cmp.add_argument("--markdown", metavar="FILE", help="also append the table as Markdown (e.g. $GITHUB_STEP_SUMMARY)")
@@ -391,10 +411,13 @@ def _append(path: Path, data: bytes) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from llm.pipeline.compare import (
         compare,
-        dvc_metrics_diff,
-        from_dvc_diff,
+        dvc_exp_show,
+        experiment_members,
+        group_experiments,
         load_gates,
+        method,
         read_metrics_dir,
+        revision_runs,
         table,
         verdict,
     )
@@ -405,34 +428,63 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise LLMError("--comment needs --old and --new: two metrics directories, with their curves/")
     if args.params_diff and not args.comment:
         raise LLMError("--params-diff needs --comment DIR")
+    if args.group_by and (args.old or args.new or args.baseline or args.target):
+        raise LLMError("--group-by reads every experiment of `dvc exp show`: give no --old/--new/--baseline/--target")
+    if args.old and (args.baseline or args.target):
+        raise LLMError("--old/--new compare directories, --baseline/--target revisions: give one pair")
     if args.comment:
         _check_output("--comment", args.comment, directory=True)
     params_diff = read_text(args.params_diff, "--params-diff") if args.params_diff else ""
     gates = (
         load_gates(args.thresholds) if Path(args.thresholds).is_file() or args.thresholds != "thresholds.yaml" else {}
     )
-    if args.old:
-        old, new = read_metrics_dir(args.old), read_metrics_dir(args.new or "metrics")
-        label = f"{args.old} -> {args.new or 'metrics'}"
+    if args.group_by:
+        reference, groups = group_experiments(experiment_members(dvc_exp_show()), args.group_by)
+        if not groups:
+            raise LLMError(
+                f"--group-by {' '.join(args.group_by)}: every finished experiment has "
+                f"{reference.label(args.group_by)}: nothing to compare it with"
+            )
+        pairs = [
+            (
+                f"{reference.label(args.group_by)} ({len(reference.members)} runs) -> "
+                f"{g.label(args.group_by)} ({len(g.members)} runs)",
+                [m.metrics for m in reference.members],
+                [m.metrics for m in g.members],
+            )
+            for g in groups
+        ]
+    elif args.old:
+        news = args.new or ["metrics"]
+        label = f"{' '.join(args.old)} -> {' '.join(news)}"
+        pairs = [(label, [read_metrics_dir(d) for d in args.old], [read_metrics_dir(d) for d in news])]
     else:
         if args.new:
             raise LLMError("--new needs --old (two metrics directories)")
-        old, new = from_dvc_diff(dvc_metrics_diff(args.baseline, args.target))
-        label = f"{args.baseline} -> {args.target or 'workspace'}"
-    rows = compare(old, new, gates)
-    result = verdict(rows)
-    if args.markdown:  # first: when it cannot be written, the command fails before printing
-        md = f"### Metrics: {label}\n\n{table(rows, markdown=True, changed_only=not args.all)}\n\n**{result}**\n"
-        with writing(f"--markdown {args.markdown}"):
-            _append(Path(args.markdown), md.encode())
+        baselines, targets = args.baseline or ["HEAD"], args.target or []
+        olds, news = revision_runs(baselines, targets)
+        pairs = [(f"{' '.join(baselines)} -> {' '.join(targets) or 'workspace'}", olds, news)]
+    failed = False
+    for label, olds, news in pairs:
+        rows = compare(olds, news, gates)
+        failed = failed or any(r.failed for r in rows)
+        result, how = verdict(rows), method(rows)
+        if args.markdown:  # first: when it cannot be written, the command fails before printing
+            md = f"### Metrics: {label}\n\n{table(rows, markdown=True, changed_only=not args.all)}\n\n"
+            md += f"**{result}**\n\n{how}\n"
+            with writing(f"--markdown {args.markdown}"):
+                _append(Path(args.markdown), md.encode())
+        write_stdout(f"metrics {label}\n{table(rows, changed_only=not args.all)}\n{how}\n{result}\n")
     if args.comment:
         from llm.pipeline.prcomment import write_comment
 
-        new_dir = args.new or "metrics"
+        news = args.new or ["metrics"]
         with writing(f"--comment {args.comment}"):
-            write_comment(args.comment, args.old, new_dir, gates, params_diff, base_label=args.old, head_label=new_dir)
-    write_stdout(f"metrics {label}\n{table(rows, changed_only=not args.all)}\n{result}\n")
-    return 1 if any(r.failed for r in rows) else 0
+            write_comment(
+                args.comment, args.old, news, gates, params_diff,
+                base_label=" ".join(args.old), head_label=" ".join(news),
+            )  # fmt: skip
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

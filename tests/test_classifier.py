@@ -150,7 +150,7 @@ def test_binary_metrics_reproduce_the_committed_numbers_digit_for_digit():
     # CI's baseline keeps only the counts; the TF-IDF baseline's counts follow from its rates
     # (tp 144, fp 3, fn 7 of 300). F1 is the harmonic mean of precision and recall: scikit-learn's
     # f1_score (2tp / (2tp + fp + fn)) gives 0.9664429530201343 here, one ulp from the committed value.
-    ci = json.loads(committed("ci/baseline/metrics/finetune_spam.json"))["test"]
+    ci = json.loads(committed("ci/baseline/replicate-0/finetune_spam.json"))["test"]
     m = binary_metrics(*_as_arrays(ci["tp"], ci["tn"], ci["fp"], ci["fn"]))
     assert {k: ci[k] for k in m} == m
     m = binary_metrics(*_as_arrays(144, 146, 3, 7))

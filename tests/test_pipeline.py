@@ -75,8 +75,11 @@ def metrics(path: Path) -> dict:
 
 
 def gate(path: Path, env) -> subprocess.CompletedProcess:
-    """The CI gate: `llm compare` of `path`'s metrics against the committed CI baseline."""
-    args = [BIN / "llm", "compare", "--old", ROOT / "ci/baseline/metrics", "--new", path / "metrics"]
+    """The CI gate on one run: `llm compare` of `path`'s metrics against the committed CI baseline's
+    replicates (their spread stands for the run's: Student's t on the baseline's spread)."""
+    olds = sorted((ROOT / "ci/baseline").glob("replicate-*"))
+    assert len(olds) >= 3, "ci/baseline holds the replicates of the CI profile"
+    args = [BIN / "llm", "compare", "--old", *olds, "--new", path / "metrics"]
     return sh([*map(str, args), "--thresholds", str(ROOT / "thresholds.yaml")], path, env, ok=False)
 
 

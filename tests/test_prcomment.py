@@ -200,9 +200,14 @@ def test_base_side_reads_a_revisions_profile_params_and_baseline(tmp_path):
     )
     assert parse_yaml(files["params.yaml"])["train"]["lr"] == profile["train"]["lr"]  # the profile applied
     committed = subprocess.run(
-        ["git", "show", "HEAD:ci/baseline/metrics/pretrain.json"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", "HEAD:ci/baseline/replicate-1/pretrain.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    assert json.loads((metrics / "pretrain.json").read_text()) == json.loads(committed)
+    assert [m.name for m in metrics[:2]] == ["replicate-0", "replicate-1"] and len(metrics) == len(rp.baseline_dirs())
+    assert json.loads((metrics[1] / "pretrain.json").read_text()) == json.loads(committed)
     for rev, message in [("no-such-rev", "--base no-such-rev: cannot read ci/profile.yaml"), ("-x", "must not")]:
         with pytest.raises(LLMError, match=message):
             rp.base_side(rev, tmp_path / "other")

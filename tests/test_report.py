@@ -29,7 +29,8 @@ def curve(n, lr=0.0004):
 
 def full_inputs():
     metrics = {
-        name: json.loads((ROOT / f"ci/baseline/metrics/{name}.json").read_text()) for name in ("prepare_text", "eval")
+        name: json.loads((ROOT / f"ci/baseline/replicate-0/{name}.json").read_text())
+        for name in ("prepare_text", "eval")
     }
     metrics["pretrain"] = {
         "train": {"loss": 4.9},
@@ -39,8 +40,8 @@ def full_inputs():
         "epochs": 10,
         "params": 29_000_000,
     }
-    metrics["finetune_spam"] = json.loads((ROOT / "ci/baseline/metrics/finetune_spam.json").read_text())
-    metrics["finetune_instruct"] = json.loads((ROOT / "ci/baseline/metrics/finetune_instruct.json").read_text())
+    metrics["finetune_spam"] = json.loads((ROOT / "ci/baseline/replicate-0/finetune_spam.json").read_text())
+    metrics["finetune_instruct"] = json.loads((ROOT / "ci/baseline/replicate-0/finetune_instruct.json").read_text())
     return ReportInputs(
         params=PARAMS,
         metrics=metrics,

@@ -15,6 +15,7 @@ lets an editor check params.yaml as you type.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -413,7 +414,26 @@ class InstructParams(LoopParams):
         return self
 
 
+MAX_REPLICATE = 10_000
+"""More replicates than anyone runs of one experiment; a bound so a typo (a seed in its place) is caught."""
+
+
+def replicate_seed(seed: int, replicate: int) -> int:
+    """The seed a section uses in replicate `replicate` of an experiment: the section's own `seed` in
+    replicate 0 (the book's numbers), otherwise the first 4 bytes of sha256("seed/replicate"), an
+    unrelated seed in [0, 2**32 - 1] that no nearby `seed` value repeats (`seed + replicate` would make
+    replicate 1 of seed 123 the same run as replicate 0 of seed 124)."""
+    if replicate == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{replicate}".encode()).digest()[:4], "big")
+
+
 class RuntimeParams(Settings):
+    replicate: int = Field(0, ge=0, le=MAX_REPLICATE)
+    """Which replicate of the experiment this run is: 0 uses every section's seed as written; r > 0 derives
+    every section's seed from (seed, r) (`replicate_seed`), so every random choice of every stage moves
+    together. `dvc exp run --queue -S 'runtime.replicate=range(0, 3)'` queues the same experiment under 3
+    seeds; `llm compare` reads replicates as the spread that a difference must exceed."""
     threads: int = Field(0, ge=0, le=1024)
     """CPU threads of torch in each process of the stages that run a model (torch.set_num_threads).
     0 = torch's default: one per core, or OMP_NUM_THREADS (torchrun sets 1 per process). The numbers
@@ -441,11 +461,22 @@ class Params(Settings):
         return self
 
 
+SEEDED = ("train", "eval", "finetune_spam", "finetune_instruct")  # the sections with a seed
+
+
 def parse_params(raw: Any) -> Params:
-    """Validate a parsed params.yaml mapping."""
+    """Validate a parsed params.yaml mapping. With `runtime.replicate` r > 0, every section's `seed`
+    is the seed of that replicate (`replicate_seed`): stages read it as their seed and need not know."""
     if isinstance(raw, dict) and "sources" in raw:
         raise ConfigError("sources belong in sources.yaml, not params.yaml (they are not experiment parameters)")
-    return validate(Params, raw)
+    params = validate(Params, raw)
+    r = params.runtime.replicate
+    if r == 0:
+        return params
+    sections = {name: getattr(params, name) for name in SEEDED}
+    return params.model_copy(
+        update={name: s.model_copy(update={"seed": replicate_seed(s.seed, r)}) for name, s in sections.items()}
+    )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

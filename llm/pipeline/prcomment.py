@@ -1,15 +1,18 @@
 """The pull-request comment of the CI profile: what a reviewer reads without opening the run.
 
-`write_comment(out, base, head, gates, params_diff)` takes two metrics directories (a copy of
-`metrics/` each, with their `curves/`), the regression gates and the text of `dvc params diff
---md`, and writes `out/comment.md` and one PNG per loss curve. The comment holds, in this order:
+`write_comment(out, base, head, gates, params_diff)` takes two sides, each a metrics directory (a
+copy of `metrics/`, with its `curves/`) or a list of them, one per replicate, the regression gates
+and the text of `dvc params diff --md`, and writes `out/comment.md` and one PNG per loss curve. The
+comment holds, in this order:
 
-1. the gate's verdict (`compare.verdict`): passed, or which gated metrics regressed;
-2. the gated metrics, base against head (`compare.table`), and the ungated metrics that changed,
+1. the gate's verdict (`compare.verdict`): passed, or which gated metrics regressed, and how it
+   decided (`compare.method`: with replicates, Welch's t-test and Holm across the gates);
+2. the gated metrics, base against head (`compare.table`: with replicates, mean ± sd per side, the
+   change ± its 95% interval, a verdict and p per metric), and the ungated metrics that changed,
    folded away;
 3. the changed params (the `dvc params diff --md` text, or a line saying none changed);
-4. the loss curves of base and head side by side, one PNG per loss plot of `dvc.yaml`
-   (`report.CURVES`), both panels on the same axes so that a shift shows.
+4. the loss curves of base and head side by side (replicate 0 of each), one PNG per loss plot of
+   `dvc.yaml` (`report.CURVES`), both panels on the same axes so that a shift shows.
 
 Image links are relative to `comment.md`: `cml comment update` uploads the PNGs and rewrites the
 links. `out/summary.md` is the same text for a job summary, which shows no local images: there
@@ -22,7 +25,7 @@ import re
 from pathlib import Path
 
 from llm.errors import LLMError
-from llm.pipeline.compare import METRICS_DIR, Gate, Row, compare, read_metrics_dir, table, verdict
+from llm.pipeline.compare import METRICS_DIR, Gate, Row, compare, method, read_metrics_dir, table, verdict
 from llm.pipeline.report import CURVES, new_figure, read_curve, save_figure
 
 LOSS_CURVES = ("pretrain_loss", "finetune_spam_loss", "finetune_instruct_loss")  # ids in CURVES / dvc.yaml
@@ -63,8 +66,10 @@ def plot_side_by_side(plot_id: str, sides: list[tuple[str, list[dict] | None]], 
 
 def _table(rows: list[Row], base_label: str, head_label: str) -> str:
     """`compare.table` in Markdown, its value columns named after the two sides."""
-    _, *body = table(rows, markdown=True).splitlines()  # its header: | metric | old | new | change | gate | status |
-    return "\n".join([f"| metric | {_cell(base_label)} | {_cell(head_label)} | change | gate | status |", *body])
+    header, *body = table(rows, markdown=True).splitlines()  # | metric | old | new | change | gate | status |
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    cells[1:3] = [_cell(label) + c[3:] for label, c in ((base_label, cells[1]), (head_label, cells[2]))]
+    return "\n".join(["| " + " | ".join(cells) + " |", *body])
 
 
 def _cell(text: str) -> str:
@@ -86,7 +91,7 @@ def comment_markdown(
     gate_rows = rows if gate_rows is None else gate_rows
     failed = any(r.failed for r in gate_rows)
     lines = [f"## {'❌' if failed else '✅'} CI profile: gate {'failed' if failed else 'passed'}", ""]
-    lines += [f"**{verdict(gate_rows)}**", ""]
+    lines += [f"**{verdict(gate_rows)}**", "", f"<sub>{method(gate_rows)}</sub>", ""]
     if gate_rows is not rows:
         lines += [
             "This change updates `ci/baseline/`: the gate checks the head against the updated baseline, "
@@ -124,32 +129,42 @@ def summary_markdown(comment: str, where: str = "the run's artifact") -> str:
     return _IMAGE.sub(lambda m: f"*{m.group(1)}: `{m.group(2)}` in {where}*", comment)
 
 
+def _dirs(side: str | Path | list) -> list[Path]:
+    return [Path(d) for d in side] if isinstance(side, (list, tuple)) else [Path(side)]
+
+
 def write_comment(
     out: str | Path,
-    base: str | Path,
-    head: str | Path,
+    base: str | Path | list,
+    head: str | Path | list,
     gates: dict[str, dict[str, Gate]],
     params_diff: str = "",
     base_label: str = "base",
     head_label: str = "head",
-    gate_base: str | Path | None = None,
+    gate_base: str | Path | list | None = None,
     footer: str = "",
     where: str = "the run's artifact",
 ) -> Path:
     """Write `out/comment.md`, `out/summary.md` and the curves' PNGs; return the comment's path.
 
-    `base` and `head` are metrics directories (their curves in `curves/`). `gate_base`, when
-    given, is the baseline the gate checks `head` against (a change that updates the committed
-    baseline): when its metrics differ from `base`'s, the verdict is that comparison's, and the
-    comment says so."""
-    out, base, head = Path(out), Path(base), Path(head)
+    `base` and `head` are metrics directories (their curves in `curves/`), or lists of them, one
+    per replicate. `gate_base`, when given, is the baseline the gate checks `head` against (a change
+    that updates the committed baseline): when its metrics differ from `base`'s, the verdict is that
+    comparison's, and the comment says so."""
+    out = Path(out)
+    bases, heads = _dirs(base), _dirs(head)
+    base, head = bases[0], heads[0]  # the curves drawn: replicate 0's
     if out.exists() and not out.is_dir():
         raise LLMError(f"--comment {out} is a file: give a directory for the comment and its images")
-    base_metrics, head_metrics = read_metrics_dir(base), read_metrics_dir(head)
+    base_metrics, head_metrics = [read_metrics_dir(d) for d in bases], [read_metrics_dir(d) for d in heads]
+    if len(bases) == 1 and len(heads) == 1:  # one run per side: compared as such
+        base_metrics, head_metrics = base_metrics[0], head_metrics[0]
     rows = compare(base_metrics, head_metrics, gates)
     gate_rows = None
     if gate_base is not None:
-        gate_metrics = read_metrics_dir(gate_base)
+        gate_metrics = [read_metrics_dir(d) for d in _dirs(gate_base)]
+        if len(gate_metrics) == 1 and not isinstance(head_metrics, list):
+            gate_metrics = gate_metrics[0]
         if gate_metrics != base_metrics:
             gate_rows = compare(gate_metrics, head_metrics, gates)
     out.mkdir(parents=True, exist_ok=True)
