@@ -38,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm.pipeline.compare import compare, load_gates, read_metrics_dir  # noqa: E402
+from llm.pipeline.compare import Gate, compare, load_gates, read_metrics_dir  # noqa: E402
 
 OUT = ROOT / "ci" / "calibration"
 CONDITIONS = {
@@ -48,9 +48,33 @@ CONDITIONS = {
     "leaky-mask": ("ci", []),
     "default": ("default", ["runtime.threads=1"]),
 }
+README = OUT / "README.md"
+HEADER = """# The CI gate, calibrated
+
+Written by `python ci/calibrate.py analyze` from the metrics of every replicate in this folder
+(`<condition>/replicate-<r>/`, run by `python ci/calibrate.py run CONDITION FIRST-LAST`; see that
+script's docstring for the conditions). The gate is `llm compare` with the committed
+`thresholds.yaml`. Failure rates are the share of 2,000 random draws of replicate sets that fail the
+gate: for a pure seed change, two disjoint sets of the `seed` pool (the CI profile unchanged); for a
+regression, a set of the `seed` pool against a set of the regression's pool. Draws from pools this
+small overlap, so read the rates to about ±3 points. docs/experiments.md explains the tables.
+
+## Seed-to-seed spread of the gated metrics, and the regressions' means
+"""
 LEAK = ("ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)", "is_causal=False)")
+PREVIOUS = {  # thresholds.yaml before replicates: fixed allowances, one run against one
+    "metrics/pretrain.json": {"val.loss": Gate("higher", 0.02, True)},
+    "metrics/eval.json": {"val.loss": Gate("higher", 0.02, True)},
+    "metrics/finetune_spam.json": {"test.accuracy": Gate("lower", 0.01, False), "test.f1": Gate("lower", 0.01, False)},
+    "metrics/finetune_instruct.json": {
+        "val.loss": Gate("higher", 0.02, True),
+        "test.response_loss": Gate("higher", 0.02, True),
+        "test.rouge_l": Gate("lower", 0.02, False),
+    },
+}
 DRAWS = 2000  # random replicate sets per estimate: a rate's standard error is at most 1.1 points
-SIDE = 3  # replicates per side, as ci/run_profile.py runs
+SIDE = 3  # new replicates, as ci/run_profile.py runs them
+BASELINE = 10  # the committed baseline's replicates (ci/run_profile.py's BASELINE_REPLICATES)
 
 
 def _run_profile():
@@ -140,33 +164,55 @@ def spread_table(gates, conditions: list[str]) -> list[str]:
 
 
 def analyze(seed: int = 0) -> str:
-    gates = load_gates(ROOT / "thresholds.yaml")
-    rng = random.Random(seed)
-    base = pool("seed")
+    """The spread table, then the gate's failure rates: a pure seed change (disjoint sets of the
+    `seed` pool) and each regression (its pool against the `seed` pool), for the gate as CI runs it
+    (the baseline's replicates against 3 new ones), for 3 against 3, and for one run against one (the
+    fixed allowances alone, as before replicates)."""
+    current = load_gates(ROOT / "thresholds.yaml")
     present = [c for c in CONDITIONS if (OUT / c).is_dir() and pool(c)]
-    lines = ["| comparison (3 replicates per side) | gate fails | by metric |", "| --- | ---: | --- |"]
+    base = pool("seed")
+    n_base = min(BASELINE, len(base) - SIDE)
+    lines = [
+        "| comparison | runs (old vs new) | gate fails | fails by metric |",
+        "| --- | :---: | ---: | --- |",
+    ]
 
-    def show(label: str, result: tuple[float, dict[str, float]]) -> None:
+    def show(label: str, sides: str, result: tuple[float, dict[str, float]]) -> None:
         total, per = result
-        detail = ", ".join(f"`{k.split('/')[-1]}` {v:.0%}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {label} | {total:.1%} | {detail or '-'} |")
+        detail = ", ".join(
+            f"`{k.removeprefix('metrics/')}` {v:.1%}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+        )
+        lines.append(f"| {label} | {sides} | {total:.1%} | {detail or '-'} |")
 
-    if len(base) >= 2 * SIDE:
+    for n_old, n_new, gates, note in (
+        (n_base, SIDE, current, ""),
+        (SIDE, SIDE, current, ""),
+        (1, 1, current, ""),
+        (1, 1, PREVIOUS, " (the allowances before replicates)"),
+    ):
+        rng = random.Random(seed)
+        sides = f"{n_old} vs {n_new}{note}"
+        if len(base) >= n_old + n_new:
 
-        def pure_seed(r):
-            picked = r.sample(base, 2 * SIDE)
-            return picked[:SIDE], picked[SIDE:]
+            def pure_seed(r, n_old=n_old, n_new=n_new):
+                picked = r.sample(base, n_old + n_new)
+                return _side(picked[:n_old]), _side(picked[n_old:])
 
-        show("pure seed change: two disjoint sets of the `seed` pool", rate(pure_seed, gates, rng))
-    for condition in ("lr-x10", "half-epochs", "leaky-mask"):
-        other = pool(condition) if condition in present else []
-        if len(other) >= SIDE and len(base) >= SIDE:
+            show("pure seed change (disjoint replicates of the CI profile)", sides, rate(pure_seed, gates, rng))
+        for condition in ("lr-x10", "half-epochs", "leaky-mask"):
+            other = pool(condition) if condition in present else []
+            if len(other) >= n_new and len(base) >= n_old:
 
-            def against(r, o=other):
-                return r.sample(base, SIDE), r.sample(o, SIDE)
+                def against(r, o=other, n_old=n_old, n_new=n_new):
+                    return _side(r.sample(base, n_old)), _side(r.sample(o, n_new))
 
-            show(f"`{condition}` against the `seed` pool", rate(against, gates, rng))
-    return "\n".join([*spread_table(gates, [c for c in present]), "", *lines])
+                show(f"`{condition}`", sides, rate(against, gates, rng))
+    return "\n".join([*spread_table(current, present), "", "## The gate's failure rates", "", *lines])
+
+
+def _side(runs: list[dict]) -> dict | list[dict]:
+    """One run as one run (the allowances alone decide), several as replicates."""
+    return runs[0] if len(runs) == 1 else runs
 
 
 def main() -> int:
@@ -176,12 +222,14 @@ def main() -> int:
     r.add_argument("condition", choices=sorted(CONDITIONS))
     r.add_argument("replicates", help="FIRST-LAST, e.g. 0-15")
     r.add_argument("--jobs", type=int, default=2)
-    sub.add_parser("analyze")
+    sub.add_parser("analyze", help=f"print the tables and write them to {README.relative_to(ROOT)}")
     args = parser.parse_args()
     if args.command == "run":
         run(args.condition, replicates(args.replicates), args.jobs)
     else:
-        print(analyze())
+        tables = analyze()
+        README.write_text(HEADER + "\n" + tables + "\n", encoding="utf-8")
+        print(tables)
     return 0
 
 

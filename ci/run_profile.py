@@ -11,7 +11,7 @@ Each replicate r (`runtime.replicate=r`: every seed of every stage moves) runs i
 separate cores do not fight, and every replicate gives the same bits however many run at once).
 `ci/baseline/replicate-<r>/` holds the committed metrics of each replicate, and the gate is `llm
 compare` of the two sets: a gated metric fails only when it got worse by more than its allowance
-and by more than the seeds explain (Welch's t-test, Holm across the gated metrics: see
+and by more than the seeds explain (Student's t-test, Holm across the gated metrics: see
 llm/pipeline/stats.py and ci/calibration/README.md).
 
 Each copy holds the tracked and untracked-but-not-ignored files (what a commit would hold), so

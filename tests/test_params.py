@@ -442,20 +442,38 @@ def test_the_vocabulary_bounds_are_the_tokenizers():
     assert (params_module.VOCAB_SIZE, params_module.EOT_ID) == (VOCAB_SIZE, EOT_ID) == (get_tokenizer().n_vocab, 50256)
 
 
+def grid_values(value: str) -> list[str]:
+    """A `-S` value as DVC's sweep syntax expands it: `0,1,2` and `range(0, 3)` are three runs."""
+    import re
+
+    found = re.fullmatch(r"range\((\d+),\s*(\d+)(?:,\s*(\d+))?\)", value.strip())
+    if found:
+        start, stop, step = (int(g) if g else 1 for g in found.groups())
+        return [str(v) for v in range(start, stop, step)]
+    if "," in value and not value.lstrip().startswith("["):
+        return [v.strip() for v in value.split(",")]
+    return [value]
+
+
 def readme_overrides() -> list[list[tuple[str, str]]]:
-    """The `-S key=value` settings of every `dvc exp run` command in README.md, one list per command."""
+    """The `-S key=value` settings of every `dvc exp run` command in README.md and docs/*.md, one list
+    per command and per value of a sweep (`-S 'runtime.replicate=0,1,2'` is three)."""
+    import itertools
     import re
     import shlex
 
     from tests.conftest import ROOT
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
-    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("dvc exp run")]
     found = []
-    for command in commands:
-        words = shlex.split(command, comments=True)
-        settings = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
-        found.append([tuple(re.fullmatch(r"([\w.]+)=(.*)", s).groups()) for s in settings])
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8").replace("\\\n", " ")
+        commands = [line.strip() for line in text.splitlines() if line.strip().startswith("dvc exp run")]
+        for command in commands:
+            words = shlex.split(command, comments=True)
+            settings = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+            pairs = [re.fullmatch(r"([\w.]+)=(.*)", s).groups() for s in settings]
+            grids = [[(key, v) for v in grid_values(value)] for key, value in pairs]
+            found.extend(list(combo) for combo in itertools.product(*grids))
     return found
 
 

@@ -121,6 +121,58 @@ def test_the_ci_profile_learns_and_passes_its_gate(repo):
     assert m["finetune_instruct"]["test"]["response_loss"] is not None
     out = gate(path, env)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("OK:"), out.stdout
+    committed = ROOT / "ci/baseline/replicate-0"  # ci/run_profile.py's replicate 0: the same bits here
+    assert all(
+        json.loads((committed / f"{stage}.json").read_text()) == m[stage] for stage in STAGES if stage != "report"
+    )
+
+
+def test_replicates_are_one_param_away_and_repeat_bit_for_bit(repo):
+    """DVC's grid syntax queues the profile under two more seeds; every stage that draws moves with the
+    replicate, and replicate 1 run here is bit for bit replicate 1 as ci/run_profile.py committed it."""
+    import time
+
+    from llm.pipeline.compare import experiment_members, group_experiments
+
+    path, env = repo
+    base = metrics(path)
+    try:
+        sh(["dvc", "exp", "run", "--queue", "-S", "runtime.replicate=1,2"], path, env)
+        sh(["dvc", "queue", "start", "-j", "2"], path, env)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = sh(["dvc", "queue", "status"], path, env).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(5)
+        assert status.count("Success") == 2, status
+        shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
+        by_replicate = {}
+        for rev in shown:
+            for e in rev.get("experiments") or []:
+                data = e["revs"][0]["data"]
+                r = data["params"]["params.yaml"]["data"]["runtime"]["replicate"]
+                by_replicate[r] = {f: v["data"] for f, v in data["metrics"].items()}
+        assert sorted(by_replicate) == [1, 2]
+        for r, m in by_replicate.items():
+            moved = {
+                "pretrain": m["metrics/pretrain.json"]["val"]["loss"] != base["pretrain"]["val"]["loss"],
+                "eval": m["metrics/eval.json"]["val"]["loss"] != base["eval"]["val"]["loss"],
+                "finetune_spam": m["metrics/finetune_spam.json"]["val"]["loss"] != base["finetune_spam"]["val"]["loss"],
+                "finetune_instruct": m["metrics/finetune_instruct.json"]["val"]["loss"]
+                != base["finetune_instruct"]["val"]["loss"],
+            }
+            assert all(moved.values()), (r, moved)
+        assert by_replicate[1] != by_replicate[2]
+        committed = ROOT / "ci/baseline/replicate-1"
+        for stage in ("pretrain", "eval", "finetune_spam", "finetune_instruct"):
+            assert by_replicate[1][f"metrics/{stage}.json"] == json.loads((committed / f"{stage}.json").read_text())
+        reference, others = group_experiments(experiment_members(shown), ["train.lr"])
+        assert len(reference.members) == 3 and not others  # the commit (replicate 0) and both replicates
+    finally:
+        sh(["dvc", "queue", "stop"], path, env, ok=False)
+        sh(["git", "checkout", "-q", "--", "."], path, env)
+        sh(["dvc", "checkout", "-q", "-f"], path, env)
 
 
 def test_nothing_to_do_then_a_forced_rerun_changes_nothing_downstream(repo):

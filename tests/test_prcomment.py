@@ -232,18 +232,23 @@ def test_the_scratch_copys_params_diff_is_the_change_from_base_to_run(tmp_path):
     assert cells[2:] == [["params.yaml", "train.lr", str(profile["train"]["lr"]), "0.03"]]
 
 
-def test_the_readme_example_is_what_the_code_writes_from_its_inputs(tmp_path):
-    """docs/pr-comment holds a real run's inputs (base/ and head/ metrics with their curves, the
-    params diff) and the comment written from them; the README shows that comment."""
+def test_the_docs_example_is_what_the_code_writes_from_its_inputs(tmp_path):
+    """docs/pr-comment holds a real run's inputs (base/ and head/, one metrics directory per replicate
+    with its curves, and the params diff) and the comment written from them; docs/experiments.md
+    shows that comment."""
     from llm.pipeline.compare import load_gates
 
     example = ROOT / "docs" / "pr-comment"
     committed = (example / COMMENT).read_text()
     footer = committed.rsplit("<sub>", 1)[1].split("</sub>", 1)[0]
+    sides = {
+        side: sorted((example / side).glob("replicate-*"), key=lambda p: int(p.name[10:])) for side in ("base", "head")
+    }
+    assert len(sides["base"]) == 10 and len(sides["head"]) == 3
     written = write_comment(
         tmp_path / "out",
-        example / "base",
-        example / "head",
+        sides["base"],
+        sides["head"],
         load_gates(ROOT / "thresholds.yaml"),
         (example / "params-diff.md").read_text(),
         base_label="main",
@@ -251,9 +256,42 @@ def test_the_readme_example_is_what_the_code_writes_from_its_inputs(tmp_path):
         footer=footer,
     ).read_text()
     assert written == committed
+    assert "(n=10)" in committed and "(n=3)" in committed and "REGRESSED: worse, p" in committed
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == sorted(p.name for p in example.glob("*.png")) and len(pngs) == 3
-    readme = (ROOT / "README.md").read_text()
-    shown = readme.split("<!-- pr-comment example", 1)[1].split("-->\n", 1)[1].split("<!-- end of", 1)[0]
+    doc = (ROOT / "docs" / "experiments.md").read_text()
+    shown = doc.split("<!-- pr-comment example", 1)[1].split("-->\n", 1)[1].split("<!-- end of", 1)[0]
     unquoted = "\n".join(line.removeprefix(">").removeprefix(" ") for line in shown.strip().splitlines())
-    assert unquoted == committed.replace("](", "](docs/pr-comment/").strip()  # quoted: its headings stay its own
+    assert unquoted == committed.replace("](", "](pr-comment/").strip()  # quoted: its headings stay its own
+
+
+def test_baseline_dirs_are_the_replicates_in_order_or_the_single_metrics_of_an_older_baseline(tmp_path):
+    rp = _run_profile()
+    for r in (0, 1, 2, 10, 9):
+        (tmp_path / "new" / f"replicate-{r}").mkdir(parents=True)
+    (tmp_path / "new" / "replicate-x").mkdir()
+    assert [p.name for p in rp.baseline_dirs(tmp_path / "new")] == [f"replicate-{r}" for r in (0, 1, 2, 9, 10)]
+    (tmp_path / "old" / "metrics").mkdir(parents=True)
+    assert rp.baseline_dirs(tmp_path / "old") == [tmp_path / "old" / "metrics"]
+    with pytest.raises(LLMError, match="run ci/run_profile.py --update-baseline"):
+        rp.baseline_dirs(tmp_path / "none")
+    committed = rp.baseline_dirs()
+    assert len(committed) == rp.BASELINE_REPLICATES and all(
+        (d / "curves" / "pretrain.csv").is_file() for d in committed
+    )
+
+
+def test_replicates_share_the_cores_and_the_replicate_is_not_a_set_option(capsys, monkeypatch):
+    rp = _run_profile()
+    monkeypatch.setattr(rp.os, "cpu_count", lambda: 2)
+    assert rp.default_jobs(3, 1) == 2 and rp.default_jobs(3, 2) == 1 and rp.default_jobs(1, 1) == 1
+    profile = rp.yaml.safe_load(rp.PROFILE.read_text())
+    assert profile["runtime"]["threads"] == 1  # the same bits however many replicates run at once
+    for argv, message in [
+        (["-S", "runtime.replicate=2"], "--replicates sets it"),
+        (["--replicates", "0"], "must be at least 1"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["run_profile.py", *argv])
+        with pytest.raises(SystemExit) as exc:
+            rp.main()
+        assert exc.value.code == 2 and message in capsys.readouterr().err

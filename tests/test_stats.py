@@ -23,7 +23,7 @@ from llm.pipeline.compare import (
 )
 from llm.pipeline.params import MAX_SEED, SEEDED, parse_params, replicate_seed
 from llm.pipeline.stats import difference, holm
-from tests.conftest import committed_yaml
+from tests.conftest import committed_yaml, unavailable
 
 # --- runtime.replicate -----------------------------------------------------------------------------
 
@@ -69,17 +69,27 @@ def test_every_stage_with_a_seed_declares_the_replicate_in_dvc_yaml():
 # --- the statistics --------------------------------------------------------------------------------
 
 
-def test_welch_matches_scipy():
+@pytest.mark.parametrize(("test", "equal_var"), [("student", True), ("welch", False)])
+def test_the_t_tests_match_scipy(test, equal_var):
     old, new = [6.21, 6.25, 6.19, 6.23], [6.30, 6.27, 6.35]
-    d = difference(old, new)
-    ref = scipy_stats.ttest_ind(new, old, equal_var=False)
-    assert d.test == "welch" and d.p_value() == pytest.approx(ref.pvalue, rel=1e-9)
+    d = difference(old, new, test)
+    ref = scipy_stats.ttest_ind(new, old, equal_var=equal_var)
+    assert d.test == test and d.p_value() == pytest.approx(ref.pvalue, rel=1e-9)
     low, high = d.interval()
     ci = ref.confidence_interval(0.95)
     assert (low, high) == (pytest.approx(ci.low, rel=1e-9), pytest.approx(ci.high, rel=1e-9))
-    one_sided = scipy_stats.ttest_ind(new, old, equal_var=False, alternative="greater").pvalue
+    one_sided = scipy_stats.ttest_ind(new, old, equal_var=equal_var, alternative="greater").pvalue
     assert d.p_worse("higher") == pytest.approx(one_sided, rel=1e-9)
     assert d.p_worse("lower") == pytest.approx(1 - one_sided, rel=1e-9)
+
+
+def test_the_default_is_students_pooled_test():
+    """The gate's null hypothesis is "only the seed changed": one spread, pooled over every run."""
+    d = difference([6.2, 6.3, 6.25, 6.22, 6.28], [6.30, 6.301, 6.302])
+    assert d.test == "student" and d.df == 6
+    assert d.p_worse("higher") > difference([6.2, 6.3, 6.25, 6.22, 6.28], [6.30, 6.301, 6.302], "welch").p_worse(
+        "higher"
+    )
 
 
 def test_one_run_against_replicates_uses_their_spread_and_one_against_one_has_none():
@@ -147,7 +157,7 @@ def test_a_real_regression_beyond_the_spread_fails_with_its_p_value():
     assert "FAIL: 2 of 2 gated metrics regressed or missing" in verdict(rows) and "(worse, p" in verdict(rows)
     text = table(rows)
     assert "old (mean ± sd)" in text and "(n=3)" in text and "change ± 95% CI" in text
-    assert "Welch's t-test, Holm-adjusted across 2 gated metrics" in method(rows)
+    assert "Student's t-test, Holm-adjusted across 2 gated metrics" in method(rows)
 
 
 def test_holm_controls_the_gate_across_its_metrics():
@@ -295,3 +305,91 @@ def test_cli_group_by_reads_dvc_exp_show(tmp_path, monkeypatch, capsys):
     assert main(["compare", "--group-by", "train.lr", "--thresholds", str(tmp_path / "t.yaml")]) == 1
     out = capsys.readouterr().out
     assert "metrics train.lr=0.003 (3 runs) -> train.lr=0.03 (3 runs)" in out and "REGRESSED: worse" in out
+
+
+def test_a_sweep_with_replicates_is_one_command_and_group_by_compares_it(tmp_path):
+    """DVC's grid syntax queues 2 learning rates x 3 replicates in one command; after the queue runs,
+    `llm compare --group-by train.lr` reads the real `dvc exp show --json` and compares 3 runs with 3."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("git") is None:
+        unavailable("needs git")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def sh(*args):
+        out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    # a stage whose loss follows the lr, plus a seed-sized wobble per replicate
+    (tmp_path / "train.py").write_text(
+        "import json, os, yaml\n"
+        "p = yaml.safe_load(open('params.yaml'))\n"
+        "noise = [0.01, -0.02, 0.015, 0.0][p['runtime']['replicate']]\n"
+        "os.makedirs('metrics', exist_ok=True)\n"
+        "json.dump({'val': {'loss': 5 + 100 * p['train']['lr'] + noise}}, open('metrics/pretrain.json', 'w'))\n"
+    )
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.001\nruntime:\n  replicate: 0\n  threads: 0\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: python train.py\n    deps: [train.py]\n    params: [train, runtime]\n"
+        "    metrics:\n      - metrics/pretrain.json:\n          cache: false\n"
+    )
+    (tmp_path / "t.yaml").write_text("metrics/pretrain.json:\n  val.loss: {worse: higher, max_change: 0.5%}\n")
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("dvc", "repro")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "baseline")
+    queued = sh("dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.002", "-S", "runtime.replicate=range(0, 3)")
+    assert queued.count("Queued experiment") == 6
+    sh("dvc", "exp", "run", "--run-all")
+    out = subprocess.run(
+        [str(bin_dir / "llm"), "compare", "--group-by", "train.lr", "--thresholds", "t.yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "metrics train.lr=0.001 (3 runs) -> train.lr=0.002 (3 runs)" in out.stdout
+    assert "REGRESSED: worse, p" in out.stdout and "(n=3)" in out.stdout
+
+
+def test_cli_repeated_baselines_and_targets_read_each_revision(tmp_path, monkeypatch, capsys):
+    """`--baseline A --baseline B --target C --target D`: one `dvc metrics diff` per revision, every
+    revision a replicate of its side (not only the last of each flag)."""
+    import sys
+
+    values = {"a": 6.21, "b": 6.23, "c": 6.92, "d": 6.90, "workspace": 6.0}
+    fake = tmp_path / "dvc"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"values = {values!r}\n"
+        "args = sys.argv[sys.argv.index('--') + 1:]\n"
+        "old, new = args[0], (args[1] if len(args) > 1 else 'workspace')\n"
+        "open(" + repr(str(tmp_path / "calls")) + ", 'a').write(' '.join(args) + '\\n')\n"
+        "print(json.dumps({'metrics/pretrain.json': {'val.loss': {'old': values[old], 'new': values[new]}}}))\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    (tmp_path / "t.yaml").write_text("metrics/pretrain.json:\n  val.loss: {worse: higher, max_change: 2%}\n")
+    argv = [
+        "compare",
+        "--baseline",
+        "a",
+        "--baseline",
+        "b",
+        "--target",
+        "c",
+        "d",
+        "--thresholds",
+        str(tmp_path / "t.yaml"),
+    ]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "metrics a b -> c d" in out and "6.22 ± 0.014 (n=2)" in out and "6.91 ± 0.014 (n=2)" in out
+    assert sorted((tmp_path / "calls").read_text().split("\n")) == ["", "a c", "a c", "a d", "b c"]

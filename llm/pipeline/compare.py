@@ -229,7 +229,7 @@ def compare(old: Runs, new: Runs, gates: dict[str, dict[str, Gate]] | None = Non
     metrics or a list of replicates' (runs that differ only in their seeds). With one run per side a
     gated metric fails when it got worse by more than its allowance (no spread is known). With
     replicates on either side (and at least two on one), it fails only when it got worse by more than
-    its allowance **and** the difference is significant: the one-sided p-value of Welch's t-test
+    its allowance **and** the difference is significant: the one-sided p-value of Student's t-test
     (`llm.pipeline.stats`), Holm-adjusted across the gated metrics, at most `alpha`. A gated metric
     absent, null or NaN in any new run fails (MISSING, or REGRESSED for NaN) as with one run."""
     gates = gates or {}
@@ -385,7 +385,7 @@ def method(rows: list[Row], alpha: float = ALPHA) -> str:
     tested = sum(1 for r in rows if r.gate and r.p_adjusted is not None)
     return (
         f"{n_old} vs {n_new} runs: a gated metric fails when worse by more than its allowance and its one-sided "
-        f"p (Welch's t-test, Holm-adjusted across {tested} gated metrics) is at most {alpha:g}"
+        f"p (Student's t-test, Holm-adjusted across {tested} gated metrics) is at most {alpha:g}"
     )
 
 

@@ -6,7 +6,7 @@ and the text of `dvc params diff --md`, and writes `out/comment.md` and one PNG 
 comment holds, in this order:
 
 1. the gate's verdict (`compare.verdict`): passed, or which gated metrics regressed, and how it
-   decided (`compare.method`: with replicates, Welch's t-test and Holm across the gates);
+   decided (`compare.method`: with replicates, Student's t-test and Holm across the gates);
 2. the gated metrics, base against head (`compare.table`: with replicates, mean ± sd per side, the
    change ± its 95% interval, a verdict and p per metric), and the ungated metrics that changed,
    folded away;
