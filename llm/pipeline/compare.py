@@ -255,7 +255,7 @@ def compare(old: Runs, new: Runs, gates: dict[str, dict[str, Gate]] | None = Non
             if a is not None and b is not None and not _has_nan(a_vals + b_vals) and replicated:
                 diff = difference(a_vals, b_vals)
             status = _status(a, b, gate, a_null, b_null)
-            if status == "unchanged" and sorted(a_vals) != sorted(b_vals):
+            if status == "unchanged" and set(a_vals) != set(b_vals):
                 status = "changed" if gate is None else "within"  # equal means, other runs
             rows.append(Row(file, name, a, b, gate, status, a_null, b_null, a_vals, b_vals, diff))
     return _apply_significance(rows, alpha) if replicated else rows
@@ -266,17 +266,19 @@ def _has_nan(values: tuple[float, ...]) -> bool:
 
 
 def _apply_significance(rows: list[Row], alpha: float) -> list[Row]:
-    """Holm across the gated metrics with a spread; a gated metric beyond its allowance stays
-    REGRESSED only when its adjusted one-sided p is at most `alpha`, else it is within noise."""
-    tested = [i for i, r in enumerate(rows) if r.gate and r.diff is not None and r.diff.se is not None]
-    adjusted = holm([rows[i].diff.p_worse(rows[i].gate.worse) for i in tested])
+    """Holm across the gated metrics with a spread (one-sided: worse); a gated metric beyond its
+    allowance stays REGRESSED only when its adjusted p is at most `alpha`, else it is within noise.
+    The ungated metrics that changed are a second family (two-sided), so that among dozens of them
+    a few small p-values by luck do not read as changes."""
     out = list(rows)
-    for i, p in zip(tested, adjusted, strict=True):
-        row = rows[i]
-        status = row.status
-        if status == "REGRESSED" and p > alpha:
-            status = "noise"
-        out[i] = replace(row, status=status, p_adjusted=p)
+    spread = [i for i, r in enumerate(rows) if r.diff is not None and r.diff.se is not None]
+    gated = [i for i in spread if rows[i].gate]
+    for i, p in zip(gated, holm([rows[i].diff.p_worse(rows[i].gate.worse) for i in gated]), strict=True):
+        status = "noise" if rows[i].status == "REGRESSED" and p > alpha else rows[i].status
+        out[i] = replace(rows[i], status=status, p_adjusted=p)
+    free = [i for i in spread if not rows[i].gate and rows[i].status == "changed"]
+    for i, p in zip(free, holm([rows[i].diff.p_value() for i in free]), strict=True):
+        out[i] = replace(rows[i], p_adjusted=p)
     return out
 
 
@@ -313,7 +315,7 @@ def _change(row: Row) -> str:
     delta = row.new - row.old
     pct = f" ({delta / abs(row.old) * 100:+.2f}%)" if row.old else ""
     interval = row.diff.interval() if row.diff else None
-    spread = f" ± {(interval[1] - interval[0]) / 2:.2g}" if interval else ""
+    spread = f" ± {_spread((interval[1] - interval[0]) / 2)}" if interval else ""
     return f"{delta:+.4g}{spread}{pct}"
 
 
@@ -323,7 +325,12 @@ def _side(values: tuple[float, ...], mean: float | None, null: bool) -> str:
         return _num(mean, null)
     if len(values) < 2 or math.isnan(mean):
         return f"{_num(mean)} (n={len(values)})"
-    return f"{_num(mean)} ± {statistics.stdev(values):.2g} (n={len(values)})"
+    return f"{_num(mean)} ± {_spread(statistics.stdev(values))} (n={len(values)})"
+
+
+def _spread(value: float) -> str:
+    """A standard deviation or half-width to two digits, without an exponent: 0.021, 4.8, 498."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def _p(value: float) -> str:
@@ -340,9 +347,9 @@ def status_text(row: Row, alpha: float = ALPHA) -> str:
             return f"REGRESSED: worse, {_p(row.p_adjusted)}"
         if row.status == "noise":
             return f"within noise, {_p(row.p_adjusted)}"
-        return f"{row.status}, {_p(row.p_adjusted)}"
-    if row.status == "changed":
-        p = row.diff.p_value()
+        return row.status  # within its allowance, or better: the one-sided p of "worse" says nothing more
+    if row.status == "changed" and row.p_adjusted is not None:
+        p = row.p_adjusted
         return f"changed, {_p(p)}" if p <= alpha else f"within noise, {_p(p)}"
     return row.status
 
@@ -385,7 +392,8 @@ def method(rows: list[Row], alpha: float = ALPHA) -> str:
     tested = sum(1 for r in rows if r.gate and r.p_adjusted is not None)
     return (
         f"{n_old} vs {n_new} runs: a gated metric fails when worse by more than its allowance and its one-sided "
-        f"p (Student's t-test, Holm-adjusted across {tested} gated metrics) is at most {alpha:g}"
+        f"p (Student's t-test, Holm-adjusted across {tested} gated metrics) is at most {alpha:g}; an ungated "
+        "metric's p is two-sided, Holm-adjusted across the ungated metrics that changed"
     )
 
 
