@@ -310,7 +310,8 @@ def main() -> int:
                 base_label=base_label,
                 head_label=args.head_label,
                 gate_base=baseline_dirs(),
-                footer=f"The CI profile ({PROFILE.relative_to(ROOT)}), {args.replicates} replicates per side; "
+                footer=f"The CI profile ({PROFILE.relative_to(ROOT)}), {args.replicates} replicates against the "
+                f"{len(baseline_dirs())} of ci/baseline; "
                 f"locally: `python ci/run_profile.py{f' --base {base_label}' if args.base else ''} --comment DIR`",
             )
             print(f"comment written: {Path(args.comment) / 'comment.md'}")

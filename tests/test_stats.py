@@ -23,7 +23,7 @@ from llm.pipeline.compare import (
 )
 from llm.pipeline.params import MAX_SEED, SEEDED, parse_params, replicate_seed
 from llm.pipeline.stats import difference, holm
-from tests.conftest import committed_yaml, unavailable
+from tests.conftest import ROOT, committed_yaml, unavailable
 
 # --- runtime.replicate -----------------------------------------------------------------------------
 
@@ -393,3 +393,58 @@ def test_cli_repeated_baselines_and_targets_read_each_revision(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "metrics a b -> c d" in out and "6.22 ± 0.014 (n=2)" in out and "6.91 ± 0.014 (n=2)" in out
     assert sorted((tmp_path / "calls").read_text().split("\n")) == ["", "a c", "a c", "a d", "b c"]
+
+
+# --- the calibration: the committed tables are what the committed replicates give ---------------------
+
+
+def test_the_calibration_tables_are_what_the_committed_replicates_give():
+    """ci/calibration/README.md is `ci/calibrate.py analyze` of the committed replicates under the
+    committed thresholds.yaml (an edited allowance without a new table fails here), and the gate's
+    false-alarm rate under a pure seed change, as CI runs it, is at most 5%. docs/experiments.md
+    shows the same tables."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("calibrate", ROOT / "ci" / "calibrate.py")
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    tables = calibrate.analyze()
+    committed = (ROOT / "ci" / "calibration" / "README.md").read_text(encoding="utf-8")
+    assert committed == calibrate.HEADER + "\n" + tables + "\n"
+    assert len(calibrate.pool("seed")) >= 10 and len(calibrate.pool("default")) >= 6
+    ci_gate = re.search(r"\| pure seed change [^|]*\| 10 vs 3 \| ([\d.]+)% \|", tables)
+    assert ci_gate and float(ci_gate.group(1)) <= 5.0
+    for regression in ("lr-x10", "leaky-mask", "half-epochs"):
+        caught = re.search(rf"\| `{regression}` \| 10 vs 3 \| ([\d.]+)% \|", tables)
+        assert caught and float(caught.group(1)) >= 80.0, regression
+    doc = (ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
+    rows = [line for line in tables.splitlines() if line.startswith("| pure seed change") or line.startswith("| `")]
+    assert rows and all(line in doc for line in rows)
+
+
+def test_the_docs_example_output_is_what_llm_compare_prints(capsys):
+    """docs/experiments.md's `llm compare` example: every line it shows is a line of the real output on
+    the committed runs (the baseline's replicates and the lr x10 run kept in docs/pr-comment/head)."""
+    olds = sorted((ROOT / "ci" / "baseline").glob("replicate-*"), key=lambda p: int(p.name[10:]))
+    news = sorted((ROOT / "docs" / "pr-comment" / "head").glob("replicate-*"), key=lambda p: int(p.name[10:]))
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        code = main(["compare", "--old", *[str(p.relative_to(ROOT)) for p in olds], "--new", *map(str, news)])
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out.splitlines()
+    doc = (ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
+    block = doc.split("$ llm compare --old ci/baseline/replicate-* --new docs/pr-comment/head/replicate-*\n", 1)[1]
+    shown = block.split("$ echo $?", 1)[0].strip().splitlines()
+    assert code == 1 and len(shown) > 10
+    for line in shown:
+        if line.startswith("... ("):
+            continue
+        if line.startswith("metrics "):
+            assert out[0].startswith("metrics ci/baseline/replicate-0"), out[0]
+            continue
+        assert line in out, line
