@@ -180,7 +180,7 @@ def analyze(seed: int = 0) -> str:
     def show(label: str, sides: str, result: tuple[float, dict[str, float]]) -> None:
         total, per = result
         detail = ", ".join(
-            f"`{k.removeprefix('metrics/')}` {v:.1%}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+            f"`{k.removeprefix('metrics/')}` {v:.1%}" for k, v in sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))
         )
         lines.append(f"| {label} | {sides} | {total:.1%} | {detail or '-'} |")
 
