@@ -59,8 +59,10 @@ def replicate_dir(root: Path, r: int) -> Path:
 def baseline_dirs(root: Path = BASELINE) -> list[Path]:
     """The metrics directories of a baseline, replicate 0 first: `replicate-<r>/`, or the single
     `metrics/` that baselines before replicates hold."""
-    found = sorted(root.glob("replicate-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[10:].isdigit() else -1)
-    found = [p for p in found if p.is_dir() and p.name[10:].isdigit()]
+    found = sorted(
+        (p for p in root.glob("replicate-*") if p.is_dir() and _metrics_dir_name(p.name)),
+        key=lambda p: int(p.name[10:]),
+    )
     if found:
         return found
     if (root / "metrics").is_dir():

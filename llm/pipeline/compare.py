@@ -113,25 +113,32 @@ def dvc_metrics_diff(baseline: str, target: str | None = None) -> dict[str, Any]
     check_revision("--baseline", baseline)
     if target is not None:
         check_revision("--target", target)
+    # "--": what follows is a revision even if it looks like an option (checked above as well)
+    args = ["metrics", "diff", "--json", "--all", "--", baseline, *([target] if target else [])]
+    diff = _dvc_json(args, "{}", ", or compare directories with --old/--new")
+    if not isinstance(diff, dict) or not all(isinstance(v, dict) for v in diff.values()):
+        raise LLMError(f"{' '.join(args)} printed JSON that is not {{file: {{metric: change}}}}")
+    return diff
+
+
+def _dvc_json(args: list[str], empty: str, hint: str = "") -> Any:
+    """`dvc ARGS`'s stdout parsed as JSON (`empty` when it printed nothing); a missing dvc, a
+    failure or output that is not JSON is an LLMError of one line naming the command."""
     dvc = shutil.which("dvc")
     if dvc is None:
-        raise LLMError("dvc is not on PATH: activate the project's .venv, or compare directories with --old/--new")
-    # "--": what follows is a revision even if it looks like an option (checked above as well)
-    args = [dvc, "metrics", "diff", "--json", "--all", "--", baseline, *([target] if target else [])]
+        raise LLMError(f"dvc is not on PATH: activate the project's .venv{hint}")
     out = subprocess.run(
-        args, capture_output=True, text=True, encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL
+        [dvc, *args], capture_output=True, text=True, encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL
     )
+    command = " ".join(args)
     if out.returncode != 0:
         lines = (out.stderr or out.stdout).strip().splitlines()
-        raise LLMError(f"{' '.join(args[1:])} failed: {lines[-1] if lines else out.returncode}")
+        raise LLMError(f"{command} failed: {lines[-1] if lines else out.returncode}")
     try:
-        diff = json.loads(out.stdout.strip() or "{}")
+        return json.loads(out.stdout.strip() or empty)
     except ValueError:
         lines = out.stdout.strip().splitlines()
-        raise LLMError(f"{' '.join(args[1:])} printed no JSON: {lines[0][:200] if lines else '(nothing)'}") from None
-    if not isinstance(diff, dict) or not all(isinstance(v, dict) for v in diff.values()):
-        raise LLMError(f"{' '.join(args[1:])} printed JSON that is not {{file: {{metric: change}}}}")
-    return diff
+        raise LLMError(f"{command} printed no JSON: {lines[0][:200] if lines else '(nothing)'}") from None
 
 
 def from_dvc_diff(diff: dict[str, Any]) -> tuple[Metrics, Metrics]:
@@ -455,24 +462,7 @@ def _flat_params(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def dvc_exp_show() -> list[dict[str, Any]]:
     """The parsed `dvc exp show --json` of the repository in the current directory."""
-    dvc = shutil.which("dvc")
-    if dvc is None:
-        raise LLMError("dvc is not on PATH: activate the project's .venv")
-    out = subprocess.run(
-        [dvc, "exp", "show", "--json"],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        stdin=subprocess.DEVNULL,
-    )
-    if out.returncode != 0:
-        lines = (out.stderr or out.stdout).strip().splitlines()
-        raise LLMError(f"dvc exp show --json failed: {lines[-1] if lines else out.returncode}")
-    try:
-        shown = json.loads(out.stdout.strip() or "[]")
-    except ValueError:
-        raise LLMError("dvc exp show --json printed no JSON") from None
+    shown = _dvc_json(["exp", "show", "--json"], "[]")
     if not isinstance(shown, list):
         raise LLMError("dvc exp show --json printed JSON that is not a list of revisions")
     return shown
