@@ -22,11 +22,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from llm.checkpoint import ADAPTER_CONFIG, CONFIG_NAME, WEIGHTS_NAME, adapter_dir, read_checkpoint, save_checkpoint
+from llm.choices import POOLINGS
 from llm.errors import CheckpointError, LLMError, first_line
-from llm.model import GPTModel, check_token_ids
-from llm.pooling import POOLINGS, pool
+from llm.model import GPTModel
+from llm.pooling import pool
 from llm.runtime import autocast, to_device
-from llm.tokenizer import EOT_ID, get_tokenizer
+from llm.tokenizer import EOT_ID, check_token_ids, get_tokenizer
 
 LABELS = {"ham": 0, "spam": 1}
 CLASS_NAMES = ["not spam", "spam"]
@@ -132,7 +133,7 @@ def add_classification_head(model: GPTModel, num_classes: int = 2, trainable_blo
 
 
 def class_logits(model, input_batch: torch.Tensor, pooling: str = "last", pad_token_id: int = EOT_ID):
-    """Logits (B, num_classes) of a batch, pooled as `pooling` names (`llm.pooling.POOLINGS`)."""
+    """Logits (B, num_classes) of a batch, pooled as `pooling` names (`llm.choices.POOLINGS`)."""
     return pool(model(input_batch), input_batch, pooling, pad_token_id)
 
 
@@ -226,7 +227,7 @@ def load_classifier(path, map_location="cpu") -> tuple[GPTModel, dict]:
 def classifier_settings(info, file, context_length: int) -> dict:
     """The "classifier" settings of a checkpoint's config.json (`file`, named in errors), checked:
     `num_classes` a whole number >= 2, `max_length` one in [1, context_length], `pooling` a name
-    of `llm.pooling.POOLINGS`. A missing or unknown value is a CheckpointError, never a guess."""
+    of `llm.choices.POOLINGS`. A missing or unknown value is a CheckpointError, never a guess."""
     if not isinstance(info, dict):
         raise CheckpointError(f"{file}: 'classifier' must be an object with num_classes, max_length and pooling")
 

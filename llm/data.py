@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llm.errors import LLMError
 from llm.io import atomic_path
-from llm.model import check_token_ids
-from llm.tokenizer import encode, get_tokenizer
+from llm.tokenizer import check_token_ids, encode, get_tokenizer
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32
 
@@ -43,7 +42,7 @@ def read_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.nd
     """Memory-map a token file written by `write_tokens` (read-only; nothing is loaded up front).
 
     With `vocab_size` (the model's), the file is read once to check that every id is below it
-    (`llm.model.check_token_ids`): an error naming the file, instead of a failure inside the model.
+    (`llm.tokenizer.check_token_ids`): an error naming the file, instead of a failure inside the model.
     """
     path = Path(path)
     if not path.is_file():

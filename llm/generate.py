@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from llm.errors import LLMError
-from llm.model import GPTModel, check_token_ids
+from llm.model import GPTModel
 from llm.progress import progress_bar
-from llm.tokenizer import token_bytes
+from llm.tokenizer import check_token_ids, token_bytes
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

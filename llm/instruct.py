@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 from llm.errors import LLMError, read_text
 from llm.generate import decode_stream, generate_stream
 from llm.prompts import (  # noqa: F401 - the book's chapter-7 names, importable from here
-    PROMPT_STYLES,
     extract_response,
     format_input,
     recorded_prompt_style,

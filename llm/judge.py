@@ -12,9 +12,6 @@ from llm.errors import LLMError
 from llm.progress import progress_bar
 from llm.prompts import format_input
 
-# `finetune_instruct.judge`: none, or the book's judge through a local Ollama server.
-JUDGES = ("none", "ollama")
-
 
 def judge_prompt(entry: dict) -> str:
     """The book's scoring prompt, word for word."""

@@ -27,11 +27,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from llm.choices import LORA_ALL_TARGETS as ALL_TARGETS
+from llm.choices import LORA_GROUPS as GROUPS
+from llm.choices import LORA_TARGETS as TARGETS
 from llm.errors import LLMError
 
-# Target names → the attribute path of the linear layers they select, relative to a block
-# (`trf_blocks.<i>.`) or to the model (`head`).
-_LEAVES = {
+# Target names (`llm.choices.LORA_LEAVES`: a test keeps them equal) → the attribute path of the
+# linear layers they select, relative to a block (`trf_blocks.<i>.`) or to the model (`head`).
+LEAF_PATHS = {
     "query": ("att.W_query",),
     "key": ("att.W_key",),
     "value": ("att.W_value",),
@@ -39,11 +42,6 @@ _LEAVES = {
     "feed_forward": ("ff.layers.0", "ff.layers.2"),
     "head": ("out_head",),
 }
-GROUPS = {"attention": ("query", "key", "value", "out_proj")}
-TARGETS = (*GROUPS, *_LEAVES)
-"""Names a `targets` list may hold; `attention` stands for query, key, value and out_proj."""
-ALL_TARGETS = ("attention", "feed_forward", "head")
-"""Every linear layer of a GPTModel: the book's `replace_linear_with_lora`."""
 
 
 class LoRALayer(nn.Module):
@@ -124,7 +122,7 @@ def target_paths(n_layers: int, targets: Iterable[str] | None = None) -> set[str
     leaves = check_targets(ALL_TARGETS if targets is None else targets)
     paths = set()
     for leaf in leaves:
-        for rel in _LEAVES[leaf]:
+        for rel in LEAF_PATHS[leaf]:
             if leaf == "head":
                 paths.add(rel)
             else:

@@ -4,89 +4,22 @@ The structure and `state_dict` keys are the book's, so its checkpoints load here
 ours load into its code. Underneath, attention runs on `scaled_dot_product_attention` (fused,
 no T x T score matrix kept for backward), LayerNorm and GELU on their fused kernels, and the
 model accepts a `KVCache` so generation costs one position's work per new token.
+
+The config `GPTModel(cfg)` takes (its seven keys, `GPT_CONFIG_124M`, the presets, `model_config`)
+lives in the torch-free `llm.config`, which the settings parser reads too; importable from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.errors import ConfigError, LLMError
-from llm.lora import LoRALayer
-
-# --- the model's config: the book's plain dict with seven keys, checked in one place ------------
-# `GPTModel(cfg)` takes the dict the book uses (`GPT_CONFIG_124M`); `model_config()` checks it and
-# fills nothing in silently, so a typo in a key is an error instead of a default.
-MODEL_KEYS: dict[str, type] = {
-    "vocab_size": int,
-    "context_length": int,
-    "emb_dim": int,
-    "n_heads": int,
-    "n_layers": int,
-    "drop_rate": float,
-    "qkv_bias": bool,
-}
-
-# Chapter 4's config: GPT-2 small's shape, but untied head, no qkv bias, context 1024.
-GPT_CONFIG_124M: dict[str, Any] = {
-    "vocab_size": 50257,
-    "context_length": 1024,
-    "emb_dim": 768,
-    "n_heads": 12,
-    "n_layers": 12,
-    "drop_rate": 0.1,
-    "qkv_bias": False,
-}
-
-# OpenAI's GPT-2 shapes (chapter 5): these checkpoints use qkv bias and context 1024.
-_GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
-PRESETS: dict[str, dict[str, Any]] = {
-    # The pipeline's default: GPT_CONFIG_124M's design, small enough to pretrain on a laptop CPU (README: timings).
-    "mini": {**GPT_CONFIG_124M, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4},
-    "gpt-config-124m": GPT_CONFIG_124M,
-    "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
-    "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
-    "gpt2-large": {**_GPT2_BASE, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
-    "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
-}
-
-
-def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a checked copy of a model config, or raise ConfigError naming the bad key."""
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"model config must be a mapping of {', '.join(MODEL_KEYS)}")
-    unknown = sorted(set(cfg) - set(MODEL_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown model config key {unknown[0]!r}; allowed: {', '.join(MODEL_KEYS)}")
-    missing = [k for k in MODEL_KEYS if k not in cfg]
-    if missing:
-        raise ConfigError(f"missing model config key {missing[0]!r}")
-    out: dict[str, Any] = {}
-    for key, kind in MODEL_KEYS.items():
-        value = cfg[key]
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"model config {key!r} must be true or false, got {value!r}")
-        elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model config {key!r} must be a positive integer, got {value!r}")
-        else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"model config {key!r} must be a number, got {value!r}")
-            value = float(value)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"model config {key!r} must be in [0, 1), got {value!r}")
-        out[key] = value
-    if out["emb_dim"] % out["n_heads"]:
-        raise ConfigError(
-            f"model config 'emb_dim' ({out['emb_dim']}) must be divisible by 'n_heads' ({out['n_heads']})"
-        )
-    return out
+from llm.config import GPT_CONFIG_124M, PRESETS, model_config
+from llm.errors import LLMError
 
 
 class LayerNorm(nn.Module):
@@ -268,7 +201,8 @@ class GPTModel(nn.Module):
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         # Only shapes are checked here, never the ids' values: reading them back would stop a CUDA
         # device on every call and split a compiled graph. Ids are checked where they enter
-        # (`check_token_ids`); an id outside the vocabulary that reaches `tok_emb` on CPU is an IndexError.
+        # (`llm.tokenizer.check_token_ids`); an id outside the vocabulary that reaches `tok_emb` on CPU
+        # is an IndexError.
         if in_idx.dim() != 2:
             raise LLMError(f"token ids must have shape (batch, seq_len), got {tuple(in_idx.shape)}")
         seq_len = in_idx.shape[1]
@@ -309,34 +243,14 @@ class GPTModel(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def num_params(self, matmul_only: bool = False) -> int:
-        """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token): the linear
-        layers' weights and LoRA adapters' A and B."""
+        """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token): every matrix
+        but the two embeddings, which are looked up, not multiplied. That is the linear layers'
+        weights, and LoRA adapters' A and B once `llm.lora` has added them (the norms' scales and
+        shifts and the biases are vectors)."""
         if not matmul_only:
             return sum(p.numel() for p in self.parameters())
-        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return linear + sum(m.A.numel() + m.B.numel() for m in self.modules() if isinstance(m, LoRALayer))
-
-
-def check_token_ids(ids: torch.Tensor | np.ndarray | Sequence[int], vocab_size: int, source: str) -> None:
-    """Raise LLMError unless every id of `ids` is in [0, vocab_size); `source` names where they come from.
-
-    `GPTModel.forward` does not look at the ids' values (see there): the project calls this once
-    where ids enter a model, on the token files (`llm.data.read_tokens`), on prompts
-    (`llm.generate`), on the finetuning datasets and on the messages `classify` scores.
-    """
-    if isinstance(ids, torch.Tensor):
-        if ids.numel() == 0:
-            return
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-    else:
-        arr = np.asarray(ids)
-        if arr.size == 0:
-            return
-        lo = 0 if arr.dtype.kind == "u" else int(arr.min())  # a token file is uint16: no pass for the minimum
-        hi = int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise LLMError(f"{source}: token id {bad} is outside the vocabulary [0, {vocab_size}) of the model")
+        lookups = {id(self.tok_emb.weight), id(self.pos_emb.weight)}
+        return sum(p.numel() for p in self.parameters() if p.dim() == 2 and id(p) not in lookups)
 
 
 def flops_per_token(model: GPTModel, seq_len: int) -> float:
@@ -356,6 +270,5 @@ __all__ = [
     "LayerNorm",
     "MultiHeadAttention",
     "TransformerBlock",
-    "check_token_ids",
     "flops_per_token",
 ]

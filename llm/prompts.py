@@ -1,8 +1,9 @@
 """Prompt styles (chapter 7): how an {instruction, input} entry becomes the text the model reads.
 
-`PROMPT_STYLES` is the registry: `finetune_instruct.prompt_style` allows exactly its names, and a
-checkpoint of the finetune_instruct stage records the name it was trained with. `alpaca` is the
-book's format, character for character; `phi3` is the variant of the book's exercise 7.1.
+`STYLES` is the registry, one style for each name of `llm.choices.PROMPT_STYLES` (a test keeps
+them equal): `finetune_instruct.prompt_style` allows exactly those names, and a checkpoint of the
+finetune_instruct stage records the name it was trained with. `alpaca` is the book's format,
+character for character; `phi3` is the variant of the book's exercise 7.1.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class PromptStyle:
     response_header: str  # what follows the prompt, before the response
 
 
-PROMPT_STYLES: dict[str, PromptStyle] = {
+STYLES: dict[str, PromptStyle] = {
     "alpaca": PromptStyle(_alpaca, "\n\n### Response:\n"),
     "phi3": PromptStyle(_phi3, "\n<|assistant|>:\n"),
 }
@@ -40,11 +41,11 @@ PROMPT_STYLES: dict[str, PromptStyle] = {
 
 def format_input(entry: Mapping[str, Any], style: str = "alpaca") -> str:
     """The book's `format_input`: the prompt for an entry (the Alpaca format by default)."""
-    return PROMPT_STYLES[style].format_input(entry)
+    return STYLES[style].format_input(entry)
 
 
 def response_header(style: str = "alpaca") -> str:
-    return PROMPT_STYLES[style].response_header
+    return STYLES[style].response_header
 
 
 def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:

@@ -10,9 +10,8 @@ import random
 import numpy as np
 import torch
 
+from llm.choices import PRECISIONS
 from llm.errors import LLMError
-
-PRECISIONS = ("fp32", "bf16-mixed")
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -1,11 +1,11 @@
-"""Learning-rate schedules: the names `train.lr_schedule` allows and the rate at each step."""
+"""Learning-rate schedules: the rate at each step for each name of `llm.choices.LR_SCHEDULES`."""
 
 from __future__ import annotations
 
 import math
 
-# constant: the book's fixed rate; cosine: half a cosine from lr down to min_lr after the warmup.
-LR_SCHEDULES = ("constant", "cosine")
+from llm.choices import LR_SCHEDULES
+from llm.errors import ConfigError
 
 
 def lr_at(step: int, total_steps: int, s) -> float:
@@ -15,6 +15,8 @@ def lr_at(step: int, total_steps: int, s) -> float:
     """
     if s.warmup_steps and step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {s.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
     if s.lr_schedule == "constant":
         return s.lr
     span = max(1, total_steps - s.warmup_steps)

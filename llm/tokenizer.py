@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
+import numpy as np
 import tiktoken
 import torch
 
-from llm.errors import TokenizerError
+from llm.errors import LLMError, TokenizerError
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -65,3 +67,25 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer: tiktoken.Encoding | No
     if all(0 <= i < tokenizer.n_vocab for i in ids):
         return tokenizer.decode(ids)
     return b"".join(token_bytes(i, tokenizer) for i in ids).decode("utf-8", errors="replace")
+
+
+def check_token_ids(ids: torch.Tensor | np.ndarray | Sequence[int], vocab_size: int, source: str) -> None:
+    """Raise LLMError unless every id of `ids` is in [0, vocab_size); `source` names where they come from.
+
+    `GPTModel.forward` does not look at the ids' values (see there): the project calls this once
+    where ids enter a model, on the token files (`llm.data.read_tokens`), on prompts
+    (`llm.generate`), on the finetuning datasets and on the messages `classify` scores.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+    else:
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            return
+        lo = 0 if arr.dtype.kind == "u" else int(arr.min())  # a token file is uint16: no pass for the minimum
+        hi = int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise LLMError(f"{source}: token id {bad} is outside the vocabulary [0, {vocab_size}) of the model")

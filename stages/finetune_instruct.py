@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
 from llm.errors import LLMError, run_main
 from llm.generate import generate
@@ -30,13 +31,11 @@ from llm.instruct import (
 from llm.io import write_json
 from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
-from llm.model import check_token_ids
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
-from llm.pipeline.params import check_split_sizes
 from llm.pipeline.sources import is_location
 from llm.progress import progress_bar
-from llm.tokenizer import EOT_ID, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import EOT_ID, check_token_ids, text_to_token_ids, token_ids_to_text
 
 RAW = Path("data/raw")
 RESPONSES = Path("data/instruct/responses.json")

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from llm import distributed
+from llm.bounds import check_split_sizes
 from llm.classifier import (
     LABELS,
     SpamDataset,
@@ -27,10 +28,9 @@ from llm.classifier import (
 )
 from llm.errors import LLMError, run_main
 from llm.io import write_csv, write_json
-from llm.model import check_token_ids
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
-from llm.pipeline.params import check_split_sizes
+from llm.tokenizer import check_token_ids
 
 RAW = Path("data/raw/sms_spam")
 SPLITS = Path("data/spam")

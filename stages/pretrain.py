@@ -19,6 +19,7 @@ import torch
 
 from llm import distributed
 from llm.checkpoint import load_checkpoint, reconfigure, save_checkpoint
+from llm.config import config_for_weights
 from llm.data import split_windows
 from llm.errors import ConfigError, run_main
 from llm.generate import generate
@@ -120,7 +121,7 @@ def initial_model(params) -> tuple[GPTModel, dict]:
         cfg = params.model.config()
         return GPTModel(cfg), cfg
     model = load_checkpoint(init)
-    cfg, notes = params.model.config_for_weights(model.cfg, init)
+    cfg, notes = config_for_weights(model.cfg, params.model.overrides(), init)
     for note in notes:
         print(note)
     if t.max_length > cfg["context_length"]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llm.errors import ConfigError, LLMError
-from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel, MultiHeadAttention, check_token_ids, model_config
+from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel, MultiHeadAttention, model_config
+from llm.tokenizer import check_token_ids
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
 

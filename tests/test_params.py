@@ -3,6 +3,8 @@
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,25 +12,16 @@ import torch
 import yaml
 from pydantic import BaseModel
 
+from llm.bounds import MAX_MASK_BYTES, MAX_PARAMS, MAX_SEED
+from llm.choices import POOLINGS, PROMPT_STYLES
+from llm.config import config_for_weights, estimate_params, mask_bytes
 from llm.errors import ConfigError
 from llm.model import PRESETS, GPTModel
 from llm.pipeline import params as params_module
-from llm.pipeline.params import (
-    MAX_MASK_BYTES,
-    MAX_PARAMS,
-    MAX_SEED,
-    Params,
-    estimate_params,
-    load_params,
-    mask_bytes,
-    parse_params,
-    schema_text,
-)
+from llm.pipeline.params import Params, load_params, parse_params, schema_text
 from llm.pipeline.sources import load_sources, parse_sources
-from llm.pooling import POOLINGS
-from llm.prompts import PROMPT_STYLES
 from llm.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
-from tests.conftest import committed, committed_yaml
+from tests.conftest import ROOT, committed, committed_yaml
 
 RAW = committed_yaml("params.yaml")  # the committed defaults, whatever `dvc exp apply` left in the workspace
 
@@ -129,11 +122,11 @@ def test_unreadable_or_invalid_file(tmp_path):
 def test_starting_from_weights_takes_their_shape_and_reports_conflicts():
     weights = {**parse_params(RAW).model.config(), "emb_dim": 768, "n_heads": 12, "context_length": 1024}
     raw = with_change("model.init", "gpt2-small")
-    cfg, notes = parse_params(raw).model.config_for_weights(weights, "gpt2-small")
+    cfg, notes = config_for_weights(weights, parse_params(raw).model.overrides(), "gpt2-small")
     assert cfg == weights and "model.preset is not used" in notes[0]
 
     raw["model"].update(drop_rate=0.1, context_length=256)
-    cfg, notes = parse_params(raw).model.config_for_weights(weights, "gpt2-small")
+    cfg, notes = config_for_weights(weights, parse_params(raw).model.overrides(), "gpt2-small")
     assert (cfg["drop_rate"], cfg["context_length"], cfg["emb_dim"]) == (0.1, 256, 768)
     assert "model.context_length: 1024 -> 256" in notes
 
@@ -145,7 +138,7 @@ def test_starting_from_weights_takes_their_shape_and_reports_conflicts():
         bad = with_change("model.init", "gpt2-small")
         bad["model"][key] = value
         with pytest.raises(ConfigError, match=message):
-            parse_params(bad).model.config_for_weights(weights, "gpt2-small")
+            config_for_weights(weights, parse_params(bad).model.overrides(), "gpt2-small")
 
 
 def test_init_values():
@@ -187,6 +180,34 @@ def test_allowed_values_come_from_the_registries():
     assert schema["SpamParams"]["properties"]["pooling"]["enum"] == list(POOLINGS)
     assert schema["InstructParams"]["properties"]["prompt_style"]["enum"] == list(PROMPT_STYLES)
     assert "the book" in schema["SpamParams"]["properties"]["pooling"]["description"]  # what an editor shows
+
+
+def test_the_registries_implement_exactly_the_allowed_names():
+    """llm.choices holds the names without the code; each registry of functions has one per name."""
+    from llm.choices import LORA_GROUPS, LORA_LEAVES, LORA_TARGETS
+    from llm.lora import LEAF_PATHS, TARGETS
+    from llm.pooling import POOL
+    from llm.prompts import STYLES
+
+    assert tuple(POOL) == POOLINGS and tuple(STYLES) == PROMPT_STYLES
+    assert tuple(LEAF_PATHS) == LORA_LEAVES and TARGETS == LORA_TARGETS
+    assert all(leaf in LORA_LEAVES for group in LORA_GROUPS.values() for leaf in group)
+
+
+# The modules a stage may need only for what it runs: parsing params.yaml imports none of them.
+IMPLEMENTATIONS = (
+    "torch", "tiktoken", "llm.model", "llm.lora", "llm.judge", "llm.pooling", "llm.prompts", "llm.runtime",
+    "llm.schedule", "llm.trainer", "llm.tokenizer", "llm.serve",
+)  # fmt: skip
+
+
+def test_parsing_params_imports_no_torch_and_no_implementation():
+    code = (
+        "import sys; from llm.pipeline.params import load_params; load_params('params.yaml'); "
+        f"print(sorted(m for m in {IMPLEMENTATIONS!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_the_committed_json_schema_is_current_and_accepts_params_yaml():

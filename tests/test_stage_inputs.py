@@ -7,7 +7,7 @@ the settings and the sizes, and leaves the previous outputs as they were.
   than one batch, stops in `load_data`, before the starting model is even loaded;
 - pretrain, eval, finetune_spam, finetune_instruct: a token id the model cannot embed (a
   `model.vocab_size` below GPT-2's 50257) stops once the data and the model are loaded, naming the file
-  or split (the model itself does not check ids: `llm.model.check_token_ids`).
+  or split (the model itself does not check ids: `llm.tokenizer.check_token_ids`).
 """
 
 import json
@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
 from llm.errors import ConfigError, LLMError
 from llm.model import GPTModel
-from llm.pipeline.params import check_split_sizes, parse_params
+from llm.pipeline.params import parse_params
 from llm.tokenizer import get_tokenizer
 from stages import eval as stage_eval
 from stages import finetune_instruct, finetune_spam, prepare_text, pretrain

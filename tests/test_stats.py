@@ -8,6 +8,7 @@ import shlex
 import pytest
 from scipy import stats as scipy_stats
 
+from llm.bounds import MAX_SEED
 from llm.cli import main
 from llm.errors import ConfigError, LLMError
 from llm.io import write_json
@@ -21,7 +22,7 @@ from llm.pipeline.compare import (
     table,
     verdict,
 )
-from llm.pipeline.params import MAX_SEED, SEEDED, parse_params, replicate_seed
+from llm.pipeline.params import SEEDED, parse_params, replicate_seed
 from llm.pipeline.stats import difference, holm
 from tests.conftest import ROOT, committed_yaml, unavailable
 

@@ -3,14 +3,13 @@
 Each section is a pydantic model (`llm.pipeline.validate.Settings`: no unknown keys, no
 coercion, no NaN). Every field's default is the committed `params.yaml`'s value (a test keeps
 them equal), so a key deleted from the file keeps its documented value. Allowed values come from
-the modules that implement them (`llm.model.PRESETS`, `llm.pooling.POOLINGS`,
-`llm.prompts.PROMPT_STYLES`, `llm.runtime.PRECISIONS`, `llm.schedule.LR_SCHEDULES`,
-`llm.judge.JUDGES`). A bad value stops the stage before any work with one line naming
-`section.key`. Bounds that keep a run possible (seeds numpy accepts, an lr AdamW can train with,
-a model small enough to build and save) are the constants below, each with its reason; split
-fractions are checked again against the data's size once a finetuning stage has split it
-(`check_split_sizes`). `params.schema.json`, generated from these models (`python -m llm.pipeline.params`),
-lets an editor check params.yaml as you type.
+`llm.choices` and the model presets from `llm.config`, the torch-free modules the implementations
+import them from too; bounds that keep a run possible (seeds numpy accepts, an lr AdamW can train
+with, a model small enough to build and save) from `llm.bounds`, each with its reason. So parsing
+params.yaml imports no torch and no implementation: a stage's code deps (dvc.yaml) are the code it
+runs. A bad value stops the stage before any work with one line naming `section.key`.
+`params.schema.json`, generated from these models (`python -m llm.pipeline.params`), lets an editor
+check params.yaml as you type.
 """
 
 from __future__ import annotations
@@ -24,15 +23,30 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from llm.bounds import (
+    MAX_LORA_ALPHA,
+    MAX_LR,
+    MAX_MASK_BYTES,
+    MAX_PARAMS,
+    MAX_REPLICATE,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_WEIGHT_DECAY,
+    temperature_problem,
+)
+from llm.choices import (
+    DEVICE_PATTERN,
+    JUDGES,
+    LORA_ALL_TARGETS,
+    LORA_TARGETS,
+    LR_SCHEDULES,
+    POOLINGS,
+    PRECISIONS,
+    PROMPT_STYLES,
+)
+from llm.config import GPT_CONFIG_124M, PRESETS, SIZE_KEYS, estimate_params, mask_bytes, model_config
 from llm.errors import ConfigError
-from llm.judge import JUDGES
-from llm.lora import ALL_TARGETS, TARGETS
-from llm.model import GPT_CONFIG_124M, PRESETS, model_config
 from llm.pipeline.validate import Settings, read_yaml, validate
-from llm.pooling import POOLINGS
-from llm.prompts import PROMPT_STYLES
-from llm.runtime import PRECISIONS
-from llm.schedule import LR_SCHEDULES
 
 # `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
 PRETRAINED = Path("models/pretrain")
@@ -44,30 +58,6 @@ def init_source(init: str) -> str:
     return str(PRETRAINED) if init == "pretrain" else init
 
 
-# Keys that fix the shape of the weights: starting from weights, these come from the checkpoint.
-SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
-SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-
-# --- bounds that keep a run possible (every one is checked before any work) ----------------------
-MAX_SEED = 2**32 - 1
-"""numpy's and pandas' seeds are in [0, 2**32 - 1]; torch takes the same range."""
-MAX_LR = 1.0
-"""Adam moves every weight by about lr per step: above 1 nothing trains."""
-MAX_WEIGHT_DECAY = 1.0
-"""AdamW multiplies every weight by 1 - lr * weight_decay per step: the product must stay below 1."""
-MAX_TEMPERATURE, MIN_TEMPERATURE = 100.0, 1e-3
-"""Logits are divided by the temperature in float32: outside these it overflows to NaN (0 = greedy)."""
-MAX_PARAMS = 2_000_000_000
-"""The largest model built from scratch: the largest preset, gpt2-xl, builds 1.64 billion parameters (its
-head untied, as the book's GPTModel); 2 billion already take 32 GB for the fp32 weights, gradients and AdamW's
-two moments."""
-MAX_MASK_BYTES = 4 * 2**30
-"""Every checkpoint holds the book's attention masks, n_layers float32 context_length x context_length
-matrices, built when it is saved: at most 4 GiB of them (GPT-2 XL's: 0.19 GiB)."""
-MAX_LORA_ALPHA = 1e4
-"""The adapter's output is multiplied by alpha: far above the rank-16 alpha of 16 (the book), an update
-of lr x alpha per step diverges at once."""
-DEVICE_PATTERN = r"auto|cpu|cuda|cuda:[0-9]+|mps"
 # GPT-2's tokenizer (llm.tokenizer.VOCAB_SIZE, EOT_ID; a test keeps them equal), without importing it
 # here: every stage reads params, and only some tokenize.
 VOCAB_SIZE = GPT_CONFIG_124M["vocab_size"]
@@ -75,18 +65,6 @@ EOT_ID = VOCAB_SIZE - 1
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 LearningRate = Annotated[float, Field(gt=0, le=MAX_LR)]
-
-
-def estimate_params(cfg: dict[str, Any]) -> int:
-    """The parameters of `llm.model.GPTModel(cfg)`, from its config alone (nothing allocated)."""
-    v, c, d, n = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
-    block = 12 * d * d + 10 * d + (3 * d if cfg["qkv_bias"] else 0)  # attention, feed-forward, two norms
-    return v * d + c * d + n * block + 2 * d + d * v  # embeddings, blocks, final norm, untied head
-
-
-def mask_bytes(cfg: dict[str, Any]) -> int:
-    """Bytes of the book's attention masks that `state_dict()` builds: one float32 T x T per layer."""
-    return cfg["n_layers"] * cfg["context_length"] ** 2 * 4
 
 
 class DataParams(Settings):
@@ -104,7 +82,7 @@ class DataParams(Settings):
 
 class ModelParams(Settings):
     preset: Literal[tuple(PRESETS)] = "mini"
-    """A shape from llm.model.PRESETS; keys below that are not null override it."""
+    """A shape from llm.config.PRESETS; keys below that are not null override it."""
     init: str = "scratch"
     """Where pretraining starts: scratch (the book), a GPT-2 name (gpt2-small ... gpt2-xl) or a checkpoint path.
     From weights, the shape is theirs; only drop_rate and a shorter context_length apply."""
@@ -162,32 +140,6 @@ class ModelParams(Settings):
         return {
             k: v for k, v in self.model_dump(exclude={"preset", "init"}).items() if v is not None
         }  # fmt: skip
-
-    def config_for_weights(self, weights_cfg: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
-        """The config for training on from weights of config `weights_cfg`, and notes for the user.
-
-        The shape comes from the weights: a shape key set here that disagrees is an error, never
-        silently dropped. `drop_rate` applies; `context_length` may shrink (the first positions
-        of the position embedding are kept) but not grow.
-        """
-        cfg, notes = dict(weights_cfg), []
-        shape = ", ".join(f"{k} {weights_cfg[k]}" for k in ("emb_dim", "n_layers", "n_heads", "context_length"))
-        notes.append(f"model.init {source}: the shape comes from the weights ({shape}); model.preset is not used")
-        for key, value in self.overrides().items():
-            if key in SHAPE_KEYS and value != weights_cfg[key]:
-                raise ConfigError(
-                    f"model.{key} = {value!r} conflicts with {source}, which has {weights_cfg[key]!r}: "
-                    f"the shape comes from the weights; set model.{key} to null"
-                )
-            if key == "context_length" and value > weights_cfg[key]:
-                raise ConfigError(
-                    f"model.context_length = {value} is longer than {source}'s {weights_cfg[key]}: "
-                    "its position embedding has no rows for the extra positions"
-                )
-            if value != weights_cfg[key]:
-                notes.append(f"model.{key}: {weights_cfg[key]!r} -> {value!r}")
-                cfg[key] = value
-        return model_config(cfg), notes
 
 
 class LoopParams(Settings):
@@ -282,11 +234,9 @@ class EvalParams(Settings):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(
-                f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {value!r}: "
-                "smaller values overflow float32 logits"
-            )
+        problem = temperature_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 
@@ -294,30 +244,6 @@ def _fractions(section: str, a: str, x: float, b: str, y: float) -> None:
     """Two split fractions, each in (0, 1), leaving something for the third split."""
     if not (0 < x < 1 and 0 < y < 1 and x + y < 1):
         raise ValueError(f"{section}.{a} and {section}.{b} must be in (0, 1) and sum to less than 1, got {x} and {y}")
-
-
-def check_split_sizes(
-    section: str, fractions: dict[str, float], sizes: dict[str, int], of: str, batch_size: int
-) -> None:
-    """The split fractions checked against the data, once a finetuning stage has split it: stop before
-    training if a split came out empty, or the first (training) one holds less than one batch, with
-    one line naming the fraction settings and every split's size.
-
-    `fractions` maps setting names to values (`{"train_frac": 0.85, "test_frac": 0.1}`), `sizes`
-    split names to sizes with the training split first, `of` says what was split ("5 entries of x.json").
-    """
-    (first, n_train), *_ = sizes.items()
-    empty = [name for name, n in sizes.items() if n == 0]
-    if not empty and n_train >= batch_size:
-        return
-    settings = " and ".join(f"{section}.{key} {value}" for key, value in fractions.items())
-    got = ", ".join(f"{n:,} {name}" for name, n in sizes.items())
-    if empty:
-        names = " and ".join([", ".join(empty[:-1]), empty[-1]] if len(empty) > 1 else empty)
-        need = f"the {names} split{'s are' if len(empty) > 1 else ' is'} empty"
-    else:
-        need = f"the {first} split is smaller than one batch of {section}.batch_size = {batch_size}"
-    raise ConfigError(f"{settings} split the {of} into {got}: {need}; use more data or other fractions")
 
 
 class LoraParams(Settings):
@@ -328,7 +254,7 @@ class LoraParams(Settings):
     alpha: float = Field(16.0, gt=0, le=MAX_LORA_ALPHA)
     """The adapter's output is alpha * (x @ A @ B): the book's scaling. In peft (lora_alpha / r) the same
     adapter has lora_alpha = alpha * rank."""
-    targets: list[Literal[TARGETS]] = Field(list(ALL_TARGETS), min_length=1)
+    targets: list[Literal[LORA_TARGETS]] = Field(list(LORA_ALL_TARGETS), min_length=1)
     """The linear layers that get adapters: attention (= query, key, value, out_proj), feed_forward, head, or
     single projections; the default is every linear layer (the book). A new classification head trains in full
     instead of getting an adapter."""
@@ -412,10 +338,6 @@ class InstructParams(LoopParams):
     def _splits(self) -> InstructParams:
         _fractions("finetune_instruct", "train_frac", self.train_frac, "test_frac", self.test_frac)
         return self
-
-
-MAX_REPLICATE = 10_000
-"""More replicates than anyone runs of one experiment; a bound so a typo (a seed in its place) is caught."""
 
 
 def replicate_seed(seed: int, replicate: int) -> int:

@@ -1,0 +1,77 @@
+"""The bounds that keep a run possible, each defined once with its reason, and checked where the
+value enters: `params.yaml` (`llm.pipeline.params`), the command line (`llm.cli`), the HTTP API
+(`llm.serve.schemas`) and the library call (`llm.generate`). Torch-free, like `llm.choices`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from llm.errors import ConfigError
+
+MAX_SEED = 2**32 - 1
+"""numpy's and pandas' seeds are in [0, 2**32 - 1]; torch takes the same range."""
+MAX_LR = 1.0
+"""Adam moves every weight by about lr per step: above 1 nothing trains."""
+MAX_WEIGHT_DECAY = 1.0
+"""AdamW multiplies every weight by 1 - lr * weight_decay per step: the product must stay below 1."""
+MAX_TEMPERATURE, MIN_TEMPERATURE = 100.0, 1e-3
+"""Logits are divided by the temperature in float32: below MIN_TEMPERATURE they overflow to inf and
+the softmax to NaN (0 = greedy); params.yaml also refuses more than MAX_TEMPERATURE."""
+MAX_PARAMS = 2_000_000_000
+"""The largest model built from scratch: the largest preset, gpt2-xl, builds 1.64 billion parameters (its
+head untied, as the book's GPTModel); 2 billion already take 32 GB for the fp32 weights, gradients and AdamW's
+two moments."""
+MAX_MASK_BYTES = 4 * 2**30
+"""Every checkpoint holds the book's attention masks, n_layers float32 context_length x context_length
+matrices, built when it is saved: at most 4 GiB of them (GPT-2 XL's: 0.19 GiB)."""
+MAX_LORA_ALPHA = 1e4
+"""The adapter's output is multiplied by alpha: far above the rank-16 alpha of 16 (the book), an update
+of lr x alpha per step diverges at once."""
+MAX_REPLICATE = 10_000
+"""More replicates than anyone runs of one experiment; a bound so a typo (a seed in its place) is caught."""
+
+
+def temperature_problem(value: float) -> str | None:
+    """Why `value` cannot be a sampling temperature ("must be ..."), or None when it can: finite,
+    0 (greedy) or at least MIN_TEMPERATURE. NaN fails every comparison, so each test holds only for
+    an allowed value."""
+    if not (math.isfinite(value) and value >= 0):
+        return f"must be >= 0 and finite (0 = greedy), got {value}"
+    if 0 < value < MIN_TEMPERATURE:
+        return (
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value!r}: smaller values overflow float32 logits"
+        )
+    return None
+
+
+def top_p_problem(value: float) -> str | None:
+    """Why `value` cannot be a nucleus-sampling threshold, or None: in (0, 1] (the most likely
+    token is always kept, so a tiny top_p samples it alone)."""
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        return f"must be in (0, 1], got {value}"
+    return None
+
+
+def check_split_sizes(
+    section: str, fractions: dict[str, float], sizes: dict[str, int], of: str, batch_size: int
+) -> None:
+    """The split fractions checked against the data, once a finetuning stage has split it: stop before
+    training if a split came out empty, or the first (training) one holds less than one batch, with
+    one line naming the fraction settings and every split's size.
+
+    `fractions` maps setting names to values (`{"train_frac": 0.85, "test_frac": 0.1}`), `sizes`
+    split names to sizes with the training split first, `of` says what was split ("5 entries of x.json").
+    """
+    (first, n_train), *_ = sizes.items()
+    empty = [name for name, n in sizes.items() if n == 0]
+    if not empty and n_train >= batch_size:
+        return
+    settings = " and ".join(f"{section}.{key} {value}" for key, value in fractions.items())
+    got = ", ".join(f"{n:,} {name}" for name, n in sizes.items())
+    if empty:
+        names = " and ".join([", ".join(empty[:-1]), empty[-1]] if len(empty) > 1 else empty)
+        need = f"the {names} split{'s are' if len(empty) > 1 else ' is'} empty"
+    else:
+        need = f"the {first} split is smaller than one batch of {section}.batch_size = {batch_size}"
+    raise ConfigError(f"{settings} split the {of} into {got}: {need}; use more data or other fractions")
