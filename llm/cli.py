@@ -18,13 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from llm.errors import LLMError, flush_stdout, read_text, report_error, reportable, write_stdout, writing
+from llm.bounds import MAX_SEED
+from llm.errors import LLMError, OneLineParser, report_error, reportable
+from llm.files import flush_stdout, read_text, write_stdout, writing
 
 DISTRIBUTION = "llm-from-scratch-dvc"
 PROGRAMS = ("llm", "llm-from-scratch")  # the console scripts; the first is the default name
-
-
-SEED_MAX = 2**32 - 1  # the seeds numpy takes too
 
 
 def _positive_int(text: str) -> int:
@@ -38,17 +37,10 @@ def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number in [0, {SEED_MAX}], got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}] (2**32 - 1), got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}] (2**32 - 1), got {value}")
     return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad command line as one line on stderr and exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        sys.exit(report_error(self.prog, LLMError(message)))
 
 
 def _check_output(flag: str, path: str, directory: bool = False, append: bool = False) -> None:
@@ -99,7 +91,7 @@ def program_name(argv0: str | None = None) -> str:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or program_name()
-    parser = _Parser(prog=prog, description="The book's GPT: generate, classify, answer, export.")
+    parser = OneLineParser(prog=prog, description="The book's GPT: generate, classify, answer, export.")
     parser.add_argument("--version", action="version", version=f"{prog} {version()}")
     parser.set_defaults(prog=prog)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -111,7 +103,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    gen.add_argument("--seed", type=_seed, default=None, help=f"seed for reproducible sampling, 0 to {SEED_MAX}")
+    gen.add_argument("--seed", type=_seed, default=None, help=f"seed for reproducible sampling, 0 to {MAX_SEED}")
     gen.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     gen.set_defaults(func=cmd_generate)
@@ -254,8 +246,6 @@ def _read_messages(path: str) -> list[str]:
     import csv
     import io
 
-    from llm.errors import read_text
-
     file = Path(path)
     if not file.exists():
         raise LLMError(f"--file {file} does not exist")
@@ -286,7 +276,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     import io
 
     from llm.classifier import classify, load_classifier
-    from llm.io import atomic_write_bytes
+    from llm.files import atomic_write_bytes
     from llm.runtime import select_device
 
     if (args.text is None) == (args.file is None):
@@ -323,8 +313,8 @@ def cmd_instruct(args: argparse.Namespace) -> None:
     import json
 
     from llm.checkpoint import checkpoint_meta, load_checkpoint
+    from llm.files import write_json
     from llm.instruct import load_instructions, respond
-    from llm.io import write_json
     from llm.prompts import recorded_prompt_style
     from llm.runtime import select_device
 
@@ -399,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _append(path: Path, data: bytes) -> None:
     """Append to a file (a job summary collects several tables) all at once: a regular file is
     replaced by its old bytes and `data` (`atomic_write_bytes`), a device or pipe written to."""
-    from llm.io import atomic_write_bytes
+    from llm.files import atomic_write_bytes
 
     if path.exists() and not path.is_file():
         with open(path, "ab") as f:

@@ -35,7 +35,7 @@ import tiktoken
 
 from llm.data import write_tokens
 from llm.errors import LLMError
-from llm.io import atomic_path
+from llm.files import atomic_path
 from llm.progress import Bar, progress_bar
 from llm.tokenizer import EOT_TOKEN, get_tokenizer
 

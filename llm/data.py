@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llm.errors import LLMError
-from llm.io import atomic_path
+from llm.files import atomic_path
 from llm.tokenizer import check_token_ids, encode, get_tokenizer
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; half the bytes of int32

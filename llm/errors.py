@@ -1,6 +1,7 @@
 """One exception type for every problem a user can fix, and the one place that turns an error
 ending a command into one line on stderr and an exit status (`report_error`), for the `llm`
-command and the stage scripts (`run_main`).
+command and the stage scripts (`run_main`, `OneLineParser`). Reading and writing files and
+standard output is `llm.files`'s.
 
 Exit statuses (`exit_code`):
 
@@ -17,11 +18,10 @@ Exit statuses (`exit_code`):
 
 from __future__ import annotations
 
-import errno
+import argparse
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool whose reader went away
@@ -139,68 +139,12 @@ def report_error(prog: str, exc: BaseException) -> int:
     return exit_code(exc)
 
 
-@contextmanager
-def naming(filename: str | os.PathLike) -> Iterator[None]:
-    """Attach `filename` to an OSError raised in the block that names no file: writes that fail
-    (ENOSPC, EIO) carry none. `naming(STDOUT)` marks errors of standard output."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = os.fspath(filename)
-        raise
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad command line as one line on stderr and exit status 2 (no usage dump):
+    the parser of the `llm` command and of every stage script (`run_main`)."""
 
-
-@contextmanager
-def writing(label: str) -> Iterator[None]:
-    """An OSError in the block, which writes the file `label` names (e.g. "--output out.csv"),
-    as one LLMError naming it, not a temporary file beside it: `cannot write LABEL: reason`."""
-    try:
-        yield
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise LLMError(f"cannot write {label}: {os_reason(exc)}") from None
-
-
-def write_stdout(text: str, flush: bool = False) -> None:
-    """Write `text` to standard output: an OSError (a full disk, a closed descriptor) names it
-    (`report_error` then gives one line), a broken pipe stays a BrokenPipeError (quiet, 141)."""
-    with naming(STDOUT):
-        if sys.stdout is None:  # started with standard output closed (`>&-`)
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        sys.stdout.write(text)
-        if flush:
-            sys.stdout.flush()
-
-
-def flush_stdout() -> None:
-    """Flush standard output now, so that a failure (a full disk, a closed pipe) is reported as
-    one line rather than by the interpreter at exit."""
-    if sys.stdout is not None:
-        with naming(STDOUT):
-            sys.stdout.flush()
-
-
-def read_text(path: str | os.PathLike, what: str = "") -> str:
-    """A UTF-8 text file as `str`, with a leading byte-order mark dropped (Excel writes one) and
-    line ends made "\\n" (as `open` reads them). A file that is not UTF-8 is an LLMError naming
-    the file, the line and the byte offset; one that cannot be read names the reason."""
-    label = f"{what} {path}" if what else str(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise LLMError(f"cannot read {label}: {os_reason(exc)}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        bad = data[exc.start : exc.start + 1]
-        raise LLMError(
-            f"{label} is not UTF-8 text: byte {bad!r} at offset {exc.start} (line {line}); save it as UTF-8"
-        ) from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    def error(self, message):
+        sys.exit(report_error(self.prog, LLMError(message)))
 
 
 def run_main(
@@ -219,13 +163,9 @@ def run_main(
     0, and, when `positional` is `(name, help)`, one argument passed to `main` first; anything else
     is one line on stderr and exit status 2, before `main` runs.
     """
-    import argparse
+    from llm.files import flush_stdout  # here: llm.files imports this module
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            sys.exit(report_error(name, LLMError(message)))
-
-    parser = Parser(prog=name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if positional:
         parser.add_argument(positional[0], help=positional[1])
     parsed = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -9,11 +9,11 @@ model instead of the whole prefix, and greedy output is the same token for token
 from __future__ import annotations
 
 import codecs
-import math
 from collections.abc import Iterable, Iterator
 
 import torch
 
+from llm.bounds import temperature_problem, top_p_problem
 from llm.errors import LLMError
 from llm.model import GPTModel
 from llm.progress import progress_bar
@@ -29,6 +29,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p  # keep the first over p
+        drop_sorted[..., 0] = False  # and always the most likely (a top_p below float32's range compares as 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -44,13 +45,13 @@ def _check_args(model, idx, max_new_tokens, context_size, temperature, top_k, to
             f"context_size must be in [1, {model.cfg['context_length']}] (the model's "
             f"context_length), got {context_size}"
         )
-    # NaN fails every comparison, so each check is written to hold only for an allowed value
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise LLMError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
+    # The sampling bounds are llm.bounds', shared with params.yaml and the HTTP API.
+    if problem := temperature_problem(temperature):
+        raise LLMError(f"temperature {problem}")
     if top_k is not None and top_k < 1:
         raise LLMError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise LLMError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and (problem := top_p_problem(top_p)):
+        raise LLMError(f"top_p {problem}")
     check_token_ids(idx, model.cfg["vocab_size"], "the prompt")
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llm.errors import LLMError, read_text
+from llm.errors import LLMError
+from llm.files import read_text
 from llm.generate import decode_stream, generate_stream
 from llm.prompts import (  # noqa: F401 - the book's chapter-7 names, importable from here
     extract_response,

@@ -68,7 +68,7 @@ from llm import distributed
 from llm.checkpoint import weights_state_dict
 from llm.data import TokenWindowDataset
 from llm.errors import LLMError, first_line
-from llm.io import atomic_path, exclusive_lock
+from llm.files import atomic_path, exclusive_lock
 from llm.losses import calc_loss_batch, calc_loss_loader
 from llm.progress import progress_bar, write
 from llm.runtime import select_device

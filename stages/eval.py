@@ -11,8 +11,8 @@ import torch
 from llm.checkpoint import load_checkpoint
 from llm.data import TokenWindowDataset, read_tokens
 from llm.errors import run_main
+from llm.files import write_json
 from llm.generate import generate
-from llm.io import write_json
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.params import init_source, load_params
 from llm.runtime import select_device, set_threads

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
 from llm.errors import LLMError, run_main
+from llm.files import write_json
 from llm.generate import generate
 from llm.instruct import (
     InstructionDataset,
@@ -28,7 +29,6 @@ from llm.instruct import (
     response_metrics,
     split_instructions,
 )
-from llm.io import write_json
 from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.download import source_file

@@ -27,7 +27,7 @@ from llm.classifier import (
     save_classifier,
 )
 from llm.errors import LLMError, run_main
-from llm.io import write_csv, write_json
+from llm.files import write_csv, write_json
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import FinetuneStage, Outputs
 from llm.tokenizer import check_token_ids

@@ -14,7 +14,7 @@ from pathlib import Path
 from llm.corpus import expand_corpus, tokenize_corpus
 from llm.data import min_split_tokens, split_windows
 from llm.errors import LLMError, run_main
-from llm.io import write_json
+from llm.files import write_json
 from llm.pipeline.download import fetch, source_file, url_file_name
 from llm.pipeline.params import load_params
 from llm.pipeline.sources import is_local, is_location

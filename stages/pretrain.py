@@ -22,8 +22,8 @@ from llm.checkpoint import load_checkpoint, reconfigure, save_checkpoint
 from llm.config import config_for_weights
 from llm.data import split_windows
 from llm.errors import ConfigError, run_main
+from llm.files import write_csv, write_json
 from llm.generate import generate
-from llm.io import write_csv, write_json
 from llm.model import GPTModel
 from llm.pipeline.params import load_params
 from llm.runtime import keep_freed_memory, set_seed, set_threads

@@ -14,7 +14,7 @@ import torch
 
 from llm.checkpoint import checkpoint_meta
 from llm.errors import run_main
-from llm.io import write_json
+from llm.files import write_json
 from llm.pipeline.params import load_params
 from llm.pipeline.report import STAGES, ReportInputs, read_curve, read_json, write_report
 

@@ -121,7 +121,7 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from llm.io import write_json
+    from llm.files import write_json
 
     umask = os.umask(0o022)
     os.umask(umask)

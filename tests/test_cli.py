@@ -385,6 +385,7 @@ def test_generate_into_a_full_or_closed_stdout_is_one_line(ckpt):
         (["--temperature", "1", "--top-p", "nan"], "top_p must be in (0, 1], got nan"),
         (["--temperature", "1", "--top-p", "inf"], "top_p must be in (0, 1], got inf"),
         (["--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+        (["--temperature", "1e-300"], "temperature must be 0 (greedy) or at least 0.001, got 1e-300"),  # was NaN
     ],
 )
 def test_non_finite_sampling_settings_are_refused_before_anything_is_printed(ckpt, capsys, args, message):
@@ -415,3 +416,12 @@ def test_a_bad_command_line_is_one_line(capsys):
     assert (
         capsys.readouterr().err == "llm generate: error: the following arguments are required: --model/--checkpoint\n"
     )
+
+
+def test_a_tiny_top_p_generates_the_greedy_text(ckpt, capsys):
+    """top_p 1e-300 (below float32's range) keeps the most likely token alone: the greedy text, not a crash."""
+    args = ["generate", "--model", str(ckpt[0]), "--prompt", "Hi", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "--temperature", "1", "--top-p", "1e-300", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == greedy

@@ -8,7 +8,7 @@ import pytest
 
 from llm.cli import main
 from llm.errors import ConfigError, LLMError
-from llm.io import write_json
+from llm.files import write_json
 from llm.pipeline.compare import (
     Gate,
     compare,
@@ -171,7 +171,7 @@ def test_cli_on_two_directories(tmp_path, capsys):
 
 
 def test_cli_fails_when_a_gated_metric_became_null(tmp_path, capsys):
-    from llm.io import write_json
+    from llm.files import write_json
 
     write_json(tmp_path / "old/metrics/pretrain.json", {"val_loss": 5.0})
     write_json(tmp_path / "new/metrics/pretrain.json", {"val_loss": float("nan")})

@@ -52,7 +52,7 @@ def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=N
     """(history, final weights, trainer) of a run; its resume state (`state`, or in `out_dir`) and curve
     go to `out_dir`. `stop_after`: rank 0 asks to stop once step `stop_after` is recorded, as a signal
     would; the run then ends with TrainingInterrupted and its resume state saved (history None)."""
-    from llm.io import write_csv
+    from llm.files import write_csv
 
     torch.manual_seed(7)
     model = GPTModel({**CFG, "drop_rate": drop_rate})

@@ -12,13 +12,11 @@ from llm.errors import (
     describe,
     exit_code,
     first_line,
-    naming,
-    read_text,
     report_error,
     reportable,
     run_main,
-    writing,
 )
+from llm.files import naming, read_text, writing
 from llm.trainer import TrainingInterrupted
 
 DOC = """Pretrain the book's GPT on the token files.
@@ -207,7 +205,7 @@ def test_a_broken_pipe_is_quiet_and_exits_141(capsys, monkeypatch):
 
 
 def test_stdout_errors_name_standard_output(monkeypatch, capsys):
-    from llm.errors import flush_stdout, write_stdout
+    from llm.files import flush_stdout, write_stdout
 
     class Full:
         def write(self, text):

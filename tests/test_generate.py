@@ -152,6 +152,7 @@ def test_stream_yields_one_token_at_a_time_and_restores_training_mode(pair):
         ({"top_p": float("nan"), "temperature": 1.0}, r"top_p must be in \(0, 1\], got nan"),
         ({"top_p": float("inf"), "temperature": 1.0}, "top_p"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"temperature": 1e-300}, r"temperature must be 0 \(greedy\) or at least 0.001, got 1e-300"),  # was NaN
     ],
 )
 def test_bad_arguments_are_clear_errors(pair, kwargs, message):
@@ -219,3 +220,13 @@ def test_ids_beyond_the_tokenizers_vocabulary_decode_as_the_replacement_characte
     path = save_checkpoint(model, tmp_path / "padded")
     assert main(["generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr() == ("Hi\ufffd\ufffd\n", "")
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
+def test_a_tiny_top_p_samples_the_most_likely_token_alone(pair, top_p):
+    """The most likely token is always kept: a top_p below float32's range (1e-300 compares as 0)
+    samples it alone, the greedy choice, instead of a softmax over nothing (a torch error)."""
+    cfg, _, ours = pair
+    greedy = generate(ours, torch.tensor([[1, 2]]), 6, cfg["context_length"])
+    nucleus = generate(ours, torch.tensor([[1, 2]]), 6, cfg["context_length"], temperature=1.0, top_p=top_p, seed=3)
+    assert torch.equal(nucleus, greedy)

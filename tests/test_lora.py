@@ -474,3 +474,14 @@ def test_llm_serve_takes_an_adapter_like_any_model(tmp_path):
     assert served["spam"].classifier == {"num_classes": 2, "max_length": 8, "pooling": "mean"}
     torch.testing.assert_close(served["spam"].model(IDS), classifier(IDS), rtol=0, atol=1e-5)
     torch.testing.assert_close(served["lm"].model(IDS), language(IDS), rtol=0, atol=1e-5)
+
+
+def test_flops_count_the_adapters_matrices_without_the_model_knowing_lora():
+    """`GPTModel.num_params(matmul_only=True)` (6·N FLOPs per token) counts every matrix but the
+    embeddings: the linear weights, and once wrapped, each adapter's A and B."""
+    model = base_model()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.num_params(matmul_only=True) == linear
+    apply_lora(model, rank=4, alpha=8)
+    adapters = sum(m.lora.A.numel() + m.lora.B.numel() for m in lora_layers(model).values())
+    assert adapters > 0 and model.num_params(matmul_only=True) == linear + adapters

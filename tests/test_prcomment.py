@@ -13,7 +13,7 @@ import pytest
 
 from llm.cli import main
 from llm.errors import LLMError
-from llm.io import write_csv, write_json
+from llm.files import write_csv, write_json
 from llm.pipeline.compare import Gate
 from llm.pipeline.prcomment import COMMENT, LOSS_CURVES, SUMMARY, curve_file, summary_markdown, write_comment
 from tests.conftest import ROOT

@@ -14,7 +14,7 @@ import torch
 
 import llm.pipeline.finetune as finetune
 from llm.data import TokenWindowDataset
-from llm.io import LockHeld, exclusive_lock
+from llm.files import LockHeld, exclusive_lock
 from llm.model import GPTModel
 from llm.pipeline.finetune import FinetuneStage, Outputs
 from llm.pipeline.params import Params
@@ -395,7 +395,7 @@ def test_a_second_run_of_the_same_state_stops_at_once(tmp_path):
 def test_the_lock_of_a_process_is_seen_by_another_and_dies_with_it(tmp_path):
     lock = tmp_path / "state.pt.lock"
     code = (
-        "import sys; from llm.io import exclusive_lock\n"
+        "import sys; from llm.files import exclusive_lock\n"
         "with exclusive_lock(sys.argv[1]):\n print('held', flush=True); sys.stdin.read()"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], cwd=ROOT, stdin=subprocess.PIPE,

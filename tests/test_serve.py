@@ -297,6 +297,7 @@ CANNOT = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "0.5"}, "temperature: Input should be a"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 2.5}, "temperature: Input should be less"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, "top_p: Input should be greater than 0"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 1e-300}, "temperature: Value error, must be 0"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": 0}, "top_k: Input should be greater"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": -1}, "seed: Input should be greater"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream: Input should be a valid boolean"),

@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 from llm.bounds import MAX_SEED
 from llm.cli import main
 from llm.errors import ConfigError, LLMError
-from llm.io import write_json
+from llm.files import write_json
 from llm.pipeline.compare import (
     Gate,
     compare,

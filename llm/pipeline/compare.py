@@ -28,7 +28,8 @@ from typing import Any
 
 from ruamel.yaml.error import YAMLError
 
-from llm.errors import ConfigError, LLMError, first_line, read_text
+from llm.errors import ConfigError, LLMError, first_line
+from llm.files import read_text
 from llm.pipeline.doc import markdown_table, number, text_table
 from llm.pipeline.stats import ALPHA, Difference, difference, holm
 from llm.pipeline.validate import parse_yaml

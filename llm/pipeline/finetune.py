@@ -39,7 +39,7 @@ import torch
 from llm import distributed
 from llm.checkpoint import checkpoint_meta, read_checkpoint, save_adapter, weights_sha256
 from llm.errors import ConfigError
-from llm.io import write_csv, write_json
+from llm.files import write_csv, write_json
 from llm.lora import adapter_state_dict, apply_lora, count_parameters, merge_lora
 from llm.model import GPTModel
 from llm.pipeline.params import LoopParams, LoraParams, Params, init_source, load_params

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.io import atomic_write_bytes
+from llm.files import atomic_write_bytes
 from llm.pipeline.compare import flatten
 from llm.pipeline.doc import Doc, number
 

@@ -1,14 +1,15 @@
 """Request bodies, validated by pydantic: OpenAI's fields that make sense for these models, plus
 `top_k` and `seed`. Unknown fields are ignored, as OpenAI-compatible servers do; a value of the wrong
-type (strict: "0.5" is not a number) or out of range is a 400 naming the field."""
+type (strict: "0.5" is not a number) or out of range is a 400 naming the field; the seed, temperature
+and top_p bounds are `llm.bounds`', the same as `llm generate`'s and params.yaml's."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SEED_MAX = 2**32 - 1  # the seeds `llm generate --seed` takes
+from llm.bounds import MAX_SEED, temperature_problem, top_p_problem
 
 
 class _Request(BaseModel):
@@ -25,12 +26,28 @@ class _Sampling(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)  # extension
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)  # extension (OpenAI's beta field)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # extension (OpenAI's beta field)
     ignore_eos: bool = False  # extension (as vLLM's): go on past <|endoftext|>, e.g. for benchmarks
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        problem = temperature_problem(value)  # 0 < t < MIN_TEMPERATURE overflows the logits
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float) -> float:
+        problem = top_p_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class CompletionRequest(_Sampling):

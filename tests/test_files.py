@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import llm.io
+import llm.files
 from llm.errors import LLMError
-from llm.io import LockHeld, atomic_path, exclusive_lock, finite_or_none, sanitize, write_json
+from llm.files import LockHeld, atomic_path, exclusive_lock, finite_or_none, sanitize, write_json
 from tests.conftest import ROOT
 
 
@@ -83,7 +83,7 @@ def test_a_write_removes_the_temporaries_a_killed_writer_left_and_nothing_else(t
     ]
     kept = [
         f".out.json.{os.getppid()}-0123abcd-x1y2z3_4.tmp",  # a live process may still be writing it
-        f".out.json.{os.getpid()}-{llm.io._TOKEN}-x1y2z3_4.tmp",  # so may another thread of this one
+        f".out.json.{os.getpid()}-{llm.files._TOKEN}-x1y2z3_4.tmp",  # so may another thread of this one
         ".out.json.x.k3j4h5g6.tmp",  # the temporary of out.json.x
         ".other.json.k3j4h5g6.tmp",
         "out.json.tmp",
@@ -98,7 +98,7 @@ def test_a_write_removes_the_temporaries_a_killed_writer_left_and_nothing_else(t
 def test_sigkill_while_writing_leaves_a_temporary_that_the_next_write_removes(tmp_path):
     target = tmp_path / "state.pt"
     code = (
-        "import sys, time; from llm.io import atomic_path\n"
+        "import sys, time; from llm.files import atomic_path\n"
         "with atomic_path(sys.argv[1]) as tmp:\n"
         " tmp.write_bytes(b'x' * 1000); print(tmp, flush=True); time.sleep(60)"
     )
@@ -143,7 +143,7 @@ def test_atomic_writes_name_the_users_file_when_they_cannot_happen(tmp_path, mon
     import pytest
 
     from llm.errors import LLMError
-    from llm.io import atomic_write_bytes
+    from llm.files import atomic_write_bytes
 
     (tmp_path / "dir").mkdir()
     with pytest.raises(LLMError, match="dir is not a regular file"):

@@ -1,5 +1,7 @@
-"""Atomic file writes (a reader, or DVC, never sees a half-written output) and an exclusive lock
-file (two runs of a stage never share its resume state)."""
+"""Files and standard output, the project's I/O helpers in one place: atomic file writes (a reader,
+or DVC, never sees a half-written output), JSON and CSV written that way, an exclusive lock file
+(two runs of a stage never share its resume state), UTF-8 text read with one-line errors, and
+standard output written so that a failure is one line (`llm.errors.report_error`), not a traceback."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import math
 import os
 import re
 import secrets
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from llm.errors import LLMError
+from llm.errors import STDOUT, LLMError, os_reason
 
 try:
     import fcntl
@@ -213,3 +216,70 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Pat
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_bytes(path, buf.getvalue().encode())
+
+
+# --- text in, standard output out ---------------------------------------------------------------
+
+
+@contextmanager
+def naming(filename: str | os.PathLike) -> Iterator[None]:
+    """Attach `filename` to an OSError raised in the block that names no file: writes that fail
+    (ENOSPC, EIO) carry none. `naming(STDOUT)` marks errors of standard output."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.fspath(filename)
+        raise
+
+
+@contextmanager
+def writing(label: str) -> Iterator[None]:
+    """An OSError in the block, which writes the file `label` names (e.g. "--output out.csv"),
+    as one LLMError naming it, not a temporary file beside it: `cannot write LABEL: reason`."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise LLMError(f"cannot write {label}: {os_reason(exc)}") from None
+
+
+def write_stdout(text: str, flush: bool = False) -> None:
+    """Write `text` to standard output: an OSError (a full disk, a closed descriptor) names it
+    (`report_error` then gives one line), a broken pipe stays a BrokenPipeError (quiet, 141)."""
+    with naming(STDOUT):
+        if sys.stdout is None:  # started with standard output closed (`>&-`)
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+
+
+def flush_stdout() -> None:
+    """Flush standard output now, so that a failure (a full disk, a closed pipe) is reported as
+    one line rather than by the interpreter at exit."""
+    if sys.stdout is not None:
+        with naming(STDOUT):
+            sys.stdout.flush()
+
+
+def read_text(path: str | os.PathLike, what: str = "") -> str:
+    """A UTF-8 text file as `str`, with a leading byte-order mark dropped (Excel writes one) and
+    line ends made "\\n" (as `open` reads them). A file that is not UTF-8 is an LLMError naming
+    the file, the line and the byte offset; one that cannot be read names the reason."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise LLMError(f"cannot read {label}: {os_reason(exc)}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = data[exc.start : exc.start + 1]
+        raise LLMError(
+            f"{label} is not UTF-8 text: byte {bad!r} at offset {exc.start} (line {line}); save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
