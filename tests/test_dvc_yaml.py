@@ -9,6 +9,9 @@ DVC reruns that stage; forget to declare it and this test fails.
 import ast
 import dataclasses
 import importlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +158,59 @@ def test_no_output_keeps_dvc_from_its_run_cache():
             if isinstance(out, dict):
                 (opts,) = out.values()
                 assert not opts.get("persist") and opts.get("cache", True), f"{name}: {out}"
+
+
+# --- what a stage's code deps may not hold -------------------------------------------------------------
+# The settings parser imports no implementation (llm.choices, llm.config and llm.bounds hold the names,
+# presets and bounds it checks), so a stage depends only on the code it runs: an edit to the judge or
+# the server no longer reruns tokenization and pretraining.
+MODEL = {"llm/model.py", "llm/gpt2.py", "llm/checkpoint.py", "llm/generate.py"}
+TRAINING = {"llm/trainer.py", "llm/distributed.py", "llm/losses.py", "llm/schedule.py", "llm/runtime.py"}
+FINETUNING = {"llm/pipeline/finetune.py", "llm/classifier.py", "llm/instruct.py", "llm/pooling.py", "llm/prompts.py"}
+FINETUNING |= {"stages/finetune_spam.py", "stages/finetune_instruct.py"}
+LORA, JUDGE = {"llm/lora.py"}, {"llm/judge.py"}
+
+
+def code_deps(name: str) -> set[str]:
+    return {d for d in declared(STAGES[name][1]["deps"]) if d.endswith(".py")}
+
+
+def serving(deps: set[str]) -> set[str]:
+    return {d for d in deps if d.startswith("llm/serve/") or d == "llm/cli.py"}
+
+
+def test_tokenization_depends_on_no_model_training_finetuning_lora_judge_or_serving_code():
+    deps = code_deps("prepare_text")
+    assert not deps & (MODEL | TRAINING | FINETUNING | LORA | JUDGE) and not serving(deps), sorted(
+        deps & (MODEL | TRAINING | FINETUNING | LORA | JUDGE) | serving(deps)
+    )
+
+
+def test_pretraining_depends_on_no_finetuning_judge_or_serving_code():
+    deps = code_deps("pretrain")
+    assert not deps & (FINETUNING | JUDGE) and not serving(deps), sorted(deps & (FINETUNING | JUDGE) | serving(deps))
+
+
+def test_an_edit_to_the_judge_makes_dvc_status_name_only_the_stages_that_import_it(tmp_path):
+    """In a scratch clone (the committed dvc.lock holds every code dep's md5; the outputs are not
+    there, which dvc status reports too and this test ignores), append a line to llm/judge.py: the
+    stages `dvc status` names llm/judge.py for are exactly those whose deps list it, and neither
+    tokenization nor pretraining is among them."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, capture_output=True)
+    with open(clone / "llm/judge.py", "a") as f:
+        f.write("# an edit\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    named = {
+        stage
+        for stage, entries in status.items()
+        for entry in entries
+        if isinstance(entry, dict) and "llm/judge.py" in entry.get("changed deps", {})
+    }
+    committed = yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
+    users = {name for name, stage in committed.items() if "llm/judge.py" in declared(stage.get("deps"))}
+    assert named == users and users and not users & {"prepare_text", "pretrain", "eval"}, (named, users)
