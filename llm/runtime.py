@@ -6,11 +6,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import random
+import re
 
 import numpy as np
 import torch
 
-from llm.choices import PRECISIONS
+from llm.choices import DEVICE_PATTERN, PRECISIONS
 from llm.errors import LLMError
 
 
@@ -32,7 +33,7 @@ def _device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+    if not re.fullmatch(DEVICE_PATTERN, name):  # the same names params.yaml's device allows
         raise LLMError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LLMError(f"device {name!r} requested but CUDA is not available")

@@ -1,7 +1,9 @@
 """Process-level settings: `runtime.threads` sets torch's CPU threads in the stages' processes."""
 
 import json
+import re
 
+import pytest
 import torch
 
 from llm.runtime import set_threads
@@ -26,3 +28,16 @@ def test_the_pretrain_stage_runs_on_runtime_threads(tmp_path):
     out = run_stage(project, env={**STAGE_ENV, "OMP_NUM_THREADS": "2"})  # the param wins over torch's default
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((project / "timings" / "pretrain.json").read_text())["threads"] == 1
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda:", "cuda:x", "CPU", "cuda:0 "])
+def test_a_device_name_params_yaml_refuses_is_refused_by_select_device_too(name):
+    """One rule for device names (llm.choices.DEVICE_PATTERN): params.yaml, --device and the library."""
+    from llm.errors import LLMError
+    from llm.pipeline.params import parse_params
+    from llm.runtime import select_device
+
+    with pytest.raises(LLMError, match=re.escape(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")):
+        select_device(name)
+    with pytest.raises(LLMError, match="train.device"):
+        parse_params({"train": {"device": name}})
