@@ -141,6 +141,12 @@ def test_sampling_with_a_seed_is_what_generate_gives_with_that_seed(client, ckpt
     assert other != first
 
 
+def test_a_tiny_top_p_is_the_greedy_completion_not_a_500(client, ckpt):
+    body = {"model": "tiny", "prompt": "Every effort", "max_tokens": 12, "temperature": 1.0, "top_p": 1e-300}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == _greedy(ckpt[1], "Every effort", 12)
+
+
 def test_the_default_max_tokens_is_openais_16_or_what_fits(client):
     data = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0}).json()
     assert data["usage"]["completion_tokens"] == 16
