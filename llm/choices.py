@@ -2,9 +2,11 @@
 `params.yaml` (`llm.pipeline.params`) imports no implementation and DVC reruns a stage only when
 the code it runs changes.
 
-Each implementation imports its names from here, so what params.yaml allows and what the code
-can do are the same list by construction; where the implementation is a registry of functions
-(`llm.pooling`, `llm.prompts`) a test keeps its keys equal to the names.
+The code that implements them checks against these same names (`llm.runtime`, `llm.schedule`,
+`llm.lora`, `llm.classifier`), so what params.yaml allows and what the code accepts are one list;
+where the implementation is a registry of functions (`llm.pooling.POOL`, `llm.prompts.STYLES`,
+`llm.lora.LEAF_PATHS`) a test keeps its keys equal to the names. The model presets are
+`llm.config`'s, the numeric bounds `llm.bounds`'.
 """
 
 from __future__ import annotations
