@@ -192,6 +192,15 @@ def test_the_registries_implement_exactly_the_allowed_names():
     assert tuple(POOL) == POOLINGS and tuple(STYLES) == PROMPT_STYLES
     assert tuple(LEAF_PATHS) == LORA_LEAVES and TARGETS == LORA_TARGETS
     assert all(leaf in LORA_LEAVES for group in LORA_GROUPS.values() for leaf in group)
+    from types import SimpleNamespace
+
+    from llm.choices import LR_SCHEDULES
+    from llm.schedule import lr_at
+
+    for name in LR_SCHEDULES:  # every name has a rate; any other is refused, not taken for cosine
+        assert lr_at(5, 10, SimpleNamespace(lr=0.1, min_lr=0.0, warmup_steps=0, lr_schedule=name)) > 0
+    with pytest.raises(ConfigError, match="unknown lr_schedule 'linear'; allowed: constant, cosine"):
+        lr_at(5, 10, SimpleNamespace(lr=0.1, min_lr=0.0, warmup_steps=0, lr_schedule="linear"))
 
 
 # The modules a stage may need only for what it runs: parsing params.yaml imports none of them.
