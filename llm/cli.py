@@ -360,10 +360,16 @@ def cmd_instruct(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from llm.checkpoint import export_hf, load_checkpoint
+    from llm.checkpoint import export_hf, read_checkpoint
 
     _check_output("--out", args.out, directory=True)
-    model = load_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
+    if "classifier" in checkpoint.meta:  # its head scores classes, not tokens: GPT2LMHeadModel cannot hold it
+        raise LLMError(
+            f"--model {args.checkpoint} is a classifier (its head has {checkpoint.state['out_head.weight'].shape[0]} "
+            f"class outputs, not tokens): only a language model exports to GPT-2; `llm classify` and `llm serve` use it"
+        )
+    model = checkpoint.model()
     with writing(f"--out {args.out}"):
         out = export_hf(model, args.out)
     usage = "transformers.GPT2LMHeadModel.from_pretrained"

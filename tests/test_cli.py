@@ -415,3 +415,13 @@ def test_a_bad_command_line_is_one_line(capsys):
     assert (
         capsys.readouterr().err == "llm generate: error: the following arguments are required: --model/--checkpoint\n"
     )
+
+
+def test_exporting_a_classifier_says_it_is_a_classifier(classifier_ckpt, tmp_path, capsys):
+    """A spam classifier's head scores 2 classes, not tokens: `llm export` says so in one line
+    (before: a strict-loading error about an unexpected `out_head.bias`) and writes nothing."""
+    path, _ = classifier_ckpt
+    assert main(["export", "--model", str(path), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a classifier (its head has 2 class outputs" in err
+    assert "only a language model exports to GPT-2" in err and not (tmp_path / "hf").exists()
