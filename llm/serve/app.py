@@ -24,7 +24,7 @@ from llm.serve.routes import api, page
 from llm.serve.scheduler import Scheduler
 from llm.serve.state import Limits
 
-__all__ = ["Limits", "create_app"]
+__all__ = ["Limits", "create_app"]  # Limits lives in llm.serve.state; `llm serve` builds it from here
 
 
 @asynccontextmanager

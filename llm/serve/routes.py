@@ -20,7 +20,7 @@ from llm.prompts import format_input, response_header
 from llm.serve.errors import APIError
 from llm.serve.registry import CLASSIFIER, INSTRUCT, LANGUAGE, ServedModel
 from llm.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest
-from llm.serve.state import Models, ServerLimits, Turns
+from llm.serve.state import LimitsDep, ModelsDep, SchedulerDep
 from llm.serve.streaming import Generation, respond
 from llm.tokenizer import encode
 
@@ -117,17 +117,17 @@ async def index():
 
 
 @api.get("/health")
-async def health(models: Models, scheduler: Turns):
+async def health(models: ModelsDep, scheduler: SchedulerDep):
     return {"status": "ok", "models": list(models), **scheduler.stats()}
 
 
 @api.get("/v1/models")
-async def list_models(models: Models):
+async def list_models(models: ModelsDep):
     return {"object": "list", "data": [m.card() for m in models.values()]}
 
 
 @api.get("/v1/models/{name:path}")
-async def get_model(name: str, models: Models):
+async def get_model(name: str, models: ModelsDep):
     if name not in models:
         raise APIError(404, f"model {name!r} is not loaded here; loaded: {', '.join(models)}",
                        param="model", code="model_not_found")  # fmt: skip
@@ -136,7 +136,9 @@ async def get_model(name: str, models: Models):
 
 # --- generation and classification -----------------------------------------------------------------------
 @api.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request, models: Models, scheduler: Turns, limits: ServerLimits):
+async def completions(
+    req: CompletionRequest, request: Request, models: ModelsDep, scheduler: SchedulerDep, limits: LimitsDep
+):
     served = pick(models, req.model, "/v1/completions", (LANGUAGE, INSTRUCT))
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
@@ -158,7 +160,9 @@ async def completions(req: CompletionRequest, request: Request, models: Models, 
 
 
 @api.post("/v1/chat/completions")
-async def chat_completions(req: ChatRequest, request: Request, models: Models, scheduler: Turns, limits: ServerLimits):
+async def chat_completions(
+    req: ChatRequest, request: Request, models: ModelsDep, scheduler: SchedulerDep, limits: LimitsDep
+):
     served = pick(models, req.model, "/v1/chat/completions", (INSTRUCT,))
     entry = chat_entry(req)
     ids = encode(format_input(entry, served.prompt_style) + response_header(served.prompt_style))
@@ -185,7 +189,7 @@ async def chat_completions(req: ChatRequest, request: Request, models: Models, s
 
 
 @api.post("/v1/classify")
-async def classify_texts(req: ClassifyRequest, models: Models, scheduler: Turns):
+async def classify_texts(req: ClassifyRequest, models: ModelsDep, scheduler: SchedulerDep):
     served = pick(models, req.model, "/v1/classify", (CLASSIFIER,))
     texts = [req.input] if isinstance(req.input, str) else req.input
     if not texts:

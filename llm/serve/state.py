@@ -1,5 +1,5 @@
 """What the routes share: the models by name, the scheduler (the fair queue) and the limits. `create_app`
-keeps them on `app.state`; a route asks for them by type, `models: Models`, and FastAPI hands them over."""
+keeps them on `app.state`; a route names them as parameters (`models: ModelsDep`) and FastAPI hands them over."""
 
 from __future__ import annotations
 
@@ -34,6 +34,6 @@ async def _limits(request: Request) -> Limits:
     return request.app.state.limits
 
 
-Models = Annotated[Mapping[str, ServedModel], Depends(_models)]
-Turns = Annotated[Scheduler, Depends(_scheduler)]
-ServerLimits = Annotated[Limits, Depends(_limits)]
+ModelsDep = Annotated[Mapping[str, ServedModel], Depends(_models)]
+SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
+LimitsDep = Annotated[Limits, Depends(_limits)]

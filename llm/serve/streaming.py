@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from llm.generate import generate_stream
 from llm.serve.registry import ServedModel
 from llm.serve.scheduler import Scheduler, Ticket
+from llm.serve.schemas import ChatRequest, CompletionRequest
 from llm.tokenizer import EOT_ID, get_tokenizer, token_bytes
 
 
@@ -151,7 +152,7 @@ Chunk = Callable[[str | None, str | None], dict]  # (a piece of text or None, fi
 
 async def respond(
     request: Request,
-    req,
+    req: CompletionRequest | ChatRequest,
     gen: Generation,
     ticket: Ticket,
     chunk: Chunk,
