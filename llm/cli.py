@@ -389,10 +389,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise LLMError(f"--max-queue must be >= 0, got {args.max_queue}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLM_API_KEY") or None
-    models = load_models(args.models, select_device(args.device))
+    sock = bind(args.host, args.port)  # before the (slow) model load: a port in use fails at once
+    try:
+        models = load_models(args.models, select_device(args.device))
+    except BaseException:
+        sock.close()
+        raise
     limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes)
     app = create_app(models, api_key=api_key, limits=limits)
-    sock = bind(args.host, args.port)
     prog = f"{args.prog} serve"
     if not is_loopback(args.host) and not api_key:
         print(f"{prog}: warning: listening on {args.host} without an API key: anyone who can reach this port "
