@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT, committed, unavailable
