@@ -31,7 +31,8 @@ def test_the_docs_tables_are_the_scripts_output(generated):
 
 
 def test_the_readme_links_the_doc():
-    assert "[`docs/scaling.md`](docs/scaling.md)" in (scaling.ROOT / "README.md").read_text(encoding="utf-8")
+    # a link to the page (test_docs.py checks that every link resolves)
+    assert "](docs/scaling.md)" in (scaling.ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_write_replaces_only_the_marked_blocks():
