@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@echo "installing the project and its packages into $(VENV) (a few minutes the first time; pip prints each package)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

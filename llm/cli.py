@@ -350,10 +350,16 @@ def cmd_instruct(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from llm.checkpoint import export_hf, load_checkpoint
+    from llm.checkpoint import export_hf, read_checkpoint
 
     _check_output("--out", args.out, directory=True)
-    model = load_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
+    if "classifier" in checkpoint.meta:  # its head scores classes, not tokens: GPT2LMHeadModel cannot hold it
+        raise LLMError(
+            f"--model {args.checkpoint} is a classifier (its head has {checkpoint.state['out_head.weight'].shape[0]} "
+            f"class outputs, not tokens): only a language model exports to GPT-2; `llm classify` and `llm serve` use it"
+        )
+    model = checkpoint.model()
     with writing(f"--out {args.out}"):
         out = export_hf(model, args.out)
     usage = "transformers.GPT2LMHeadModel.from_pretrained"
@@ -373,10 +379,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise LLMError(f"--max-queue must be >= 0, got {args.max_queue}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLM_API_KEY") or None
-    models = load_models(args.models, select_device(args.device))
+    sock = bind(args.host, args.port)  # before the (slow) model load: a port in use fails at once
+    try:
+        models = load_models(args.models, select_device(args.device))
+    except BaseException:
+        sock.close()
+        raise
     limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes)
     app = create_app(models, api_key=api_key, limits=limits)
-    sock = bind(args.host, args.port)
     prog = f"{args.prog} serve"
     if not is_loopback(args.host) and not api_key:
         print(f"{prog}: warning: listening on {args.host} without an API key: anyone who can reach this port "

@@ -64,7 +64,7 @@ def parse_score(reply: str) -> int | None:
 def judge_responses(entries: Sequence[dict], model: str, url: str, seed: int = 123) -> dict[str, float]:
     """Score every entry's `model_response`; replies that are not an integer are counted, not fatal."""
     scores, invalid = [], 0
-    for entry in progress_bar(entries, desc="judge", unit="entry"):
+    for entry in progress_bar(entries, desc="judge", unit="entry", lines=True):
         score = parse_score(query_model(judge_prompt(entry), model, url, seed))
         if score is None:
             invalid += 1

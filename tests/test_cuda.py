@@ -1,5 +1,5 @@
 """What the code does for a CUDA device, checked on a machine without one: TF32 matmuls, pinned-memory
-loaders, copies that do not wait, fused AdamW. Nothing here runs on a GPU (README: Performance, GPU)."""
+loaders, copies that do not wait, fused AdamW. Nothing here runs on a GPU (docs/performance.md, GPU)."""
 
 from types import SimpleNamespace
 

@@ -91,7 +91,7 @@ def test_the_book_count_of_trainable_lora_parameters():
             p.requires_grad = False
         replace_linear_with_lora(model, rank=16, alpha=16)
     assert count_parameters(model)["trainable"] == 2_666_528
-    # the stages: the new head trains in full and gets no adapter (README: LoRA)
+    # the stages: the new head trains in full and gets no adapter (docs/lora.md)
     with torch.device("meta"):
         model = add_classification_head(GPTModel(PRESETS["gpt2-small"]), num_classes=2, trainable_blocks=-1)
         apply_lora(model, rank=16, alpha=16, modules_to_save=("out_head",))

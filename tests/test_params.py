@@ -508,8 +508,9 @@ def readme_overrides() -> list[list[tuple[str, str]]]:
 
 
 def test_every_dvc_exp_run_of_the_readme_sets_valid_params():
-    """Each README command's -S settings (values read as DVC reads them, YAML 1.2) applied to params.yaml
-    validate: a renamed or misspelt key, or a value out of bounds, in the README fails here."""
+    """Each documented command's -S settings (values read as DVC reads them, YAML 1.2) applied to
+    params.yaml validate: a renamed or misspelt key, or a value out of bounds, in README.md or a docs/
+    page fails here."""
     from llm.pipeline.validate import parse_yaml
 
     commands = readme_overrides()

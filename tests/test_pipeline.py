@@ -298,16 +298,16 @@ def test_pretrain_and_eval_start_from_gpt2_weights(repo, tmp_path):
         sh(["dvc", "checkout", "-q", "-f"], path, env)
 
 
-def test_two_nodes_then_dvc_commit_as_the_readme_says(repo):
-    """The README's multi-node recipe on one machine: two torchrun agents (node ranks 0 and 1, one
+def test_two_nodes_then_dvc_commit_as_the_docs_say(repo):
+    """docs/training.md's multi-node recipe on one machine: two torchrun agents (node ranks 0 and 1, one
     process each) on 127.0.0.1, then `dvc commit -f pretrain`: the stage is up to date, its metrics
     say 2 processes, and the downstream stages see the new model."""
     import re
     import socket
 
     path, env = repo
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- multinode:begin -->\n```sh\n(.*?)```\n<!-- multinode:end -->", readme, re.S).group(1)
+    page = (ROOT / "docs" / "training.md").read_text()
+    block = re.search(r"<!-- multinode:begin -->\n```sh\n(.*?)```\n<!-- multinode:end -->", page, re.S).group(1)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line and not line.startswith("#")]
     launch, commit = lines
     with socket.socket() as s:
@@ -339,8 +339,8 @@ def test_two_nodes_then_dvc_commit_as_the_readme_says(repo):
 
 
 def test_a_sweep_two_at_a_time_on_one_thread_each(repo):
-    """The README's sweep: queued with runtime.threads=1, run by `dvc queue start -j 2`; both succeed,
-    every stage that runs a model used one thread, the metrics follow the params, and the README's
+    """docs/experiments.md's sweep: queued with runtime.threads=1, run by `dvc queue start -j 2`; both
+    succeed, every stage that runs a model used one thread, the metrics follow the params, and the page's
     comparison commands read the two experiments."""
     import time
 

@@ -114,3 +114,26 @@ def test_trainer_logs_plain_lines_without_a_bar(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert "Ep 1 (Step 000000): Train loss" in out and "Ep 1 (Step 000002): Train loss" in out
+
+
+def test_long_loops_print_a_plain_line_every_tenth_off_a_terminal(capsys, monkeypatch):
+    """`lines=True` (the instruction stage answering its test set, the judge): off a terminal the log
+    shows the loop moving, one plain line per tenth and one at the end; on a terminal it is a bar."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert list(progress_bar(list(range(20)), desc="responses", unit="entry", lines=True)) == list(range(20))
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert err == "" and len(lines) == 10 and "\r" not in out
+    assert lines[0].startswith("responses: 2/20 entries (10%), ") and lines[0].endswith(" left")
+    assert lines[-1].startswith("responses: 20/20 entries (100%), ") and "left" not in lines[-1]
+    list(progress_bar(list(range(3)), desc="judge", unit="entry", lines=True))
+    assert [ln.split(",")[0] for ln in capsys.readouterr().out.splitlines()] == [
+        "judge: 1/3 entries (33%)", "judge: 2/3 entries (67%)", "judge: 3/3 entries (100%)"
+    ]  # fmt: skip
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    list(progress_bar(list(range(20)), desc="responses", lines=True))
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.delenv("TQDM_DISABLE")
+    terminal = on_terminal(monkeypatch)
+    list(progress_bar(list(range(20)), desc="responses", unit="entry", lines=True))
+    assert "\r" in terminal.getvalue() and capsys.readouterr().out == ""

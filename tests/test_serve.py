@@ -13,10 +13,11 @@ from llm.classifier import classify, load_classifier
 from llm.cli import main
 from llm.generate import generate
 from llm.instruct import respond
-from llm.serve.app import Generation, Limits, StopText, create_app
+from llm.serve.app import Limits, create_app
 from llm.serve.registry import load_models, split_spec
 from llm.serve.scheduler import Scheduler
 from llm.serve.schemas import CompletionRequest
+from llm.serve.streaming import Generation, StopText
 from llm.tokenizer import EOT_ID, encode, get_tokenizer, token_ids_to_text
 
 
@@ -458,3 +459,26 @@ def test_a_port_in_use_is_one_line_and_exit_2(capsys, ckpt):
         port = taken.getsockname()[1]
         argv = ["serve", "--model", str(ckpt[0]), "--port", str(port)]
         _one_line(capsys, argv, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+def test_the_port_is_checked_before_any_model_is_read(capsys):
+    # the model does not exist: had it been read first, its error would be the one printed
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", "/no/such/ckpt", "--port", str(port)]
+        _one_line(capsys, argv, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+    # an address that is not this machine's (TEST-NET-1) cannot be listened on either
+    argv = ["serve", "--model", "/no/such/ckpt", "--host", "192.0.2.1", "--port", "0"]
+    _one_line(capsys, argv, "cannot listen on 192.0.2.1:0: ")
+
+
+@pytest.mark.filterwarnings("error")  # a socket left to the garbage collector warns (ResourceWarning)
+def test_a_model_that_fails_to_load_closes_its_socket(capsys):
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _one_line(capsys, ["serve", "--model", "/no/such/ckpt", "--port", str(port)], "checkpoint /no/such/ckpt")
+    with socket.socket() as again:  # the failed server holds it no more
+        again.bind(("127.0.0.1", port))

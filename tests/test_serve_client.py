@@ -5,6 +5,7 @@ the API key, the drain on SIGTERM and Ctrl-C."""
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,6 +148,17 @@ def test_a_public_address_without_a_key_warns_and_with_a_key_every_request_needs
         keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
     assert port.isdigit()
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_the_models_load(ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "llm", "serve", "--model", str(ckpt[0]), "--port", str(port)]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"llm serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 @pytest.mark.parametrize(

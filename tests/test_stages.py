@@ -2,10 +2,12 @@
 is accepted on the command line."""
 
 import runpy
+import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.test_dvc_yaml import STAGES
 
 MODULES = sorted({module for module, _ in STAGES.values()})
@@ -28,3 +30,13 @@ def test_unknown_arguments_stop_before_any_work(module, monkeypatch, capsys):
         runpy.run_module(f"stages.{module}", run_name="__main__")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments" in err
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_python_without_the_project_stops_with_one_line_that_says_to_activate(module):
+    """dvc.yaml calls the first `python` on PATH: run without the venv active (`.venv/bin/dvc repro`),
+    that Python lacks the project and its packages. `-S` (no site-packages) stands in for it: one
+    line that names the interpreter and the fix, exit 1, instead of a ModuleNotFoundError traceback."""
+    out = subprocess.run([sys.executable, "-S", "-m", f"stages.{module}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
+    assert "does not have this project installed" in out.stderr and "source .venv/bin/activate" in out.stderr

@@ -1,8 +1,9 @@
-"""Running the app: load the models, listen, serve with uvicorn until Ctrl-C or SIGTERM, drain, exit 0.
+"""Running the app: listen, load the models, serve with uvicorn until Ctrl-C or SIGTERM, drain, exit 0.
 
 Startup problems (a bad --model, a port in use) are LLMErrors: one line and exit status 2, as for every
-`llm` command. The first Ctrl-C or SIGTERM stops accepting connections and lets the requests in flight
-finish (up to `drain_timeout` seconds); the process then exits 0. A second Ctrl-C stops at once (130).
+`llm` command; the port is bound before the models load, so a port in use fails at once. The first
+Ctrl-C or SIGTERM stops accepting connections and lets the requests in flight finish (up to
+`drain_timeout` seconds); the process then exits 0. A second Ctrl-C stops at once (130).
 """
 
 from __future__ import annotations
