@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,7 @@ from llm.pooling import POOLINGS
 from llm.prompts import PROMPT_STYLES
 from llm.runtime import PRECISIONS
 from llm.schedule import LR_SCHEDULES
+from llm.settings import LoopSettings
 
 # `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
 PRETRAINED = Path("models/pretrain")
@@ -191,7 +193,8 @@ class ModelParams(Settings):
 
 
 class LoopParams(Settings):
-    """What `llm.trainer.Trainer` reads: shared by pretraining and both finetuning stages."""
+    """The training loop's section, shared by pretraining and both finetuning stages: `settings()` is what
+    `llm.trainer.Trainer` reads."""
 
     seed: Seed = 123
     """Model init (or the new head), data order and dropout all follow from it."""
@@ -233,6 +236,11 @@ class LoopParams(Settings):
         if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
         return value
+
+    def settings(self) -> LoopSettings:
+        """The loop's settings: this section's fields that `LoopSettings` names (`max_steps` only in `train`;
+        `nproc_per_node` is read by `llm.distributed.start`, and a stage's own fields by the stage)."""
+        return LoopSettings(**self.model_dump(include={f.name for f in fields(LoopSettings)}))
 
     @model_validator(mode="after")
     def _min_lr(self) -> LoopParams:
