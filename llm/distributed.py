@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -233,9 +233,12 @@ class DropoutStreams:
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
-    def seeded_at_first_batch(self, batches: Iterable, epoch_seed) -> Iterator:
+    def seeded_at_first_batch(self, batches: Iterator, epoch_seed: Callable[[], int]) -> Iterator:
         """`batches`, the stream seeded once the first is drawn (drawing it draws the epoch's seed,
-        which `epoch_seed()` then returns)."""
+        which `epoch_seed()` then returns); `batches` itself with one process."""
+        return batches if self.rng is None else self._seeded(batches, epoch_seed)
+
+    def _seeded(self, batches: Iterator, epoch_seed: Callable[[], int]) -> Iterator:
         for i, batch in enumerate(batches):
             if i == 0:
                 self.seed(epoch_seed())
