@@ -335,3 +335,40 @@ def test_a_run_with_a_budget_resumes_mid_epoch_bit_for_bit(tmp_path):
     assert resumed.train_loss == full.train_loss and resumed.steps == 30
     for a, b in zip(model.parameters(), full_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_loop_settings_are_the_loop_params_fields_defined_once():
+    """`LoopSettings` (llm/settings.py) names the loop's fields once; the params section builds it."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from llm.pipeline.params import LoopParams, TrainParams
+
+    names = {f.name for f in dataclasses.fields(LoopSettings)}
+    assert names - {"max_steps"} == set(LoopParams.model_fields) - {"nproc_per_node"}
+    train = TrainParams(max_steps=7, compile=True)
+    assert train.settings() == LoopSettings(**{k: getattr(train, k) for k in names})
+    assert train.settings().device == "auto"  # params.yaml's default; LoopSettings has none:
+    with pytest.raises(TypeError, match="device"):
+        LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        train.settings().lr = 1.0
+    code = "import sys, llm.settings; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # torch-free
+
+
+def test_a_resume_state_is_never_unpickled(tmp_path):
+    """A state file holding an arbitrary pickled object is ignored, its code not run (weights_only)."""
+    state, witness = tmp_path / "state.pt", tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.makedirs, (str(witness),)
+
+    torch.save({"run_id": "r", "payload": Payload()}, state)
+    messages = []
+    trainer = Trainer(fresh_model(), make_loaders(*datasets(), settings()), settings(), state_path=state, run_id="r",
+                      progress=False, log=messages.append)  # fmt: skip
+    assert not trainer.try_resume() and not witness.exists()
+    assert messages == [f"ignoring unreadable training state {state}: UnpicklingError"]
