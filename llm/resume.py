@@ -48,6 +48,18 @@ class History:
     total_examples: int = 0
     train_seconds: float = 0.0
 
+    def record(self, step: int, epoch: int, train_loss: float, val_loss: float, lr: float, extra: dict) -> None:
+        """An evaluation point: the losses and extra metrics at `step`, with the totals so far."""
+        self.step.append(step)
+        self.epoch.append(epoch)
+        self.tokens_seen.append(self.total_tokens)
+        self.examples_seen.append(self.total_examples)
+        self.train_loss.append(train_loss)
+        self.val_loss.append(val_loss)
+        self.lr.append(lr)
+        for name, value in extra.items():
+            self.extra.setdefault(name, []).append(value)
+
     def rows(self) -> list[dict[str, Any]]:
         keys = ["step", "epoch", "tokens_seen", "examples_seen", "train_loss", "val_loss", "lr"]
         columns = [getattr(self, k) for k in keys]
@@ -89,6 +101,16 @@ class TrainState:
         if world_size > 1 and self.world_size == world_size and self.rng_ranks:
             return tuple(self.rng_ranks[rank])
         return None
+
+    def restore_rng(self, dropout: distributed.DropoutStreams, world_size: int, rank: int) -> None:
+        """torch's global RNG as the interrupted run had it, and this rank's dropout stream when saved by
+        as many processes (otherwise the loop derives it anew)."""
+        torch.set_rng_state(self.rng_cpu)
+        if self.rng_cuda:
+            torch.cuda.set_rng_state_all(self.rng_cuda)
+        own = self.own_dropout(world_size, rank)
+        if own is not None:
+            dropout.restore(own)
 
 
 # --- whose state it is ---------------------------------------------------------------------------

@@ -54,6 +54,18 @@ class TrainingInterrupted(LLMError):
 class NonFiniteLoss(LLMError):
     """The training loss became NaN or infinite: training stopped before that step's update."""
 
+    @classmethod
+    def at(cls, step: int, epoch: int, losses: list[torch.Tensor], store: StateStore | None) -> NonFiniteLoss:
+        value = next((x.item() for x in losses if not math.isfinite(x.item())), "non-finite on another rank")
+        if store and store.saved_step is not None:
+            kept = f"the last good resume state is {store.path} (step {store.saved_step})"
+        else:
+            kept = "no resume state was saved"
+        return cls(
+            f"training stopped at step {step + 1} (epoch {epoch + 1}): the loss is {value}; {kept}; "
+            "a lower learning rate or gradient clipping may help"
+        )
+
 
 def lm_loss(model, batch, device, precision):
     """Next-token cross-entropy over every position (the book's `calc_loss_batch`)."""
@@ -110,21 +122,17 @@ def stop_on_signals(trainer: Trainer):
 class Trainer:
     """`Trainer(model, loaders, settings).fit()` → History.
 
-    `loaders`: `llm.loaders.make_loaders(train_set, val_set, settings)` (the pipeline's: sharded over the
-    processes, resumable) or `Loaders.given(train_loader, val_loader)` (the book's, iterated as they are;
-    the training loss is then evaluated on the training loader itself, as the book does).
-    `loss_fn(model, batch, device, precision)` returns the mean loss of a batch; `evaluate_fn(model)`, if
-    given, returns extra metrics logged at every evaluation (e.g. accuracies); `on_epoch_end(model, epoch)`
-    runs after each epoch (the model is put back in training mode after it) and a dict it returns is kept
-    in `history.epoch_metrics`; `on_record(history)` runs after each evaluation (the stages rewrite their
-    curve file there, so a curve is on disk while training runs and after an interruption). A given
-    `optimizer` is used as is: with a constant lr and no warmup the loop never touches its learning rate.
+    `loaders`: `llm.loaders.make_loaders(...)` (the pipeline's: sharded, resumable) or `Loaders.given(...)`
+    (the book's, iterated as they are, the training loss evaluated on the training loader itself).
+    `loss_fn(model, batch, device, precision)` is a batch's mean loss; `evaluate_fn(model)` returns extra
+    metrics for every evaluation; `on_epoch_end(model, epoch)` runs after each epoch (a dict it returns
+    is kept in `history.epoch_metrics`); `on_record(history)` after each evaluation (a stage rewrites its
+    curve there). A given `optimizer` is used as is: a constant lr without warmup is never written to it.
 
-    `state_path` enables the resume state (`llm.resume`); `run_id` (e.g. the params) identifies the run,
-    with hashes of the starting weights and data added: a state of any other run is ignored. `fit()`
-    saves the final state and keeps it; a stage runs `with trainer: history = trainer.fit(); <write
-    outputs>`, which holds `<state_path>.lock` (a second run of the stage stops at once) and removes the
-    state only when the block succeeds, so a failure after training resumes at the end.
+    `state_path` enables the resume state; `run_id` (e.g. the params), with hashes of the starting
+    weights and data, tells this run's state from another's. `fit()` saves the final state and keeps it;
+    `with trainer: history = trainer.fit(); <write outputs>` holds `<state_path>.lock` (a second run of
+    the stage stops at once) and removes the state only when the block succeeds.
     """
 
     def __init__(
@@ -154,6 +162,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.progress, self.log = progress and self.is_main, log if self.is_main else _quiet
         self.store: StateStore | None = None
+        self.state_path = Path(state_path) if state_path else None
         if state_path:  # before moving to the device: the weights a run starts from
             micro_batch = settings.batch_size * self.world_size
             run = run_fingerprint(run_id, model, loaders.train.dataset, loaders.val.dataset, micro_batch)
@@ -169,12 +178,8 @@ class Trainer:
         self.step_model = self.ddp or self.model
         if settings.compile:
             self.step_model = torch.compile(self.step_model)
-        self.loss_fn, self.evaluate_fn, self.on_epoch_end, self.on_record = (
-            loss_fn,
-            evaluate_fn,
-            on_epoch_end,
-            on_record,
-        )
+        self.loss_fn, self.evaluate_fn = loss_fn, evaluate_fn
+        self.on_epoch_end, self.on_record = on_epoch_end, on_record
         if optimizer is None:
             optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
         self.optimizer = optimizer
@@ -269,20 +274,23 @@ class Trainer:
                 self.model.train()
             self._checkpoint(bar)
         if resumed:  # resumed at the end: what follows training sees the RNG of an uninterrupted run
-            self._restore_rng(resumed)
+            resumed.restore_rng(self.dropout, self.world_size, self.rank)
         bar.close()
 
     def _epoch_batches(self, resumed: TrainState | None):
-        """This epoch's batches from the first not done, the RNG where an uninterrupted run has it."""
+        """This epoch's batches from the first not yet done, the RNG (and several processes' dropout
+        streams) where an uninterrupted run has them. `resumed`: the state this run resumes from, at the
+        first epoch the loop runs after a resume; None at every other."""
         if resumed and not self.batches_done:  # at an epoch boundary: the RNG as it was, the epoch draws its order
-            self._restore_rng(resumed)
+            resumed.restore_rng(self.dropout, self.world_size, self.rank)
             resumed = None
         if resumed:  # mid-epoch: this epoch's order, from the first batch not done
             self.sampler.resume(resumed.epoch_seed, self.batches_done * self.s.batch_size)
         batches = iter(self.loaders.train)  # draws from the global RNG, as the book's loop does
-        if resumed is None:  # several processes: the epoch's dropout streams, seeded from its permutation's seed
+        if resumed is None:  # a fresh epoch: its dropout streams seeded from its permutation's seed
             return self.dropout.seeded_at_first_batch(batches, lambda: self.sampler.seed)
-        self._restore_rng(resumed)  # the RNG (and dropout streams) where the interrupted run had them
+        # mid-epoch: the RNG (and dropout streams) where the interrupted run had them, undoing iter's draw
+        resumed.restore_rng(self.dropout, self.world_size, self.rank)
         if resumed.own_dropout(self.world_size, self.rank) is None:  # saved by another number of processes:
             self.dropout.seed(resumed.epoch_seed, self.step)  # the streams anew, at this step
         return batches
@@ -306,18 +314,9 @@ class Trainer:
         finite = bool(torch.isfinite(torch.stack(losses)).all())
         if self.world_size > 1:  # every rank stops, or none
             finite = distributed.sum_over_ranks(float(not finite))[0] == 0
-        if finite:
-            return
-        bar.close()
-        value = next((x.item() for x in losses if not math.isfinite(x.item())), "non-finite on another rank")
-        if self._saved_step is not None:
-            kept = f"the last good resume state is {self.state_path} (step {self._saved_step})"
-        else:
-            kept = "no resume state was saved"
-        raise NonFiniteLoss(
-            f"training stopped at step {self.step + 1} (epoch {self.epoch + 1}): the loss is {value}; {kept}; "
-            "a lower learning rate or gradient clipping may help"
-        )
+        if not finite:
+            bar.close()
+            raise NonFiniteLoss.at(self.step, self.epoch, losses, self.store)
 
     # --- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, num_batches: int | None) -> tuple[float, float, dict[str, float]]:
@@ -339,18 +338,9 @@ class Trainer:
 
     def _record(self, lr: float, bar) -> None:
         train_loss, val_loss, extra = self.evaluate(self.s.eval_iter)
-        h = self.history
-        h.step.append(self.step)
-        h.epoch.append(self.epoch + 1)
-        h.tokens_seen.append(h.total_tokens)
-        h.examples_seen.append(h.total_examples)
-        h.train_loss.append(train_loss)
-        h.val_loss.append(val_loss)
-        h.lr.append(lr)
-        for name, value in extra.items():
-            h.extra.setdefault(name, []).append(value)
+        self.history.record(self.step, self.epoch + 1, train_loss, val_loss, lr, extra)
         if self.on_record and self.is_main:
-            self.on_record(h)
+            self.on_record(self.history)
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
         self.log(f"Ep {self.epoch + 1} (Step {self.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
@@ -364,16 +354,8 @@ class Trainer:
 
     # --- the resume state (`llm.resume`) -------------------------------------------------------------
     @property
-    def state_path(self) -> Path | None:
-        return self.store.path if self.store else None
-
-    @property
     def lock_path(self) -> Path | None:
         return self.store.lock_path if self.store else None
-
-    @property
-    def _saved_step(self) -> int | None:
-        return self.store.saved_step if self.store else None
 
     def try_resume(self) -> bool:
         """Load the saved state if it belongs to this run; whether training resumes."""
@@ -394,16 +376,6 @@ class Trainer:
         else:
             self.log(f"resuming from {self.state_path}: epoch {self.epoch + 1}, step {self.step}")
         return state
-
-    def _restore_rng(self, state: TrainState) -> None:
-        """torch's global RNG as the interrupted run had it, and this rank's dropout stream when saved by
-        as many processes (otherwise the loop derives it anew)."""
-        torch.set_rng_state(state.rng_cpu)
-        if state.rng_cuda:
-            torch.cuda.set_rng_state_all(state.rng_cuda)
-        own = state.own_dropout(self.world_size, self.rank)
-        if own is not None:
-            self.dropout.restore(own)
 
     def _snapshot(self, rng_ranks: list | None) -> TrainState:
         return TrainState(
@@ -431,12 +403,13 @@ class Trainer:
 
     def _save_or_warn(self) -> None:
         """A checkpoint on the way: one that cannot be written (a full disk) is a warning."""
-        if self._saved_step == self.step:
+        if self.store is None or self.store.saved_step == self.step:
             return
+        saved = self.store.saved_step
         try:
             self.save_state()
         except SAVE_ERRORS as exc:
-            kept = f"; the state of step {self._saved_step} is kept" if self._saved_step is not None else ""
+            kept = f"; the state of step {saved} is kept" if saved is not None else ""
             self.log(
                 f"warning: could not save the resume state to {self.state_path} at step {self.step} "
                 f"({_reason(exc)}){kept}; training goes on"
@@ -460,16 +433,18 @@ class Trainer:
 
     def _interrupt(self) -> None:
         """Save the state and raise TrainingInterrupted (a requested stop)."""
+        if self.store is None:
+            raise TrainingInterrupted(f"training interrupted at step {self.step}")
+        saved = self.store.saved_step
         try:
             self.save_state()
         except SAVE_ERRORS as exc:
-            then = f"resumes from step {self._saved_step}" if self._saved_step is not None else "starts over"
+            then = f"resumes from step {saved}" if saved is not None else "starts over"
             raise TrainingInterrupted(
                 f"training interrupted at step {self.step}, but its resume state could not be saved to "
                 f"{self.state_path} ({_reason(exc)}): a rerun {then}"
             ) from exc
-        where = f"; resume state saved to {self.state_path}" if self.state_path else ""
-        raise TrainingInterrupted(f"training interrupted at step {self.step}{where}")
+        raise TrainingInterrupted(f"training interrupted at step {self.step}; resume state saved to {self.state_path}")
 
     def clear_state(self) -> None:
         """Remove the resume state: call it once every output of the run is written."""
