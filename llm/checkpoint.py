@@ -18,6 +18,10 @@ Public API:
   new head) and `lora.json` (rank, alpha, targets, the base model's name, path and sha256); every reader
   above takes it, loading the base, checking its hash and merging the adapters (`llm.lora`);
 - `weights_state_dict`, `load_weights`, `reconfigure`, `resolve_checkpoint`.
+
+One other file holds weights: a training run's resume state (`models/resume/<stage>.pt`, never a
+stage output), which `llm.resume` writes and reads as its `TrainState`: a `torch.save` dict of the
+weights, the optimizer, the position and the RNG states, read with `weights_only=True`.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ and `WORLD_SIZE` in its environment) runs torchrun, `python -m llm.distributed -
 --nproc_per_node N -m llm.distributed MODULE PARAMS` (`launch`: torchrun with one-line failures), in a
 session of its own (`run_torchrun`), and exits with its status; each process that
 torchrun starts joins the process group (gloo on CPU, nccl on CUDA with the GPU `LOCAL_RANK`) and
-runs the stage's `main`. `llm.trainer.Trainer` reads the rank and world size from the group, wraps
-the model in DistributedDataParallel and averages its evaluation losses over the ranks; the group
+runs the stage's `main`. `llm.trainer.Trainer` reads the rank and world size from the group (through
+`llm.loaders.make_loaders`), wraps the model in DistributedDataParallel (`wrap_ddp`), gives each rank a
+dropout stream of its own (`DropoutStreams`) and averages its evaluation losses over the ranks; the group
 is destroyed when the process exits.
 """
 
@@ -18,11 +19,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -173,6 +178,85 @@ def sum_over_ranks(*values: float) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """`model` in DistributedDataParallel: gradients averaged over the ranks in the backward pass; rank 0's
+    weights broadcast once; the buffers (the causal masks, constant) never synchronised."""
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else "broadcast_buffers": False}  # fmt: skip
+    return ddp(model, device_ids=ids, **no_sync)
+
+
+def rank_seed(epoch_seed: int, rank: int, *more: int) -> int:
+    """The seed of a rank's dropout stream in an epoch (several processes): a hash of the epoch's
+    permutation seed (rank 0's draw, shared by all), the rank and `more` (the step, when a run resumes
+    mid-epoch on another number of processes). Distinct ranks get unrelated streams, so their
+    dropout masks differ; one process never reseeds (the book's stream)."""
+    words = np.random.SeedSequence([epoch_seed, rank, *more]).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+class DropoutStreams:
+    """Several processes: torch's global RNG serves the data order, evaluations and hooks exactly as with
+    one process (so with dropout 0, N processes at batch B train like one at N x B), and the training
+    steps' dropout draws from a stream of each rank's own, swapped in around each forward and backward
+    pass (`active`) and seeded at each epoch's first batch with `rank_seed(epoch seed, rank)`, so the
+    ranks' masks differ. On CUDA dropout draws from the GPU's generator, which nothing else uses: it is
+    seeded per rank and left in place. With one process every method does nothing."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.device = rank, device
+        self.rng = torch.Generator() if world_size > 1 else None
+
+    @contextmanager
+    def active(self):
+        """torch's global CPU RNG is this rank's dropout stream in the block."""
+        if self.rng is None:
+            yield
+            return
+        data = torch.get_rng_state()
+        torch.set_rng_state(self.rng.get_state())
+        try:
+            yield
+        finally:
+            self.rng.set_state(torch.get_rng_state())
+            torch.set_rng_state(data)
+
+    def seed(self, epoch_seed: int, *more: int) -> None:
+        if self.rng is None:
+            return
+        seed = rank_seed(epoch_seed, self.rank, *more)
+        self.rng.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def seeded_at_first_batch(self, batches: Iterator, epoch_seed: Callable[[], int]) -> Iterator:
+        """`batches`, the stream seeded once the first is drawn (drawing it draws the epoch's seed,
+        which `epoch_seed()` then returns); `batches` itself with one process."""
+        return batches if self.rng is None else self._seeded(batches, epoch_seed)
+
+    def _seeded(self, batches: Iterator, epoch_seed: Callable[[], int]) -> Iterator:
+        for i, batch in enumerate(batches):
+            if i == 0:
+                self.seed(epoch_seed())
+            yield batch
+
+    def state(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+        return self.rng.get_state(), cuda
+
+    def gather(self) -> list | None:
+        """Every rank's stream state on rank 0, for the resume state (None with one process)."""
+        return gather_objects(self.state()) if self.rng is not None else None
+
+    def restore(self, state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+        cpu, cuda = state
+        self.rng.set_state(cpu)
+        if cuda and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda[0], self.device)
 
 
 def launch(argv: list[str]) -> int:

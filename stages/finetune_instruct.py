@@ -10,8 +10,10 @@ response token fits the context) is written as null, with the reason in the log.
 
 import math
 import time
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader
 
@@ -32,7 +34,7 @@ from llm.instruct import (
 from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.download import source_file
-from llm.pipeline.finetune import FinetuneStage, Outputs
+from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
 from llm.pipeline.sources import is_location
 from llm.progress import progress_bar
 from llm.tokenizer import EOT_ID, check_token_ids, text_to_token_ids, token_ids_to_text
@@ -57,81 +59,91 @@ def data_file(f) -> Path:
     return path
 
 
+@dataclass(kw_only=True)
+class InstructData(TaskData):
+    """The datasets ("train", "val", "test") and what the evaluation reads: the test entries, the
+    tokenizer, the model's context and the longest batch (`allowed_max_length`, at most the context)."""
+
+    test_data: list[dict]
+    tokenizer: Any
+    context: int
+    max_len: int
+
+
 class InstructStage(FinetuneStage):
     section = "finetune_instruct"
     outputs = OUTPUTS
 
-    def load_data(self, f) -> None:
+    def load_data(self, f) -> dict[str, list[dict]]:
         path = data_file(f)
         data = load_instructions(path, what="finetune_instruct.data")
-        self.train_data, self.test_data, self.val_data = split_instructions(data, f.train_frac, f.test_frac)
-        sizes = {"train": len(self.train_data), "test": len(self.test_data), "validation": len(self.val_data)}
+        train, test, val = split_instructions(data, f.train_frac, f.test_frac)
+        splits = {"train": train, "val": val, "test": test}
+        sizes = {"train": len(train), "test": len(test), "validation": len(val)}
         fractions = {"train_frac": f.train_frac, "test_frac": f.test_frac}
         check_split_sizes(self.section, fractions, sizes, f"{len(data):,} entries of {path}", f.batch_size)
+        return splits
 
-    def datasets(self, f, model, tokenizer):
-        self.tokenizer = tokenizer
-        self.context = model.cfg["context_length"]
-        self.max_len = min(f.allowed_max_length or self.context, self.context)
-        self.sets = {
-            name: InstructionDataset(split, tokenizer, f.prompt_style, f.mask_prompt)
-            for name, split in (("train", self.train_data), ("val", self.val_data), ("test", self.test_data))
+    def datasets(self, f, splits, model, tokenizer) -> InstructData:
+        context = model.cfg["context_length"]
+        max_len = min(f.allowed_max_length or context, context)
+        sets = {
+            name: InstructionDataset(splits[name], tokenizer, f.prompt_style, f.mask_prompt)
+            for name in ("train", "val", "test")
         }
-        self.collate = make_collate(self.max_len)
-        for name, ds in self.sets.items():  # GPT-2 ids and the pad 50256: a model with a smaller vocab_size stops here
+        for name, ds in sets.items():  # GPT-2 ids and the pad 50256: a model with a smaller vocab_size stops here
             ids = [EOT_ID, *chain.from_iterable(ds.encoded_texts)]
             check_token_ids(ids, model.cfg["vocab_size"], f"finetune_instruct: the {name} split")
-        return self.sets["train"], self.sets["val"]
+        return InstructData(sets=sets, collate_fn=make_collate(max_len), test_data=splits["test"], tokenizer=tokenizer,
+                            context=context, max_len=max_len)  # fmt: skip
 
-    def trainer_options(self, f) -> dict:
-        return {"collate_fn": self.collate}
-
-    def evaluate(self, f, model, history):
-        device, collate = self.device, self.collate
+    def evaluate(self, f, task, model, history, device) -> Evaluation:
+        collate, tokenizer, context = task.collate_fn, task.tokenizer, task.context
         metrics = {}
-        for name, ds in self.sets.items():
+        for name, ds in task.sets.items():
             loader = DataLoader(ds, batch_size=f.batch_size, shuffle=False, collate_fn=collate)
             metrics[name] = {"loss": calc_loss_loader(loader, model, device, precision=f.precision)}
         # the test loss on the response tokens only: what the model is asked to produce
-        masked = InstructionDataset(self.test_data, self.tokenizer, f.prompt_style, mask_prompt=True)
+        masked = InstructionDataset(task.test_data, tokenizer, f.prompt_style, mask_prompt=True)
         loader = DataLoader(masked, batch_size=f.batch_size, shuffle=False, collate_fn=collate)
         response_loss = calc_loss_loader(loader, model, device, precision=f.precision)
         metrics["test"].update(response_loss=response_loss, response_perplexity=perplexity(response_loss))
         if not math.isfinite(response_loss):  # written as null; a gate on it fails
-            print(f"test response loss: null: no response token of the test set fits in {self.max_len} tokens")
+            print(f"test response loss: null: no response token of the test set fits in {task.max_len} tokens")
 
         model.eval()
-        self.entries = []
+        entries = []
         started = time.perf_counter()
-        for entry in progress_bar(self.test_data, desc="responses", unit="entry", lines=True):
+        for entry in progress_bar(task.test_data, desc="responses", unit="entry", lines=True):
             prompt = format_input(entry, f.prompt_style)
-            ids = text_to_token_ids(prompt, self.tokenizer)[:, -self.context :].to(device)
-            out = generate(model, ids, f.max_new_tokens, self.context, eos_id=f.eos_id)
+            ids = text_to_token_ids(prompt, tokenizer)[:, -context:].to(device)
+            out = generate(model, ids, f.max_new_tokens, context, eos_id=f.eos_id)
             # decode only the new tokens: a prompt longer than the context was cut on the left
-            text = prompt + token_ids_to_text(out[:, ids.shape[1] :], self.tokenizer)
-            self.entries.append({**entry, "model_response": extract_response(text, prompt, f.prompt_style)})
+            text = prompt + token_ids_to_text(out[:, ids.shape[1] :], tokenizer)
+            entries.append({**entry, "model_response": extract_response(text, prompt, f.prompt_style)})
         generate_seconds = time.perf_counter() - started
-        metrics["test"].update(response_metrics(self.entries))
+        metrics["test"].update(response_metrics(entries))
         if f.judge == "ollama":
-            metrics["test"].update(judge_responses(self.entries, f.judge_model, f.judge_url, f.seed))
+            metrics["test"].update(judge_responses(entries, f.judge_model, f.judge_url, f.seed))
         metrics.update({"steps": history.steps, "tokens_seen": history.total_tokens})
         timings = {
             "tokens_per_sec": history.total_tokens / history.train_seconds if history.train_seconds else None,
             "generate_seconds": generate_seconds,
         }
-        return metrics, timings
+        return Evaluation(metrics, timings, {"responses": entries})
 
-    def save(self, f, model, init):
+    def save(self, f, task, model, init, evaluation):
         meta = {"instruct": {"prompt_style": f.prompt_style, "init": init}, **self.lora_meta(f)}
         save_checkpoint(model, self.outputs.model_dir, extra=meta)
-        write_json(RESPONSES, self.entries)
+        write_json(RESPONSES, evaluation.outputs["responses"])
 
-    def summary(self, metrics, train_seconds):
+    def summary(self, evaluation, train_seconds):
+        metrics, entries = evaluation.metrics, evaluation.outputs["responses"]
         lines = [
             f"val loss {metrics['val']['loss']:.3f}, test response loss {metrics['test']['response_loss']:.3f}, "
             f"ROUGE-L {metrics['test']['rouge_l']:.3f}, exact match {metrics['test']['exact_match']:.1%}"
         ]
-        lines += [f"\n>> {e['instruction']}\n{e['output']!r}\n-> {e['model_response']!r}" for e in self.entries[:3]]
+        lines += [f"\n>> {e['instruction']}\n{e['output']!r}\n-> {e['model_response']!r}" for e in entries[:3]]
         return "\n".join(lines)
 
 

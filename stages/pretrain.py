@@ -24,11 +24,13 @@ from llm.data import split_windows
 from llm.errors import ConfigError, run_main
 from llm.files import write_csv, write_json
 from llm.generate import generate
+from llm.loaders import make_loaders
 from llm.model import GPTModel
 from llm.pipeline.params import load_params
+from llm.resume import fingerprint, run_params
 from llm.runtime import keep_freed_memory, set_seed, set_threads
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from llm.trainer import Trainer, fingerprint, run_params
+from llm.trainer import Trainer
 
 TOKENS = Path("data/tokens")
 MODEL_DIR = Path("models/pretrain")
@@ -57,11 +59,11 @@ def main(params_path: str = "params.yaml") -> dict:
             print(f"[epoch {epoch}] " + token_ids_to_text(out, tokenizer).replace("\n", " "))
 
     run_id = {"model": cfg, "init": params.model.init, "train": run_params(t), "tokens": [len(train_ids), len(val_ids)]}
+    loop = t.settings()
     trainer = Trainer(
         model,
-        train_set,
-        val_set,
-        t,
+        make_loaders(train_set, val_set, loop),
+        loop,
         on_epoch_end=sample,
         on_record=lambda h: write_csv(CURVE, h.rows()),
         state_path=STATE,

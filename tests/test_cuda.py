@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from llm import runtime, trainer
+from llm import loaders, runtime, trainer
 from llm.classifier import classification_loss
 from llm.data import TokenWindowDataset
 from llm.losses import calc_loss_batch
 from llm.model import GPTModel
-from llm.trainer import LoopSettings, Trainer, make_optimizer
+from llm.settings import LoopSettings
+from llm.trainer import Trainer, make_optimizer
 from tests.conftest import tiny_cfg
 
 CFG = tiny_cfg(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1)
@@ -85,18 +86,20 @@ def test_the_training_losses_copy_batches_to_cuda_without_waiting(monkeypatch):
 def _trainer(monkeypatch, device: str) -> Trainer:
     """A Trainer built for `device`, the model left on the CPU (nothing is run)."""
     monkeypatch.setattr(trainer, "select_device", lambda name: torch.device(device))
+    monkeypatch.setattr(loaders, "select_device", lambda name: torch.device(device))
     ids = np.random.default_rng(0).integers(0, 97, 81).astype(np.uint16)
     model = GPTModel(CFG)
     monkeypatch.setattr(model, "to", lambda device: model)
-    s = LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1, batch_size=2)
-    return Trainer(model, TokenWindowDataset(ids, 8, 8), TokenWindowDataset(ids[:41], 8, 8), s, progress=False)
+    s = LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1, device=device, batch_size=2)
+    data = loaders.make_loaders(TokenWindowDataset(ids, 8, 8), TokenWindowDataset(ids[:41], 8, 8), s)
+    return Trainer(model, data, s, progress=False)
 
 
 @pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False)])
 def test_the_trainers_loaders_pin_memory_on_cuda_only(monkeypatch, device, pinned):
     t = _trainer(monkeypatch, device)
     assert t.device.type == device
-    assert t.train_loader.pin_memory is t.train_eval_loader.pin_memory is t.val_loader.pin_memory is pinned
+    assert t.loaders.train.pin_memory is t.loaders.train_eval.pin_memory is t.loaders.val.pin_memory is pinned
 
 
 def test_adamw_is_fused_on_cuda(monkeypatch):

@@ -25,8 +25,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llm.data import TokenWindowDataset
+from llm.distributed import rank_seed
+from llm.loaders import EpochSampler, make_loaders
 from llm.model import GPTModel
-from llm.trainer import EpochSampler, Trainer, TrainingInterrupted, rank_seed
+from llm.settings import LoopSettings
+from llm.trainer import Trainer, TrainingInterrupted
 from tests.conftest import ROOT, committed_yaml, tiny_cfg
 
 CFG = tiny_cfg(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
@@ -38,9 +41,7 @@ LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-4
 
 def settings(batch_size, compile=False):
     """16 windows = 2 steps of 2 x 4 examples per epoch, 2 epochs; accumulation, a schedule and clipping."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
+    return LoopSettings(
         seed=7, num_epochs=2, batch_size=batch_size, lr=5e-3, weight_decay=0.1, eval_freq=1, eval_iter=2,
         warmup_steps=1, lr_schedule="cosine", min_lr=1e-4, grad_clip=1.0, grad_accum_steps=2,
         precision="fp32", device="cpu", checkpoint_every=1, compile=compile,
@@ -71,8 +72,9 @@ def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=N
         if h.step[-1] == stop_after:
             trainer.request_stop()
 
+    s = settings(batch_size, compile)
     trainer = Trainer(
-        model, train_set, val_set, settings(batch_size, compile), state_path=state or os.path.join(out_dir, "state.pt"),
+        model, make_loaders(train_set, val_set, s), s, state_path=state or os.path.join(out_dir, "state.pt"),
         run_id="ddp", on_record=on_record, progress=False, log=(log.append if log is not None else lambda m: None),
     )  # fmt: skip
     try:
@@ -116,7 +118,7 @@ def first_forward_rng(rank, tmp):
     torch.manual_seed(7)
     model = GPTModel({**CFG, "drop_rate": 0.1})
     model.register_forward_pre_hook(lambda m, args: states.append(torch.get_rng_state()) if m.training else None)
-    trainer = Trainer(model, *datasets(), settings(B), progress=False, log=lambda m: None)
+    trainer = Trainer(model, make_loaders(*datasets(), settings(B)), settings(B), progress=False, log=lambda m: None)
     trainer.fit()
     return {"rng": states[0], "epoch_seed": trainer.sampler.seed}
 

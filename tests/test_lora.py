@@ -433,6 +433,7 @@ def test_lora_under_two_processes_trains_like_one_at_twice_the_batch(tmp_path):
 def test_an_interrupted_lora_run_resumes_bit_for_bit(tmp_path):
     """The resume state holds the adapters (and only they and the optimizer's moments for them change):
     stopped after step 2 and resumed, the run ends with the weights of an uninterrupted one."""
+    from llm.loaders import make_loaders
     from llm.trainer import Trainer, TrainingInterrupted
     from tests.test_distributed import CFG, datasets, settings
 
@@ -445,7 +446,8 @@ def test_an_interrupted_lora_run_resumes_bit_for_bit(tmp_path):
             if h.step[-1] == stop_after:
                 trainer.request_stop()
 
-        trainer = Trainer(model, *datasets(), settings(4), state_path=folder / "state.pt", run_id="lora",
+        s = settings(4)
+        trainer = Trainer(model, make_loaders(*datasets(), s), s, state_path=folder / "state.pt", run_id="lora",
                           on_record=on_record, progress=False, log=lambda m: None)  # fmt: skip
         try:
             trainer.fit()

@@ -2,7 +2,6 @@
 
 import io
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +12,10 @@ from llm import judge
 from llm.corpus import tokenize_corpus
 from llm.data import TokenWindowDataset
 from llm.generate import generate
+from llm.loaders import make_loaders
 from llm.model import GPTModel
 from llm.progress import progress_bar, shown, write
+from llm.settings import LoopSettings
 from llm.trainer import Trainer
 from tests.conftest import ROOT, tiny_cfg
 
@@ -104,13 +105,14 @@ def test_call_sites_keep_their_progress_argument(monkeypatch):
 def test_trainer_logs_plain_lines_without_a_bar(capsys, monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     ids = np.random.default_rng(0).integers(0, 97, 200).astype(np.uint16)
-    s = SimpleNamespace(
-        seed=1, num_epochs=1, batch_size=2, max_length=8, stride=8, lr=1e-3, weight_decay=0.1,
+    s = LoopSettings(
+        seed=1, num_epochs=1, batch_size=2, lr=1e-3, weight_decay=0.1,
         eval_freq=2, eval_iter=1, warmup_steps=0, lr_schedule="constant", min_lr=0.0, grad_clip=0.0,
         grad_accum_steps=1, precision="fp32", device="cpu", checkpoint_every=0,
     )  # fmt: skip
     model = GPTModel(tiny_cfg(vocab_size=97, context_length=8))
-    Trainer(model, TokenWindowDataset(ids[:150], 8, 8), TokenWindowDataset(ids[150:], 8, 8), s, progress=True).fit()
+    train, val = TokenWindowDataset(ids[:150], 8, 8), TokenWindowDataset(ids[150:], 8, 8)
+    Trainer(model, make_loaders(train, val, s), s, progress=True).fit()
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert "Ep 1 (Step 000000): Train loss" in out and "Ep 1 (Step 000002): Train loss" in out

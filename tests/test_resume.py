@@ -15,10 +15,13 @@ import torch
 import llm.pipeline.finetune as finetune
 from llm.data import TokenWindowDataset
 from llm.files import LockHeld, exclusive_lock
+from llm.loaders import make_loaders
 from llm.model import GPTModel
-from llm.pipeline.finetune import FinetuneStage, Outputs
+from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
 from llm.pipeline.params import Params
-from llm.trainer import NonFiniteLoss, Trainer, TrainingInterrupted, data_fingerprint, lm_loss
+from llm.resume import data_fingerprint
+from llm.settings import LoopSettings
+from llm.trainer import NonFiniteLoss, Trainer, TrainingInterrupted, lm_loss
 from tests.conftest import ROOT, tiny_cfg
 
 CFG = tiny_cfg(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1)
@@ -32,7 +35,7 @@ def settings(**kw):
         precision="fp32", device="cpu", checkpoint_every=0,
     )  # fmt: skip
     base.update(kw)
-    return SimpleNamespace(**base)
+    return LoopSettings(**base)
 
 
 def token_ids(n, seed):
@@ -61,8 +64,8 @@ def quiet(messages=None):
 def make_trainer(s, state=None, model=None, data=None, messages=None, **kw):
     train, val = data or datasets()
     model = starting_model() if model is None else model
-    return Trainer(model, train, val, s, on_epoch_end=draw_at_epoch_end, state_path=state, run_id="r",
-                   **quiet(messages), **kw)  # fmt: skip
+    return Trainer(model, make_loaders(train, val, s), s, on_epoch_end=draw_at_epoch_end, state_path=state,
+                   run_id="r", **quiet(messages), **kw)  # fmt: skip
 
 
 def count_steps(trainer, at=None, action=None):
@@ -185,25 +188,29 @@ class TinyStage(FinetuneStage):
         self.fail, self.train_batches = fail, 0
 
     def settings(self, params):
-        return settings(init="tiny", eval_freq=2)
+        return SimpleNamespace(**vars(self.loop_settings(None)), init="tiny")
+
+    def loop_settings(self, s):
+        return settings(eval_freq=2)
 
     def load_data(self, s):
         pass
 
-    def datasets(self, s, model, tokenizer):
-        return datasets()
+    def datasets(self, s, data, model, tokenizer):
+        train, val = datasets()
+        return TaskData({"train": train, "val": val})
 
-    def trainer_options(self, s):
+    def trainer_options(self, s, task):
         def loss_fn(model, batch, device, precision):
             self.train_batches += model.training
             return lm_loss(model, batch, device, precision)
 
         return {"loss_fn": loss_fn, "on_epoch_end": draw_at_epoch_end}
 
-    def evaluate(self, s, model, history):
-        return {"val": {"loss": history.val_loss[-1]}, "epochs": history.epoch_metrics}, {}
+    def evaluate(self, s, task, model, history, device):
+        return Evaluation({"val": {"loss": history.val_loss[-1]}, "epochs": history.epoch_metrics})
 
-    def save(self, s, model, init):
+    def save(self, s, task, model, init, evaluation):
         if self.fail:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.weights = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,7 +2,6 @@
 
 import os
 import signal
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +9,11 @@ import torch
 
 from llm.data import TokenWindowDataset
 from llm.errors import LLMError
+from llm.loaders import EpochSampler, Loaders, make_loaders
 from llm.model import GPTModel
-from llm.trainer import EpochSampler, LoopSettings, Trainer, TrainingInterrupted, lm_loss, lr_at
+from llm.schedule import lr_at
+from llm.settings import LoopSettings
+from llm.trainer import Trainer, TrainingInterrupted, lm_loss
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
 
@@ -20,12 +22,12 @@ CFG = tiny_cfg(vocab_size=211, context_length=16, drop_rate=0.1)
 
 def settings(**kw):
     base = dict(
-        seed=123, num_epochs=3, batch_size=2, max_length=16, stride=16, lr=4e-4, weight_decay=0.1,
+        seed=123, num_epochs=3, batch_size=2, lr=4e-4, weight_decay=0.1,
         eval_freq=2, eval_iter=2, warmup_steps=0, lr_schedule="constant", min_lr=0.0, grad_clip=0.0,
         grad_accum_steps=1, precision="fp32", device="cpu", checkpoint_every=0,
     )  # fmt: skip
     base.update(kw)
-    return SimpleNamespace(**base)
+    return LoopSettings(**base)
 
 
 def datasets(n_train=400, n_val=70):
@@ -43,7 +45,7 @@ def run(s, **kw):
     train, val = datasets()
     torch.manual_seed(s.seed)
     model = GPTModel(CFG)
-    trainer = Trainer(model, train, val, s, progress=False, log=lambda m: None, **kw)
+    trainer = Trainer(model, make_loaders(train, val, s), s, progress=False, log=lambda m: None, **kw)
     return model, trainer.fit()
 
 
@@ -98,8 +100,8 @@ def test_resume_after_interrupt_ends_with_identical_weights(tmp_path, stop_step,
     state = tmp_path / "state.pt"
     holder, evaluate_fn = _interrupt_at(stop_step, how)
     torch.manual_seed(s.seed)
-    first = Trainer(GPTModel(CFG), train, val, s, evaluate_fn=evaluate_fn, state_path=state, run_id="r",
-                    progress=False, log=lambda m: None)  # fmt: skip
+    first = Trainer(GPTModel(CFG), make_loaders(train, val, s), s, evaluate_fn=evaluate_fn, state_path=state,
+                    run_id="r", progress=False, log=lambda m: None)  # fmt: skip
     holder["trainer"] = first
     with pytest.raises(TrainingInterrupted, match=f"interrupted at step {stop_step + 1}"):
         first.fit()
@@ -107,7 +109,7 @@ def test_resume_after_interrupt_ends_with_identical_weights(tmp_path, stop_step,
     # a new process: the same starting weights (the state is theirs only), another global RNG state
     model = fresh_model(s.seed)
     torch.manual_seed(999)
-    trainer = Trainer(model, train, val, s, evaluate_fn=lambda m: {}, state_path=state, run_id="r",
+    trainer = Trainer(model, make_loaders(train, val, s), s, evaluate_fn=lambda m: {}, state_path=state, run_id="r",
                       progress=False, log=lambda m: None)  # fmt: skip
     with trainer:
         resumed = trainer.fit()
@@ -123,13 +125,15 @@ def test_state_of_another_run_is_ignored(tmp_path):
     train, val = datasets()
     state = tmp_path / "state.pt"
     holder, evaluate_fn = _interrupt_at(2)
-    t = Trainer(fresh_model(), train, val, s, evaluate_fn=evaluate_fn, state_path=state, run_id="a",
+    t = Trainer(fresh_model(), make_loaders(train, val, s), s, evaluate_fn=evaluate_fn, state_path=state, run_id="a",
                 progress=False, log=lambda m: None)  # fmt: skip
     holder["trainer"] = t
     with pytest.raises(TrainingInterrupted):
         t.fit()
     messages = []
-    other = Trainer(fresh_model(), train, val, s, state_path=state, run_id="b", progress=False, log=messages.append)
+    other = Trainer(
+        fresh_model(), make_loaders(train, val, s), s, state_path=state, run_id="b", progress=False, log=messages.append
+    )
     assert not other.try_resume() and "other params" in messages[0]
 
 
@@ -143,8 +147,8 @@ def test_periodic_checkpoints_are_written(tmp_path):
         seen.append(state.exists())
         return {}
 
-    trainer = Trainer(fresh_model(), train, val, s, evaluate_fn=evaluate_fn, state_path=state, run_id="x",
-                      progress=False, log=lambda m: None)  # fmt: skip
+    trainer = Trainer(fresh_model(), make_loaders(train, val, s), s, evaluate_fn=evaluate_fn, state_path=state,
+                      run_id="x", progress=False, log=lambda m: None)  # fmt: skip
     trainer.fit()
     assert not seen[0] and any(seen)  # appears after step 3
     assert torch.load(state, weights_only=True)["step"] == trainer.total_steps  # the final state is kept
@@ -196,7 +200,7 @@ def test_sampler_matches_random_sampler_and_splits_by_rank():
 def test_too_little_data_is_a_clear_error():
     train, val = datasets(n_train=40)
     with pytest.raises(LLMError, match="too few for one batch"):
-        Trainer(fresh_model(), train, val, settings(batch_size=8), progress=False)
+        make_loaders(train, val, settings(batch_size=8))
 
 
 def test_on_record_sees_every_evaluation_as_it_happens():
@@ -222,36 +226,26 @@ def test_given_loaders_and_optimizer_run_and_keep_the_optimizers_lr():
     train_loader, val_loader = loaders()
     model = fresh_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    s = LoopSettings(num_epochs=1, eval_freq=4, eval_iter=1, lr=5.0)  # a constant lr is never written
-    history = Trainer(model, settings=s, train_loader=train_loader, val_loader=val_loader, optimizer=opt,
+    s = LoopSettings(num_epochs=1, eval_freq=4, eval_iter=1, device="cpu", lr=5.0)  # a constant lr is never written
+    history = Trainer(model, Loaders.given(train_loader, val_loader), s, optimizer=opt,
                       progress=False, log=lambda m: None).fit()  # fmt: skip
     assert history.steps == len(train_loader) == 12 and history.step == [0, 4, 8]
     assert opt.param_groups[0]["lr"] == 1e-3 and history.lr == [1e-3] * 3
-    warm = LoopSettings(num_epochs=1, eval_freq=4, eval_iter=1, lr=2e-3, warmup_steps=100)
-    Trainer(model, settings=warm, train_loader=train_loader, val_loader=val_loader, optimizer=opt,
+    warm = LoopSettings(num_epochs=1, eval_freq=4, eval_iter=1, device="cpu", lr=2e-3, warmup_steps=100)
+    Trainer(model, Loaders.given(train_loader, val_loader), warm, optimizer=opt,
             progress=False, log=lambda m: None).fit()  # fmt: skip
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 12 / 100)  # a schedule is written
 
 
-def test_given_loaders_refuse_resume_state_and_mixed_inputs(tmp_path):
+def test_given_loaders_refuse_resume_state_and_an_empty_loader(tmp_path):
     train_loader, val_loader = loaders()
     train, val = datasets()
-    s = LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1)
+    s = LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1, device="cpu")
     with pytest.raises(LLMError, match="resumable checkpoints"):
-        Trainer(fresh_model(), settings=s, train_loader=train_loader, val_loader=val_loader,
-                state_path=tmp_path / "state.pt")  # fmt: skip
-    with pytest.raises(LLMError, match="collate_fn belongs to the given DataLoaders"):
-        Trainer(fresh_model(), settings=s, train_loader=train_loader, val_loader=val_loader, collate_fn=list)
-    for kw in (
-        {"train_set": train, "val_set": val, "train_loader": train_loader, "val_loader": val_loader},
-        {"train_set": train, "val_loader": val_loader},
-        {"train_loader": train_loader},
-    ):
-        with pytest.raises(LLMError, match="either train_set and val_set, or train_loader and val_loader"):
-            Trainer(fresh_model(), settings=s, **kw)
+        Trainer(fresh_model(), Loaders.given(train_loader, val_loader), s, state_path=tmp_path / "state.pt")
     with pytest.raises(LLMError, match="yields no batches"):
         empty = torch.utils.data.DataLoader(train, batch_size=len(train) + 1, drop_last=True)
-        Trainer(fresh_model(), settings=s, train_loader=empty, val_loader=val_loader)
+        Trainer(fresh_model(), Loaders.given(empty, val_loader), s)
 
 
 # --- train.compile -----------------------------------------------------------------------------------
@@ -272,7 +266,7 @@ def test_compile_trains_like_eager_and_saves_the_plain_module(tmp_path, monkeypa
     torch._dynamo.reset()
     runs = {}
     for compiled in (False, True):
-        s = TrainParams(num_epochs=1, batch_size=2, eval_freq=2, eval_iter=2, device="cpu", compile=compiled)
+        s = TrainParams(num_epochs=1, batch_size=2, eval_freq=2, eval_iter=2, device="cpu", compile=compiled).settings()
         train, val = datasets()
         torch.manual_seed(123)
         model = GPTModel({**CFG, "drop_rate": 0.0})  # inductor draws its own dropout masks: compare without
@@ -286,8 +280,8 @@ def test_compile_trains_like_eager_and_saves_the_plain_module(tmp_path, monkeypa
             seen.append(f"hook {type(m).__name__}")
 
         state = tmp_path / f"{compiled}.pt"
-        trainer = Trainer(model, train, val, s, loss_fn=loss_fn, on_epoch_end=hook, state_path=state, progress=False,
-                          log=lambda m: None)  # fmt: skip
+        trainer = Trainer(model, make_loaders(train, val, s), s, loss_fn=loss_fn, on_epoch_end=hook, state_path=state,
+                          progress=False, log=lambda m: None)  # fmt: skip
         history = trainer.fit()
         runs[compiled] = (model, history, seen, torch.load(state, weights_only=True))
     (eager, h0, seen0, _), (model, h1, seen1, state) = runs[False], runs[True]
@@ -330,14 +324,51 @@ def test_a_run_with_a_budget_resumes_mid_epoch_bit_for_bit(tmp_path):
     train, val = datasets()
     holder, evaluate_fn = _interrupt_at(26)
     torch.manual_seed(s.seed)
-    first = Trainer(GPTModel(CFG), train, val, s, evaluate_fn=evaluate_fn, state_path=tmp_path / "state.pt",
-                    run_id="r", progress=False, log=lambda m: None)  # fmt: skip
+    first = Trainer(GPTModel(CFG), make_loaders(train, val, s), s, evaluate_fn=evaluate_fn,
+                    state_path=tmp_path / "state.pt", run_id="r", progress=False, log=lambda m: None)  # fmt: skip
     holder["trainer"] = first
     with pytest.raises(TrainingInterrupted, match="interrupted at step 27"):
         first.fit()
     model = fresh_model(s.seed)
-    resumed = Trainer(model, train, val, s, evaluate_fn=lambda m: {}, state_path=tmp_path / "state.pt", run_id="r",
-                      progress=False, log=lambda m: None).fit()  # fmt: skip
+    resumed = Trainer(model, make_loaders(train, val, s), s, evaluate_fn=lambda m: {}, state_path=tmp_path / "state.pt",
+                      run_id="r", progress=False, log=lambda m: None).fit()  # fmt: skip
     assert resumed.train_loss == full.train_loss and resumed.steps == 30
     for a, b in zip(model.parameters(), full_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_loop_settings_are_the_loop_params_fields_defined_once():
+    """`LoopSettings` (llm/settings.py) names the loop's fields once; the params section builds it."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from llm.pipeline.params import LoopParams, TrainParams
+
+    names = {f.name for f in dataclasses.fields(LoopSettings)}
+    assert names - {"max_steps"} == set(LoopParams.model_fields) - {"nproc_per_node"}
+    train = TrainParams(max_steps=7, compile=True)
+    assert train.settings() == LoopSettings(**{k: getattr(train, k) for k in names})
+    assert train.settings().device == "auto"  # params.yaml's default; LoopSettings has none:
+    with pytest.raises(TypeError, match="device"):
+        LoopSettings(num_epochs=1, eval_freq=1, eval_iter=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        train.settings().lr = 1.0
+    code = "import sys, llm.settings; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # torch-free
+
+
+def test_a_resume_state_is_never_unpickled(tmp_path):
+    """A state file holding an arbitrary pickled object is ignored, its code not run (weights_only)."""
+    state, witness = tmp_path / "state.pt", tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.makedirs, (str(witness),)
+
+    torch.save({"run_id": "r", "payload": Payload()}, state)
+    messages = []
+    trainer = Trainer(fresh_model(), make_loaders(*datasets(), settings()), settings(), state_path=state, run_id="r",
+                      progress=False, log=messages.append)  # fmt: skip
+    assert not trainer.try_resume() and not witness.exists()
+    assert messages == [f"ignoring unreadable training state {state}: UnpicklingError"]

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 from llm.generate import generate
+from llm.loaders import Loaders
 from llm.losses import calc_loss_batch, calc_loss_loader
+from llm.settings import LoopSettings
 from llm.tokenizer import text_to_token_ids, token_ids_to_text
-from llm.trainer import LoopSettings, Trainer, lm_loss
+from llm.trainer import Trainer, lm_loss
 
 __all__ = [
     "text_to_token_ids",
@@ -83,12 +85,11 @@ def train_model_simple(
         return [], [], []
     trainer = Trainer(
         model,
-        settings=book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter, precision),
+        Loaders.given(train_loader, val_loader),
+        book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter, precision),
         loss_fn=lm_loss,
         on_epoch_end=lambda m, epoch: generate_and_print_sample(m, tokenizer, device, start_context),
         progress=progress,
-        train_loader=train_loader,
-        val_loader=val_loader,
         optimizer=optimizer,
     )
     history = trainer.fit()

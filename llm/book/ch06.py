@@ -23,6 +23,7 @@ from llm.classifier import (
     encode_texts,
     random_split,
 )
+from llm.loaders import Loaders
 from llm.losses import calc_loss_loader as _calc_loss_loader
 from llm.tokenizer import EOT_ID
 from llm.trainer import Trainer
@@ -109,12 +110,11 @@ def train_classifier_simple(
 
     trainer = Trainer(
         model,
-        settings=book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter),
+        Loaders.given(train_loader, val_loader),
+        book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter),
         loss_fn=_last_token_loss,
         on_epoch_end=epoch_accuracy,
         progress=progress,
-        train_loader=train_loader,
-        val_loader=val_loader,
         optimizer=optimizer,
     )
     history = trainer.fit()

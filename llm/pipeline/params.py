@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,7 @@ from llm.choices import (
 from llm.config import GPT_CONFIG_124M, PRESETS, SIZE_KEYS, estimate_params, mask_bytes, model_config
 from llm.errors import ConfigError
 from llm.pipeline.validate import Settings, read_yaml, validate
+from llm.settings import LoopSettings
 
 # `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
 PRETRAINED = Path("models/pretrain")
@@ -143,7 +145,8 @@ class ModelParams(Settings):
 
 
 class LoopParams(Settings):
-    """What `llm.trainer.Trainer` reads: shared by pretraining and both finetuning stages."""
+    """The training loop's section, shared by pretraining and both finetuning stages: `settings()` is what
+    `llm.trainer.Trainer` reads."""
 
     seed: Seed = 123
     """Model init (or the new head), data order and dropout all follow from it."""
@@ -185,6 +188,11 @@ class LoopParams(Settings):
         if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
         return value
+
+    def settings(self) -> LoopSettings:
+        """The loop's settings: this section's fields that `LoopSettings` names (`max_steps` only in `train`;
+        `nproc_per_node` is read by `llm.distributed.start`, and a stage's own fields by the stage)."""
+        return LoopSettings(**self.model_dump(include={f.name for f in fields(LoopSettings)}))
 
     @model_validator(mode="after")
     def _min_lr(self) -> LoopParams:
