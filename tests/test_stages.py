@@ -39,4 +39,15 @@ def test_a_python_without_the_project_stops_with_one_line_that_says_to_activate(
     line that names the interpreter and the fix, exit 1, instead of a ModuleNotFoundError traceback."""
     out = subprocess.run([sys.executable, "-S", "-m", f"stages.{module}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
-    assert "does not have this project installed" in out.stderr and "source .venv/bin/activate" in out.stderr
+    assert "has no 'pydantic' module" in out.stderr and "source .venv/bin/activate" in out.stderr
+
+
+def test_the_packages_the_stages_check_for_are_what_pyproject_installs_and_every_stage_imports():
+    from stages import REQUIRED
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{name}>=' in pyproject for name in REQUIRED)
+    for module in MODULES:  # each stage, in a fresh interpreter, imports every one of them
+        code = f"import sys, stages.{module}; print(all(m in sys.modules for m in {REQUIRED!r}))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert out.stdout.strip() == "True", (module, out.stderr)
