@@ -45,6 +45,27 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
+def scratch_repo(path: Path):
+    """A runner `sh(*args) -> stdout` for git, dvc and the venv's `llm` in the scratch repository
+    `path`: the venv's tools first on PATH, a commit identity, no analytics, no stdin; a command that
+    fails fails the test with its output. Also returns the env, for a command whose failure is the test."""
+    import shutil
+    import sys
+
+    if shutil.which("git") is None:
+        unavailable("needs git")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def sh(*args):
+        out = subprocess.run(args, cwd=path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    return sh, env
+
+
 @functools.cache
 def _fetched(name: str, folder: str) -> Path:
     from llm.pipeline.download import fetch_source

@@ -6,14 +6,12 @@ fits in 120 columns on a scratch DVC repository shaped like this one."""
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import unquote
 
 import yaml
 
-from tests.conftest import ROOT, committed, unavailable
+from tests.conftest import ROOT, committed, scratch_repo
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -211,19 +209,7 @@ def test_the_documented_exp_show_is_narrow_and_names_the_changed_params_and_metr
     command prints at most 120 columns (DVC draws the table at its full width when the output is not a
     terminal, as in its pager), the changed params and the headline metrics; `dvc exp show --md` of the
     same repository is far wider."""
-    import os
-    import shutil
-
-    if shutil.which("git") is None:
-        unavailable("needs git")
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-
-    def sh(*args):
-        out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
-        return out.stdout
+    sh, _ = scratch_repo(tmp_path)
 
     params = committed("params.yaml")
     (tmp_path / "params.yaml").write_text(params)

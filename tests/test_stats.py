@@ -4,6 +4,7 @@
 import json
 import random
 import shlex
+import subprocess
 
 import pytest
 from scipy import stats as scipy_stats
@@ -24,7 +25,7 @@ from llm.pipeline.compare import (
 )
 from llm.pipeline.params import SEEDED, parse_params, replicate_seed
 from llm.pipeline.stats import difference, holm
-from tests.conftest import ROOT, committed_yaml, unavailable
+from tests.conftest import ROOT, committed_yaml, scratch_repo
 
 # --- runtime.replicate -----------------------------------------------------------------------------
 
@@ -311,22 +312,7 @@ def test_cli_group_by_reads_dvc_exp_show(tmp_path, monkeypatch, capsys):
 def test_a_sweep_with_replicates_is_one_command_and_group_by_compares_it(tmp_path):
     """DVC's grid syntax queues 2 learning rates x 3 replicates in one command; after the queue runs,
     `llm compare --group-by train.lr` reads the real `dvc exp show --json` and compares 3 runs with 3."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if shutil.which("git") is None:
-        unavailable("needs git")
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-
-    def sh(*args):
-        out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
-        return out.stdout
+    sh, env = scratch_repo(tmp_path)
 
     # a stage whose loss follows the lr, plus a seed-sized wobble per replicate
     (tmp_path / "train.py").write_text(
@@ -351,7 +337,7 @@ def test_a_sweep_with_replicates_is_one_command_and_group_by_compares_it(tmp_pat
     assert queued.count("Queued experiment") == 6
     sh("dvc", "exp", "run", "--run-all")
     out = subprocess.run(
-        [str(bin_dir / "llm"), "compare", "--group-by", "train.lr", "--thresholds", "t.yaml"],
+        ["llm", "compare", "--group-by", "train.lr", "--thresholds", "t.yaml"],
         cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
