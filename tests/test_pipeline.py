@@ -127,10 +127,23 @@ def test_the_ci_profile_learns_and_passes_its_gate(repo):
     )
 
 
+def run_queue(path, env, jobs: int, timeout: float = 900) -> str:
+    """`dvc queue start -j JOBS`, then wait until nothing is queued or running; `dvc queue status`'s text."""
+    import time
+
+    sh(["dvc", "queue", "start", "-j", str(jobs)], path, env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = sh(["dvc", "queue", "status"], path, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    return status
+
+
 def test_replicates_are_one_param_away_and_repeat_bit_for_bit(repo):
     """DVC's grid syntax queues the profile under two more seeds; every stage that draws moves with the
     replicate, and replicate 1 run here is bit for bit replicate 1 as ci/run_profile.py committed it."""
-    import time
 
     from llm.pipeline.compare import experiment_members, group_experiments
 
@@ -138,13 +151,7 @@ def test_replicates_are_one_param_away_and_repeat_bit_for_bit(repo):
     base = metrics(path)
     try:
         sh(["dvc", "exp", "run", "--queue", "-S", "runtime.replicate=1,2"], path, env)
-        sh(["dvc", "queue", "start", "-j", "2"], path, env)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            status = sh(["dvc", "queue", "status"], path, env).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(5)
+        status = run_queue(path, env, jobs=2)
         assert status.count("Success") == 2, status
         shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
         by_replicate = {}
@@ -342,8 +349,6 @@ def test_a_sweep_two_at_a_time_on_one_thread_each(repo):
     """docs/experiments.md's sweep: queued with runtime.threads=1, run by `dvc queue start -j 2`; both
     succeed, every stage that runs a model used one thread, the metrics follow the params, and the page's
     comparison commands read the two experiments."""
-    import time
-
     path, env = repo
     lr = yaml.safe_load(profiled_params())["finetune_spam"]["lr"]
     names = {"sweep-a": lr / 2, "sweep-b": lr * 2}
@@ -351,13 +356,7 @@ def test_a_sweep_two_at_a_time_on_one_thread_each(repo):
         for name, value in names.items():
             sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune_spam.lr={value}",
                 "-S", "runtime.threads=1"], path, env)  # fmt: skip
-        sh(["dvc", "queue", "start", "-j", "2"], path, env)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            status = sh(["dvc", "queue", "status"], path, env).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(5)
+        status = run_queue(path, env, jobs=2)
         rows = {line.split()[1]: line.split()[-1] for line in status.splitlines() if len(line.split()) >= 4}
         assert [rows.get(name) for name in names] == ["Success", "Success"], status
         shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
