@@ -144,7 +144,6 @@ def run_queue(path, env, jobs: int, timeout: float = 900) -> str:
 def test_replicates_are_one_param_away_and_repeat_bit_for_bit(repo):
     """DVC's grid syntax queues the profile under two more seeds; every stage that draws moves with the
     replicate, and replicate 1 run here is bit for bit replicate 1 as ci/run_profile.py committed it."""
-
     from llm.pipeline.compare import experiment_members, group_experiments
 
     path, env = repo
