@@ -139,9 +139,8 @@ def test_instruct_splits_that_cannot_train_or_evaluate_stop_in_load_data(tmp_pat
 def test_instruct_splits_that_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = write_params(tmp_path / "params.yaml", finetune_instruct={"data": instructions(tmp_path, 20)})
-    stage = finetune_instruct.InstructStage()
-    stage.load_data(f.finetune_instruct)
-    assert (len(stage.train_data), len(stage.test_data), len(stage.val_data)) == (17, 2, 1)
+    splits = finetune_instruct.InstructStage().load_data(f.finetune_instruct)
+    assert (len(splits["train"]), len(splits["test"]), len(splits["val"])) == (17, 2, 1)
 
 
 def test_instruct_stage_stops_before_loading_a_model(tmp_path):
@@ -213,9 +212,10 @@ def test_spam_splits_that_cannot_train_or_evaluate_stop_before_writing(tmp_path,
 def test_spam_splits_that_work(tmp_path, monkeypatch, spam, ham, changes, sizes):
     monkeypatch.chdir(tmp_path)
     sms(tmp_path, spam, ham)
-    stage = finetune_spam.SpamStage()
-    stage.load_data(write_params(tmp_path / "params.yaml", finetune_spam=changes).finetune_spam)
-    assert tuple(len(stage.splits[name]) for name in ("train", "validation", "test")) == sizes
+    splits = finetune_spam.SpamStage().load_data(
+        write_params(tmp_path / "params.yaml", finetune_spam=changes).finetune_spam
+    )
+    assert tuple(len(splits[name]) for name in ("train", "validation", "test")) == sizes
 
 
 def test_spam_stage_stops_before_loading_a_model(tmp_path):
@@ -297,22 +297,22 @@ def test_spam_datasets_a_model_cannot_embed_stop_before_training(tmp_path, monke
     sms(tmp_path, 10, 10)
     f = write_params(tmp_path / "params.yaml").finetune_spam
     stage = finetune_spam.SpamStage()
-    stage.load_data(f)
+    splits = stage.load_data(f)
     with pytest.raises(LLMError, match=r"^finetune_spam: the train split: token id \d+ is outside the vocabulary"):
-        stage.datasets(f, small_model(), get_tokenizer())
-    train, val = stage.datasets(f, GPTModel(tiny_cfg(context_length=16)), get_tokenizer())  # GPT-2's vocabulary
-    assert len(train) == 14 and len(val) == 2
+        stage.datasets(f, splits, small_model(), get_tokenizer())
+    task = stage.datasets(f, splits, GPTModel(tiny_cfg(context_length=16)), get_tokenizer())  # GPT-2's vocabulary
+    assert len(task.sets["train"]) == 14 and len(task.sets["val"]) == 2
 
 
 def test_instruct_datasets_a_model_cannot_embed_stop_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = write_params(tmp_path / "params.yaml", finetune_instruct={"data": instructions(tmp_path, 20)})
     stage = finetune_instruct.InstructStage()
-    stage.load_data(f.finetune_instruct)
+    splits = stage.load_data(f.finetune_instruct)
     with pytest.raises(LLMError, match=r"^finetune_instruct: the train split: token id \d+ is outside the vocabulary"):
-        stage.datasets(f.finetune_instruct, small_model(), get_tokenizer())
+        stage.datasets(f.finetune_instruct, splits, small_model(), get_tokenizer())
     model = GPTModel(tiny_cfg(vocab_size=50256))  # every id of the text, but not the pad <|endoftext|>
     with pytest.raises(LLMError, match=r"the train split: token id 50256 is outside the vocabulary \[0, 50256\)"):
-        stage.datasets(f.finetune_instruct, model, get_tokenizer())
-    train, _ = stage.datasets(f.finetune_instruct, GPTModel(tiny_cfg()), get_tokenizer())
-    assert len(train) == 17
+        stage.datasets(f.finetune_instruct, splits, model, get_tokenizer())
+    task = stage.datasets(f.finetune_instruct, splits, GPTModel(tiny_cfg()), get_tokenizer())
+    assert len(task.sets["train"]) == 17
