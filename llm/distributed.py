@@ -26,12 +26,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, LLMError
 from llm.runtime import select_device
 
 
@@ -54,19 +55,32 @@ def start(section, module: str, params_path: str | os.PathLike = "params.yaml") 
     process torchrun started; nothing with one process. `module` is the stage's (`__name__` of the
     module defining its `main`; `__main__` stands for the module run with `python -m`)."""
     nproc = getattr(section, "nproc_per_node", 1)
-    if module == "__main__":
-        module = sys.modules["__main__"].__spec__.name
     if launched_by_torchrun():
         init_process_group(section.device)
         return
     if nproc <= 1:
         return
+    if module == "__main__":
+        module = _main_module()
     cmd = [
         sys.executable, "-m", "llm.distributed", "--torchrun", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "llm.distributed", module, str(params_path),
     ]  # fmt: skip
     sys.stdout.flush()
     raise SystemExit(run_torchrun(cmd))
+
+
+def _main_module() -> str:
+    """The module name `python -m` ran as `__main__`, which torchrun's processes run again. A stage
+    run as a file (`python stages/pretrain.py`) has none: its path under the working directory names it."""
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is not None:
+        return main.__spec__.name
+    path = Path(main.__file__).resolve()
+    try:
+        return ".".join(path.relative_to(Path.cwd().resolve()).with_suffix("").parts)
+    except ValueError:
+        raise LLMError(f"{path} is not under the working directory: run the stage as `python -m stages.NAME`") from None
 
 
 SHUTDOWN_TIMEOUT = 120  # seconds torchrun waits for its workers to save and exit before SIGKILL (torchrun's own: 30)

@@ -323,6 +323,23 @@ def test_pretrain_stage_with_two_processes(tmp_path):
     assert out.stdout.count("train loss") == 1  # rank 0 alone reports
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_stage_run_as_a_file_trains_on_one_or_two_processes(tmp_path, nproc):
+    """`python stages/pretrain.py` (a file, so `__main__` has no module spec) trains like `python -m
+    stages.pretrain`; with two processes torchrun reruns it as the module its path names (was an
+    AttributeError on `__spec__.name` even with one process)."""
+    import shutil
+
+    project = stage_project(tmp_path, nproc_per_node=nproc)
+    shutil.copytree(ROOT / "stages", project / "stages")
+    out = subprocess.run(
+        [sys.executable, "stages/pretrain.py"], cwd=project, env=STAGE_ENV, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
+    assert metrics["steps"] == 8 // (2 * nproc) and metrics.get("processes", 1) == nproc  # batch 2 per process
+
+
 @pytest.mark.parametrize("how", ["SIGTERM to the stage", "Ctrl-C in a terminal"])
 def test_a_signal_stops_every_rank_and_one_process_resumes(tmp_path, how):
     """SIGTERM to the stage (as a scheduler sends it), or SIGINT to its process group (Ctrl-C in a
