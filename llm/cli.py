@@ -15,6 +15,7 @@ file, or a GPT-2 name (`gpt2-small`…, fetched once from the Hub).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
 
 
@@ -158,7 +166,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a turn; more get 503 (32)")
     srv.add_argument("--max-tokens", type=_positive_int, default=1024, help="most tokens one request may ask (1024)")
     srv.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="largest request body (1 MB)")
-    srv.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish requests on stop (60)")
+    srv.add_argument("--drain-timeout", type=_seconds, default=60.0, help="seconds to finish requests on stop (60)")
     srv.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     srv.set_defaults(func=cmd_serve)
 
@@ -378,6 +386,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LLMError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 0:
         raise LLMError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.api_key is not None and not args.api_key.strip():  # '' would turn authentication off unseen
+        raise LLMError("--api-key is empty: give the key clients must send, or leave the option out")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLM_API_KEY") or None
     sock = bind(args.host, args.port)  # before the (slow) model load: a port in use fails at once
     try:

@@ -452,6 +452,26 @@ def test_a_bad_model_is_one_line_and_exit_2(capsys, ckpt, tmp_path):
     _one_line(capsys, ["serve", "--model", str(ckpt[0]), "--port", "70000"], "--port must be in [0, 65535]")
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--api-key", ""], "--api-key is empty: give the key clients must send"),  # was: no authentication
+        (["--api-key", "  "], "--api-key is empty"),
+        (["--drain-timeout", "nan"], "--drain-timeout: must be a number of seconds >= 0, got nan"),  # was accepted
+        (["--drain-timeout", "-1"], "--drain-timeout: must be a number of seconds >= 0, got -1"),
+        (["--drain-timeout", "inf"], "got inf"),
+    ],
+)
+def test_an_empty_api_key_or_a_drain_timeout_that_is_no_duration_is_one_line(capsys, ckpt, option, message):
+    argv = ["serve", "--model", str(ckpt[0]), *option]
+    if option[0] == "--api-key":
+        return _one_line(capsys, argv, message)
+    with pytest.raises(SystemExit) as exited:  # the parser's own error: exit 2 before any work
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
 def test_a_port_in_use_is_one_line_and_exit_2(capsys, ckpt):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
