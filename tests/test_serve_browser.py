@@ -42,6 +42,7 @@ def browser():
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,800"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
@@ -144,3 +145,19 @@ def test_a_message_is_classified_on_the_page(browser, server, classifier_ckpt):
         scores = classify(model, info, [message])
         assert label == ("spam" if scores.labels[0] == "spam" else "ham (not spam)")
         assert find("classify-status").text == f"spam probability {scores.spam_probability[0]:.3f}"
+
+
+def test_the_page_logs_no_console_error(browser, server):
+    """Loaded, given its key and used, the page leaves one thing in the browser's console at level
+    SEVERE: the 401 of its first /v1/models, which is how it learns that this server needs a key
+    (Chromium logs every failed load). Before: also a 404 for /favicon.ico, or a 401 behind a key."""
+    browser.get_log("browser")  # drop what earlier tests left
+    field = _open(browser, server, "long")
+    field("prompt").clear()
+    field("prompt").send_keys("Hello")
+    field("max-tokens").clear()
+    field("max-tokens").send_keys("5")
+    field("generate").click()
+    _wait(lambda: "finish:" in field("status").text, what="the answer")
+    severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert len(severe) == 1 and "/v1/models - Failed to load resource" in severe[0] and "401" in severe[0], severe
