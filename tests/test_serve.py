@@ -81,7 +81,8 @@ def test_the_page_is_served_and_needs_nothing_from_elsewhere(client):
     assert "<script>" in html and 'id="prompt"' in html and 'id="classify"' in html
     # offline: no script, style, font or image from another site, no link out at all
     assert "http://" not in html and "https://" not in html and "//" + "cdn" not in html
-    assert "<script src" not in html and "<link" not in html and "@import" not in html
+    assert "<script src" not in html and "@import" not in html
+    assert html.count("<link") == 1 and '<link rel="icon" href="data:,">' in html  # an empty icon, inline
 
 
 def test_a_book_pth_file_is_served_as_llm_generate_reads_it(ckpt, tmp_path):

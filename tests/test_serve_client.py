@@ -112,6 +112,31 @@ def test_a_client_that_goes_away_frees_its_turn_and_a_full_queue_is_a_503(long_c
         assert client.completions.create(model="long", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_health_counts_every_request_once_even_one_whose_client_left_while_queued(long_ckpt):
+    """completed + cancelled + rejected = every request: a stream whose client leaves while it waits for
+    a turn is cancelled (before: counted nowhere, its count lived in a generator that never started), a
+    classification and a collected completion are completed."""
+    body = {"model": "long", "prompt": "Hi", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
+    with llm_serve("--model", str(long_ckpt), "--max-active", "1") as served:
+        with (
+            httpx.Client(base_url=served.url, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            lines = r.iter_lines()
+            assert _first_event(lines)["choices"][0]["text"]  # it holds the one turn
+            with httpx.Client(base_url=served.url, timeout=60) as other:
+                with other.stream("POST", "/v1/completions", json=body) as queued:
+                    _health(served.url, until=lambda h: h["queued"] == 1)
+                    queued.close()  # leaves while waiting
+                _health(served.url, until=lambda h: h["queued"] == 0)
+        health = _health(served.url, until=lambda h: h["active"] == 0 and h["cancelled"] == 2)
+        assert (health["completed"], health["cancelled"], health["rejected"]) == (0, 2, 0), health
+        short = {"model": "long", "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(served.url + "/v1/completions", json=short, timeout=60).status_code == 200
+        health = _health(served.url, until=lambda h: h["completed"] == 1)
+        assert (health["completed"], health["cancelled"], health["active"], health["queued"]) == (1, 2, 0, 0), health
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_finish_the_requests_in_flight_and_exit_0(long_ckpt, sig):
     body = {"model": "long", "prompt": "Hi", "max_tokens": 600, "temperature": 0, "stream": True, "ignore_eos": True}

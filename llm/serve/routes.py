@@ -202,6 +202,7 @@ async def classify_texts(req: ClassifyRequest, models: ModelsDep, scheduler: Sch
     try:
         await ticket.turn()
         scores = await scheduler.run(classify, served.model, served.classifier, texts)
+        ticket.complete()
     finally:
         ticket.release()
     data = [

@@ -70,10 +70,17 @@ class Scheduler:
 
 
 class Ticket:
-    """A request's place: waiting, then holding a turn (`turn()`), then done (`release()`, idempotent)."""
+    """A request's place: waiting, then holding a turn (`turn()`), then done (`release()`, idempotent).
+    The ticket counts the request in /health once it is released: "completed" when `complete()` was
+    called, else "cancelled" (its client left, waiting or answered in part, or the server stopped)."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler, self.state = scheduler, "waiting"
+        self.completed = False
+
+    def complete(self) -> None:
+        """The request got its whole answer."""
+        self.completed = True
 
     async def turn(self) -> None:
         await self.scheduler._turns.acquire()  # cancelled while waiting: still "waiting", released below
@@ -82,9 +89,12 @@ class Ticket:
         self.state = "active"
 
     def release(self) -> None:
+        if self.state == "done":
+            return
         if self.state == "waiting":
             self.scheduler.waiting -= 1
-        elif self.state == "active":
+        else:
             self.scheduler.active -= 1
             self.scheduler._turns.release()
+        self.scheduler.counts["completed" if self.completed else "cancelled"] += 1
         self.state = "done"

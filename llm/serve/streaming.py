@@ -99,10 +99,7 @@ class Generation:
                         self.finish_reason = "stop"
                 if text:
                     yield text
-            counts["completed"] += 1
-        finally:
-            if self.finish_reason is None:  # the client went away: stop here and free the turn
-                counts["cancelled"] += 1
+        finally:  # done, or the client went away: stop here (the ticket counts the request)
             self.scheduler.later(self._steps.close)  # after a step that may still run on the worker
 
     def usage(self) -> dict[str, int]:
@@ -175,11 +172,14 @@ async def respond(
             if include_usage:
                 yield sse({**chunk(None, None), "choices": [], "usage": gen.usage()})
             yield "data: [DONE]\n\n"
+            ticket.complete()
 
         return EventStream(events(), ticket)
     try:
         await ticket.turn()
         text = await collect(gen, request)
+        if gen.finish_reason is not None:  # not cut short by the client leaving
+            ticket.complete()
     finally:
         ticket.release()
     return {**whole(text, gen.finish_reason), "usage": gen.usage()}
