@@ -104,6 +104,9 @@ def test_the_masks_select_the_response_after_the_prompt_and_two_newlines(data, d
         assert unmasked["chosen_mask"][row].sum() == len(dataset[i]["chosen"])
         assert tokenizer.decode(unmasked["chosen"][row][unmasked["chosen_mask"][row]].tolist()).startswith("Below is")
     assert (batch["chosen"][:, -1] == 50256).all()  # every row ends in a pad
+    moved = custom_collate_fn([dataset[i] for i in rows], device="meta")  # the tensors move, the prompts stay
+    assert {moved[key].device.type for key in ("chosen", "rejected", "chosen_mask", "rejected_mask")} == {"meta"}
+    assert {p.device.type for p in moved["prompt"]} == {"cpu"}
 
 
 # --- log-probabilities and the loss ----------------------------------------------------------
