@@ -1,11 +1,13 @@
-"""The book's own code (rasbt/LLMs-from-scratch, chapters 2-6 and appendix E), kept verbatim as the oracle.
+"""The book's own code (rasbt/LLMs-from-scratch, chapters 2-6, chapter 7's DPO bonus and appendix E),
+kept verbatim as the oracle.
 
 Copyright (c) Sebastian Raschka under Apache License 2.0 (the code; the comments naming sources are
 ours). Tests load its state_dicts into the project's model (and back) and compare outputs; bench/
 times it as the baseline (`from tests import book_reference`). Do not "improve" this file: its
 slowness and quirks are the point. Chapter 6 redefines chapter 5's `calc_loss_batch`,
 `calc_loss_loader` and `evaluate_model`, so its code lives in the `ch6` namespace below
-(`book.ch6.train_classifier_simple`), where each function calls its own chapter's helpers.
+(`book.ch6.train_classifier_simple`), where each function calls its own chapter's helpers; the DPO
+notebook's code lives in `dpo` (`book.dpo.custom_collate_fn` is not chapter 7's collate function).
 """
 
 import math
@@ -440,6 +442,325 @@ def _chapter_6():
 
 
 ch6 = _chapter_6()
+
+
+# --- chapter 7's bonus, DPO (ch07/04_preference-tuning-with-dpo/dpo-from-scratch.ipynb) ---------
+# The notebook's cells 20 (format_input), 31 (PreferenceDataset), 33 (custom_collate_fn), 84
+# (compute_dpo_loss), 89 (compute_logprobs), 98, 102, 105 (the batch, loader and evaluation helpers)
+# and 110 (train_model_dpo_simple), as of rasbt/LLMs-from-scratch 28c65cd: the code verbatim as ruff
+# formats it, the two long docstrings left out. Defined in a closure, like chapter 6, so that its
+# `custom_collate_fn` does not shadow chapter 7's: `book.dpo.PreferenceDataset`.
+def _chapter_7_dpo():
+    import torch.nn.functional as F
+
+    def format_input(entry):
+        instruction_text = (
+            f"Below is an instruction that describes a task. "
+            f"Write a response that appropriately completes the request."
+            f"\n\n### Instruction:\n{entry['instruction']}"
+        )
+
+        input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+
+        return instruction_text + input_text
+
+    class PreferenceDataset(Dataset):
+        def __init__(self, data, tokenizer):
+            self.data = data
+
+            # Pre-tokenize texts
+            self.encoded_texts = []
+            for entry in data:
+                prompt = format_input(entry)
+                rejected_response = entry["rejected"]
+                chosen_response = entry["chosen"]
+
+                prompt_tokens = tokenizer.encode(prompt)
+                chosen_full_text = f"{prompt}\n\n### Response:\n{chosen_response}"
+                rejected_full_text = f"{prompt}\n\n### Response:\n{rejected_response}"
+                chosen_full_tokens = tokenizer.encode(chosen_full_text)
+                rejected_full_tokens = tokenizer.encode(rejected_full_text)
+
+                self.encoded_texts.append(
+                    {
+                        "prompt": prompt_tokens,
+                        "chosen": chosen_full_tokens,
+                        "rejected": rejected_full_tokens,
+                    }
+                )
+
+        def __getitem__(self, index):
+            return self.encoded_texts[index]
+
+        def __len__(self):
+            return len(self.data)
+
+    def custom_collate_fn(batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True, device="cpu"):
+        # Initialize lists to hold batch data
+        batch_data = {"prompt": [], "chosen": [], "rejected": [], "rejected_mask": [], "chosen_mask": []}
+
+        # Determine the longest sequence to set a common padding length
+        max_length_common = 0
+        if batch:
+            for key in ["chosen", "rejected"]:
+                current_max = max(len(item[key]) + 1 for item in batch)
+                max_length_common = max(max_length_common, current_max)
+
+        # Process each item in the batch
+        for item in batch:
+            prompt = torch.tensor(item["prompt"])
+            batch_data["prompt"].append(prompt)
+
+            for key in ["chosen", "rejected"]:
+                # Adjust padding according to the common maximum length
+                sequence = item[key]
+                padded = sequence + [pad_token_id] * (max_length_common - len(sequence))
+                mask = torch.ones(len(padded)).bool()
+
+                # Set mask for all padding tokens to False
+                mask[len(sequence) :] = False
+
+                # Set mask for all input tokens to False
+                # +2 sets the 2 newline ("\n") tokens before "### Response" to False
+                if mask_prompt_tokens:
+                    mask[: prompt.shape[0] + 2] = False
+
+                batch_data[key].append(torch.tensor(padded))
+                batch_data[f"{key}_mask"].append(mask)
+
+        # Final processing
+        for key in ["chosen", "rejected", "chosen_mask", "rejected_mask"]:
+            # Stack all sequences into a tensor for the given key
+            tensor_stack = torch.stack(batch_data[key])
+
+            # Optionally truncate to maximum sequence length
+            if allowed_max_length is not None:
+                tensor_stack = tensor_stack[:, :allowed_max_length]
+
+            # Move to the specified device
+            batch_data[key] = tensor_stack.to(device)
+
+        return batch_data
+
+    def compute_dpo_loss(
+        model_chosen_logprobs,
+        model_rejected_logprobs,
+        reference_chosen_logprobs,
+        reference_rejected_logprobs,
+        beta=0.1,
+    ):
+        model_logratios = model_chosen_logprobs - model_rejected_logprobs
+        reference_logratios = reference_chosen_logprobs - reference_rejected_logprobs
+        logits = model_logratios - reference_logratios
+
+        # DPO (Eq. 7 of https://arxiv.org/pdf/2305.18290.pdf)
+        losses = -F.logsigmoid(beta * logits)
+
+        # Optional values to track progress during training
+        chosen_rewards = (model_chosen_logprobs - reference_chosen_logprobs).detach()
+        rejected_rewards = (model_rejected_logprobs - reference_rejected_logprobs).detach()
+
+        # .mean() to average over the samples in the batch
+        return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
+
+    def compute_logprobs(logits, labels, selection_mask=None):
+        # Labels are the inputs shifted by one
+        labels = labels[:, 1:].clone()
+
+        # Truncate logits to match the labels num_tokens
+        logits = logits[:, :-1, :]
+
+        log_probs = F.log_softmax(logits, dim=-1)
+
+        # Gather the log probabilities for the actual labels
+        selected_log_probs = torch.gather(input=log_probs, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+
+        if selection_mask is not None:
+            mask = selection_mask[:, 1:].clone()
+
+            # Apply the mask to filter out padding tokens
+            selected_log_probs = selected_log_probs * mask
+
+            # Calculate the average log probability excluding padding tokens
+            # This averages over the tokens, so the shape is (batch_size,)
+            avg_log_prob = selected_log_probs.sum(-1) / mask.sum(-1)
+
+            return avg_log_prob
+
+        else:
+            return selected_log_probs.mean(-1)
+
+    def compute_dpo_loss_batch(batch, policy_model, reference_model, beta):
+        """Compute the DPO loss on an input batch"""
+
+        # where policy_model(batch["chosen"]) are the logits
+        policy_chosen_log_probas = compute_logprobs(
+            logits=policy_model(batch["chosen"]), labels=batch["chosen"], selection_mask=batch["chosen_mask"]
+        )
+        policy_rejected_log_probas = compute_logprobs(
+            logits=policy_model(batch["rejected"]), labels=batch["rejected"], selection_mask=batch["rejected_mask"]
+        )
+
+        with torch.no_grad():
+            ref_chosen_log_probas = compute_logprobs(
+                logits=reference_model(batch["chosen"]), labels=batch["chosen"], selection_mask=batch["chosen_mask"]
+            )
+            ref_rejected_log_probas = compute_logprobs(
+                logits=reference_model(batch["rejected"]),
+                labels=batch["rejected"],
+                selection_mask=batch["rejected_mask"],
+            )
+        loss, chosen_rewards, rejected_rewards = compute_dpo_loss(
+            model_chosen_logprobs=policy_chosen_log_probas,
+            model_rejected_logprobs=policy_rejected_log_probas,
+            reference_chosen_logprobs=ref_chosen_log_probas,
+            reference_rejected_logprobs=ref_rejected_log_probas,
+            beta=beta,
+        )
+        return loss, chosen_rewards, rejected_rewards
+
+    def compute_dpo_loss_loader(data_loader, policy_model, reference_model, beta, num_batches=None):
+        """Apply compute_dpo_loss_batch to a whole data loader"""
+
+        total_loss, total_chosen_rewards, total_rejected_rewards = 0.0, 0.0, 0.0
+        if len(data_loader) == 0:
+            return float("nan")
+
+        elif num_batches is None:
+            num_batches = len(data_loader)
+        else:
+            # Reduce the number of batches to match the total number of batches in the data loader
+            # if num_batches exceeds the number of batches in the data loader
+            num_batches = min(num_batches, len(data_loader))
+        for i, batch in enumerate(data_loader):
+            if i < num_batches:
+                loss, chosen_rewards, rejected_rewards = compute_dpo_loss_batch(
+                    batch=batch, policy_model=policy_model, reference_model=reference_model, beta=beta
+                )
+                total_loss += loss.item()
+                total_chosen_rewards += chosen_rewards.item()
+                total_rejected_rewards += rejected_rewards.item()
+
+            else:
+                break
+
+        # calculate average
+        total_loss /= num_batches
+        total_chosen_rewards /= num_batches
+        total_rejected_rewards /= num_batches
+        return total_loss, total_chosen_rewards, total_rejected_rewards
+
+    def evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader, beta, eval_iter):
+        """Compute the DPO loss for the training and validation dataset"""
+
+        policy_model.eval()
+        with torch.no_grad():
+            train_loss, train_chosen_rewards, train_rejected_rewards = compute_dpo_loss_loader(
+                data_loader=train_loader,
+                policy_model=policy_model,
+                reference_model=reference_model,
+                beta=beta,
+                num_batches=eval_iter,
+            )
+
+            val_loss, val_chosen_rewards, val_rejected_rewards = compute_dpo_loss_loader(
+                data_loader=val_loader,
+                policy_model=policy_model,
+                reference_model=reference_model,
+                beta=beta,
+                num_batches=eval_iter,
+            )
+
+        res = {
+            "train_loss": train_loss,
+            "train_chosen_reward": train_chosen_rewards,
+            "train_rejected_reward": train_rejected_rewards,
+            "val_loss": val_loss,
+            "val_chosen_reward": val_chosen_rewards,
+            "val_rejected_reward": val_rejected_rewards,
+        }
+
+        policy_model.train()
+        return res
+
+    def train_model_dpo_simple(
+        policy_model,
+        reference_model,
+        train_loader,
+        val_loader,
+        optimizer,
+        num_epochs,
+        beta,
+        eval_freq,
+        eval_iter,
+        start_context,
+        tokenizer,
+    ):
+        # Initialize lists to track losses and tokens seen
+        tracking = {
+            "train_losses": [],
+            "train_chosen_rewards": [],
+            "train_rejected_rewards": [],
+            "val_losses": [],
+            "val_chosen_rewards": [],
+            "val_rejected_rewards": [],
+            "tokens_seen": [],
+        }
+        tokens_seen, global_step = 0, -1
+
+        # Main training loop
+        for epoch in range(num_epochs):
+            policy_model.train()  # Set model to training mode
+
+            for batch in train_loader:
+                optimizer.zero_grad()  # Reset loss gradients from previous batch iteration
+
+                loss, chosen_rewards, rejected_rewards = compute_dpo_loss_batch(
+                    batch=batch, policy_model=policy_model, reference_model=reference_model, beta=beta
+                )
+
+                loss.backward()  # Calculate loss gradients
+                optimizer.step()  # Update model weights using loss gradients
+
+                tokens_seen += batch["chosen"].numel()
+                global_step += 1
+
+                # Optional evaluation step
+                if global_step % eval_freq == 0:
+                    res = evaluate_dpo_loss_loader(
+                        policy_model=policy_model,
+                        reference_model=reference_model,
+                        train_loader=train_loader,
+                        val_loader=val_loader,
+                        beta=beta,
+                        eval_iter=eval_iter,
+                    )
+                    tracking["train_losses"].append(res["train_loss"])
+                    tracking["train_chosen_rewards"].append(res["train_chosen_reward"])
+                    tracking["train_rejected_rewards"].append(res["train_rejected_reward"])
+                    tracking["val_losses"].append(res["val_loss"])
+                    tracking["val_chosen_rewards"].append(res["val_chosen_reward"])
+                    tracking["val_rejected_rewards"].append(res["val_rejected_reward"])
+                    tracking["tokens_seen"].append(tokens_seen)
+                    train_reward_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
+                    val_reward_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
+
+                    print(
+                        f"Ep {epoch + 1} (Step {global_step:06d}): "
+                        f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+                        f"Train reward margins {train_reward_margin:.3f}, "
+                        f"Val reward margins {val_reward_margin:.3f}"
+                    )
+
+            # (the notebook prints a greedy sample here, of `model`, its global name for the policy;
+            # greedy decoding draws no random numbers)
+
+        return tracking
+
+    return SimpleNamespace(**{name: fn for name, fn in locals().items() if callable(fn)})
+
+
+dpo = _chapter_7_dpo()
 
 
 # --- appendix E (appendix-E/01_main-chapter-code/appendix-E.ipynb) ----------------------------

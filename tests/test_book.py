@@ -67,9 +67,20 @@ CHAPTERS = {
         "classify_review",
     },
     "ch07": {"format_input", "InstructionDataset", "custom_collate_fn"},
+    "ch07_dpo": {
+        "PreferenceDataset",
+        "custom_collate_fn",
+        "compute_dpo_loss",
+        "compute_logprobs",
+        "compute_dpo_loss_batch",
+        "compute_dpo_loss_loader",
+        "evaluate_dpo_loss_loader",
+        "train_model_dpo_simple",
+    },
     "appendix_e": {"LoRALayer", "LinearWithLoRA", "replace_linear_with_lora"},
 }
 TWINS = {"calc_loss_batch", "calc_loss_loader", "evaluate_model"}  # chapters 5 and 6 differ
+# custom_collate_fn: chapter 7's and the DPO notebook's differ; the package gives chapter 7's (listed first)
 
 
 # --- the API ---------------------------------------------------------------------------------
@@ -90,17 +101,21 @@ def test_the_package_exports_every_unambiguous_name_and_no_twin():
     for name in TWINS:
         assert not hasattr(llm.book, name), name
     assert llm.book.ch05.calc_loss_batch is not llm.book.ch06.calc_loss_batch
+    assert llm.book.custom_collate_fn is llm.book.ch07.custom_collate_fn
+    assert llm.book.ch07_dpo.custom_collate_fn is not llm.book.ch07.custom_collate_fn
 
 
 def test_chapters_reexport_the_engine_and_the_engine_never_imports_the_book():
     import llm.classifier
     import llm.data
+    import llm.dpo
     import llm.generate
     import llm.model
 
     assert llm.book.GPTModel is llm.model.GPTModel and llm.book.MultiHeadAttention is llm.model.MultiHeadAttention
     assert llm.book.GPTDatasetV1 is llm.data.GPTDatasetV1 and llm.book.generate is llm.generate.generate
     assert llm.book.SpamDataset is llm.classifier.SpamDataset
+    assert llm.book.PreferenceDataset is llm.dpo.PreferenceDataset
     engine = [p for p in (ROOT / "llm").rglob("*.py") if "book" not in p.relative_to(ROOT / "llm").parts]
     imports_book = re.compile(r"^\s*(from llm\.book\b|import llm\.book\b|from llm import .*\bbook\b)", re.M)
     users = [p.name for p in engine if imports_book.search(p.read_text())]

@@ -17,13 +17,17 @@ the same model and the same training loop.
   `train_classifier_simple`, `classify_review`
 - chapter 7, finetuning to follow instructions: `llm.book.ch07`: `format_input`, `InstructionDataset`,
   `custom_collate_fn`
+- chapter 7's bonus, preference tuning with DPO: `llm.book.ch07_dpo`: `PreferenceDataset`,
+  `custom_collate_fn`, `compute_dpo_loss`, `compute_logprobs`, `compute_dpo_loss_batch`,
+  `compute_dpo_loss_loader`, `evaluate_dpo_loss_loader`, `train_model_dpo_simple`
 - appendix E, parameter-efficient finetuning with LoRA: `llm.book.appendix_e`: `LoRALayer`,
   `LinearWithLoRA`, `replace_linear_with_lora`
 
 `from llm.book import ...` gives every name above except the three that chapters 5 and 6 define
 differently (next-token loss there, last-token classification loss here): import
 `calc_loss_batch`, `calc_loss_loader` and `evaluate_model` from their chapter,
-e.g. `from llm.book.ch06 import evaluate_model`.
+e.g. `from llm.book.ch06 import evaluate_model`. Its `custom_collate_fn` is chapter 7's; the DPO
+notebook's, for preference pairs, is `llm.book.ch07_dpo.custom_collate_fn`.
 
 The engine's modules never import this package: it sits on top of them.
 """
@@ -50,6 +54,15 @@ from llm.book.ch06 import (
     train_classifier_simple,
 )
 from llm.book.ch07 import InstructionDataset, custom_collate_fn, format_input
+from llm.book.ch07_dpo import (
+    PreferenceDataset,
+    compute_dpo_loss,
+    compute_dpo_loss_batch,
+    compute_dpo_loss_loader,
+    compute_logprobs,
+    evaluate_dpo_loss_loader,
+    train_model_dpo_simple,
+)
 
 # Defined differently in chapters 5 and 6: import them from their chapter module.
 CHAPTER_TWINS = ("calc_loss_batch", "calc_loss_loader", "evaluate_model")
@@ -86,6 +99,14 @@ __all__ = [
     "format_input",
     "InstructionDataset",
     "custom_collate_fn",
+    # chapter 7's bonus, DPO (its custom_collate_fn: llm.book.ch07_dpo)
+    "PreferenceDataset",
+    "compute_dpo_loss",
+    "compute_logprobs",
+    "compute_dpo_loss_batch",
+    "compute_dpo_loss_loader",
+    "evaluate_dpo_loss_loader",
+    "train_model_dpo_simple",
     # appendix E
     "LoRALayer",
     "LinearWithLoRA",
