@@ -417,7 +417,7 @@ def test_lora_under_two_processes_trains_like_one_at_twice_the_batch(tmp_path):
     for nproc, batch in ((2, 2), (1, 4)):
         project = finetune_project(tmp_path / f"n{nproc}", nproc, batch)
         raw = json.loads((project / "params.yaml").read_text())
-        raw["finetune_spam"]["lora"] = {"rank": 2, "alpha": 4.0}
+        raw["finetune_spam"]["lora"].update(rank=2, alpha=4.0)
         (project / "params.yaml").write_text(json.dumps(raw))
         out = run_module("stages.finetune_spam", project)
         assert out.returncode == 0, out.stderr[-3000:]

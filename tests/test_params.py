@@ -20,6 +20,7 @@ from llm.model import PRESETS, GPTModel
 from llm.pipeline import params as params_module
 from llm.pipeline.params import Params, load_params, parse_params, schema_text
 from llm.pipeline.sources import load_sources, parse_sources
+from llm.pipeline.validate import missing_keys
 from llm.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 from tests.conftest import ROOT, committed, committed_yaml
 
@@ -45,6 +46,43 @@ def test_committed_params_are_valid_and_typed(tmp_path):
     assert p.train.lr == 0.0004 and isinstance(p.train.lr, float)
     assert p.model.config()["emb_dim"] == 256
     assert p.data.corpus == ["the-verdict"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("", "params.yaml is empty: it must hold every setting"),
+        ("# truncated\n", "params.yaml is empty"),
+        ("drop train.lr", "params.yaml: train.lr is missing: write every key, as the committed params.yaml does"),
+        ("drop finetune_spam.lora.alpha", "finetune_spam.lora.alpha is missing"),
+        ("drop eval", "params.yaml: eval is missing: write every key"),
+        ("drop runtime.replicate runtime.threads", "runtime.replicate is missing (and 1 more)"),
+    ],
+)
+def test_the_file_a_stage_runs_with_writes_every_key(tmp_path, change, message):
+    """DVC records params.yaml, not the defaults: an empty (e.g. truncated) file, or one without a
+    section or key, stops the stage with one line naming the first key missing (it ran on the defaults
+    without a word). Code that builds settings (`parse_params`) may still leave keys to their defaults."""
+    if change.startswith("drop "):
+        raw = copy.deepcopy(RAW)
+        for key in change.split()[1:]:
+            *parents, last = key.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            del node[last]
+        text = json.dumps(raw)
+    else:
+        text = change
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    parse_params(json.loads(text) if text.startswith("{") else None)  # the lenient parser takes it
+
+
+def test_the_committed_params_write_every_key():
+    assert missing_keys(Params, RAW) == []
 
 
 def test_sources_are_their_own_file_not_params(tmp_path):

@@ -23,7 +23,7 @@ def test_the_pretrain_stage_runs_on_runtime_threads(tmp_path):
     """`runtime.threads: 1` in params.yaml: the stage's process runs torch on one thread (its timings say so)."""
     project = stage_project(tmp_path)
     params = json.loads((project / "params.yaml").read_text())
-    params["runtime"] = {"threads": 1}
+    params["runtime"]["threads"] = 1
     (project / "params.yaml").write_text(json.dumps(params))
     out = run_stage(project, env={**STAGE_ENV, "OMP_NUM_THREADS": "2"})  # the param wins over torch's default
     assert out.returncode == 0, out.stderr[-2000:]

@@ -47,7 +47,7 @@ from llm.choices import (
 )
 from llm.config import GPT_CONFIG_124M, PRESETS, SIZE_KEYS, estimate_params, mask_bytes, model_config
 from llm.errors import ConfigError
-from llm.pipeline.validate import Settings, read_yaml, validate
+from llm.pipeline.validate import Settings, missing_keys, read_yaml, validate
 from llm.settings import LoopSettings
 
 # `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
@@ -410,12 +410,25 @@ def parse_params(raw: Any) -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """The params file a stage runs with. Unlike `parse_params` (code that builds settings may leave
+    keys to their defaults), the file must write every section and key: DVC records the file, so a
+    default it does not show would run unrecorded (a truncated or emptied file would train silently)."""
     path = Path(path)
     raw = read_yaml(path)
     try:
-        return parse_params(raw)
+        params = parse_params(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if not raw:
+        raise ConfigError(f"{path} is empty: it must hold every setting (the committed params.yaml shows them all)")
+    missing = missing_keys(Params, raw)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"{path}: {missing[0]} is missing{more}: write every key, as the committed params.yaml does "
+            "(DVC records this file, not the defaults a missing key would take)"
+        )
+    return params
 
 
 def json_schema() -> dict[str, Any]:

@@ -118,6 +118,21 @@ def validate(model: type[M], raw: Any) -> M:
         raise ConfigError(one_line(exc, model)) from None
 
 
+def missing_keys(model: type[BaseModel], raw: Any, prefix: str = "") -> list[str]:
+    """The keys of `model` (nested settings too) that the parsed YAML `raw` does not write, as
+    `section.key`, in the model's order. `raw` must already validate against `model`."""
+    missing = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if not isinstance(raw, dict) or name not in raw:
+            missing.append(key)
+            continue
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            missing += missing_keys(sub, raw[name], f"{key}.")
+    return missing
+
+
 def load(model: type[M], path: str | Path) -> M:
     """`model` from a YAML file; errors are one line starting with the file's name."""
     raw = read_yaml(path)
