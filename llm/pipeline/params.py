@@ -2,7 +2,8 @@
 
 Each section is a pydantic model (`llm.pipeline.validate.Settings`: no unknown keys, no
 coercion, no NaN). Every field's default is the committed `params.yaml`'s value (a test keeps
-them equal), so a key deleted from the file keeps its documented value. Allowed values come from
+them equal): code may leave keys out (`parse_params`), but the file a stage runs with must write
+every key (`load_params`: DVC records the file, not the defaults). Allowed values come from
 `llm.choices` and the model presets from `llm.config`, the torch-free modules the implementations
 import them from too; bounds that keep a run possible (seeds numpy accepts, an lr AdamW can train
 with, a model small enough to build and save) from `llm.bounds`, each with its reason. So parsing
