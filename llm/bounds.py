@@ -25,6 +25,9 @@ two moments."""
 MAX_MASK_BYTES = 4 * 2**30
 """Every checkpoint holds the book's attention masks, n_layers float32 context_length x context_length
 matrices, built when it is saved: at most 4 GiB of them (GPT-2 XL's: 0.19 GiB)."""
+MAX_NPROC_PER_NODE = 256
+"""torchrun starts this many processes on one machine, each holding the model, its gradients and AdamW's
+moments: one per GPU (8 on the largest nodes) or per core (a 2-socket server has up to 256 threads)."""
 MAX_LORA_ALPHA = 1e4
 """The adapter's output is multiplied by alpha: far above the rank-16 alpha of 16 (the book), an update
 of lr x alpha per step diverges at once."""

@@ -81,6 +81,16 @@ def test_the_file_a_stage_runs_with_writes_every_key(tmp_path, change, message):
     parse_params(json.loads(text) if text.startswith("{") else None)  # the lenient parser takes it
 
 
+@pytest.mark.parametrize("section", ["train", "finetune_spam", "finetune_instruct"])
+def test_nproc_per_node_is_bounded(section):
+    from llm.bounds import MAX_NPROC_PER_NODE
+
+    assert getattr(parse_params(with_change(f"{section}.nproc_per_node", MAX_NPROC_PER_NODE)), section)
+    with pytest.raises(ConfigError) as err:  # was accepted: torchrun would try to start a billion processes
+        parse_params(with_change(f"{section}.nproc_per_node", 10**9))
+    assert str(err.value) == f"{section}.nproc_per_node must be <= {MAX_NPROC_PER_NODE}, got 1000000000"
+
+
 def test_the_committed_params_write_every_key():
     assert missing_keys(Params, RAW) == []
 

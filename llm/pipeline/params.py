@@ -29,6 +29,7 @@ from llm.bounds import (
     MAX_LORA_ALPHA,
     MAX_LR,
     MAX_MASK_BYTES,
+    MAX_NPROC_PER_NODE,
     MAX_PARAMS,
     MAX_REPLICATE,
     MAX_SEED,
@@ -176,7 +177,7 @@ class LoopParams(Settings):
     """auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps."""
     checkpoint_every: int = Field(0, ge=0)
     """Optimizer steps between resumable checkpoints; 0 = only on Ctrl-C/SIGTERM."""
-    nproc_per_node: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1, le=MAX_NPROC_PER_NODE)
     """Training processes (DDP, one node); above 1 the stage relaunches itself through torchrun, each process
     training on batch_size examples per micro-batch and its own shard of every epoch."""
     compile: bool = False
