@@ -359,6 +359,7 @@ def test_fetch_zip_member_missing_member_lists_members(server, tmp_path):
     msg = _one_line_error(excinfo)
     assert "'nope'" in msg and "members: readme, SMSSpamCollection" in msg
     _no_leftovers(dest)
+    assert list(tmp_path.iterdir()) == []  # nor the zip: the stage's output folder holds nothing (it kept a.zip)
 
 
 def test_fetch_zip_member_hash_mismatch(server, tmp_path):
@@ -370,6 +371,7 @@ def test_fetch_zip_member_hash_mismatch(server, tmp_path):
     msg = _one_line_error(excinfo)
     assert "SMSSpamCollection" in msg and wrong in msg and SHA in msg
     _no_leftovers(dest)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fetch_zip_member_corrupt_zip(server, tmp_path):
@@ -377,6 +379,7 @@ def test_fetch_zip_member_corrupt_zip(server, tmp_path):
     with pytest.raises(DownloadError) as excinfo:
         fetch_zip_member(server.url("/a.zip"), "SMSSpamCollection", SHA, tmp_path / "out", progress=False)
     assert "is corrupt" in _one_line_error(excinfo)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fetch_zip_member_replaces_a_damaged_cache(server, tmp_path):

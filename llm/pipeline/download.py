@@ -262,7 +262,11 @@ def fetch_zip_member(
         except DownloadError:
             archive.unlink()  # stale or damaged cache: fetch it again below
     fetch(url, None, archive, mirror=mirror, progress=progress)
-    return extract_member(archive, member, expected, dest, url)
+    try:
+        return extract_member(archive, member, expected, dest, url)
+    except DownloadError:  # no such member, a corrupt zip or the wrong bytes: keep nothing of it
+        archive.unlink(missing_ok=True)
+        raise
 
 
 def fetch_source(src, dest_dir: str | os.PathLike, mirror: str | None = MIRROR_FROM_ENV) -> Path:
