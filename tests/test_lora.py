@@ -328,7 +328,7 @@ def lora_project(folder, **lora):
     project = finetune_project(folder, nproc=1, batch_size=4)
     raw = json.loads((project / "params.yaml").read_text())
     for section in ("finetune_spam", "finetune_instruct"):
-        raw[section]["lora"] = lora
+        raw[section]["lora"].update(lora)
     (project / "params.yaml").write_text(json.dumps(raw))
     return project
 
@@ -389,7 +389,8 @@ def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, sta
         assert answers[0].stdout == answers[1].stdout
         # a stage's init takes an adapter: the spam classifier starts from the merged instruction model
         raw = json.loads((project / "params.yaml").read_text())
-        raw["finetune_spam"].update(init="models/instruct/adapter", num_epochs=1, lora={"rank": 0})
+        raw["finetune_spam"].update(init="models/instruct/adapter", num_epochs=1)
+        raw["finetune_spam"]["lora"]["rank"] = 0
         (project / "params.yaml").write_text(json.dumps(raw))
         out = run_module("stages.finetune_spam", project)
         assert out.returncode == 0, out.stderr[-3000:]
