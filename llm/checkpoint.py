@@ -294,8 +294,8 @@ def _adapter_meta(directory: Path) -> dict[str, Any]:
     lora, base = meta.get("lora"), meta.get("base")
     if not isinstance(lora, dict) or not isinstance(base, dict):
         raise CheckpointError(f"{file}: needs 'lora' and 'base' objects")
-    # The settings the merge computes with, as params.yaml allows them (JSON reads `Infinity` and
-    # `NaN` as floats: both fail the comparison, as does an alpha whose update overflows float32).
+    # The settings the merge computes with, within params.yaml's bounds: JSON reads `Infinity` and `NaN`
+    # as floats, and both fail the comparison; an alpha of 1e308, finite, is far over the bound.
     rank, alpha = lora.get("rank"), lora.get("alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise CheckpointError(f"{file}: lora.rank must be a whole number >= 1, got {rank!r}")
