@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llm.bounds import MAX_LORA_ALPHA
 from llm.errors import CheckpointError, ConfigError, LLMError, first_line
 from llm.files import atomic_path, atomic_write_bytes
 from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
@@ -293,9 +294,15 @@ def _adapter_meta(directory: Path) -> dict[str, Any]:
     lora, base = meta.get("lora"), meta.get("base")
     if not isinstance(lora, dict) or not isinstance(base, dict):
         raise CheckpointError(f"{file}: needs 'lora' and 'base' objects")
-    alpha = lora.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise CheckpointError(f"{file}: lora.alpha must be a number > 0, got {alpha!r}")
+    # The settings the merge computes with, within params.yaml's bounds: JSON reads `Infinity` and `NaN`
+    # as floats, and both fail the comparison; an alpha of 1e308, finite, is far over the bound.
+    rank, alpha = lora.get("rank"), lora.get("alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise CheckpointError(f"{file}: lora.rank must be a whole number >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_LORA_ALPHA:
+        raise CheckpointError(
+            f"{file}: lora.alpha must be a number > 0, got {alpha!r}; allowed: 0 < alpha <= {MAX_LORA_ALPHA:g}"
+        )
     for key in ("model", "sha256"):
         if not isinstance(base.get(key), str):
             raise CheckpointError(f"{file}: base.{key} must be a string")
@@ -317,7 +324,9 @@ def _describe(cfg: Mapping[str, Any]) -> str:
 
 def _read_adapter(directory: Path) -> Checkpoint:
     """The merged weights of an adapter checkpoint: its base read and checked against the recorded
-    sha256 and shape, then each adapter folded in (W + alpha * (A @ B)^T)."""
+    sha256 and shape, then each adapter folded in (W + alpha * (A @ B)^T; `llm.lora.merge_state` refuses
+    a tensor that is not floating point, of another shape or rank, or not finite, and a merged weight
+    that is not finite)."""
     meta = _adapter_meta(directory)
     base = meta["base"]
     spec: str | Path = (directory / base["path"]) if base.get("path") else base["model"]
@@ -340,7 +349,7 @@ def _read_adapter(directory: Path) -> Checkpoint:
     weights = directory / ADAPTER_WEIGHTS
     adapter = _read_weights(weights)
     try:
-        state = merge_state(checkpoint.state, adapter, meta["lora"]["alpha"], str(weights))
+        state = merge_state(checkpoint.state, adapter, meta["lora"]["alpha"], str(weights), meta["lora"]["rank"])
     except LLMError as exc:
         raise CheckpointError(str(exc)) from None
     return Checkpoint(state, checkpoint.cfg, {"format": _FORMAT, "model": checkpoint.cfg, **_adapter_extras(meta)},

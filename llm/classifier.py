@@ -267,7 +267,9 @@ def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int 
     """Spam probabilities of `texts` with a classifier and its settings (`load_classifier`).
 
     Messages are padded and truncated to `info["max_length"]` tokens as in training (SpamDataset);
-    an empty message is read as a single space.
+    an empty message is read as a single space. Scores that are not finite (a classifier with NaN or
+    infinite weights) are an LLMError naming the message, never a label: NaN >= 0.5 is False, which
+    would read as "not spam".
     """
     device = next(model.parameters()).device if device is None else device
     df = pd.DataFrame({"Label": [0] * len(texts), "Text": [t or " " for t in texts]})
@@ -279,6 +281,14 @@ def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int 
     for start in range(0, len(data), batch_size):
         batch = data.tokens[start : start + batch_size].to(device)
         logits = class_logits(model, batch, info["pooling"]).float()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        if not all(finite):
+            i = start + finite.index(False)
+            raise LLMError(
+                f"the classifier's scores for message {i + 1} of {len(texts)} are {logits[i - start].tolist()}, "
+                "not finite numbers: its weights are damaged (NaN, infinite or overflowing values); nothing was "
+                "classified"
+            )
         probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
     model.train(was_training)
     return Scores(probs, data.truncated)

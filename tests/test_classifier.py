@@ -377,3 +377,56 @@ def test_a_bad_classifier_config_names_the_file_and_the_key(classifier_ckpt, tmp
     assert str(info.value).startswith(f"{path / 'config.json'}: ") and message in str(info.value)
     assert main(["classify", "--checkpoint", str(path), "hello"]) == 2
     assert capsys.readouterr() == ("", f"llm classify: error: {info.value}\n")
+
+
+# --- scores that are not finite are an error, never a label ---------------------------------------------
+def _damaged_classifier(classifier_ckpt, tmp_path, damage: str):
+    """A copy of the tiny classifier whose weights hold NaN in one token's embedding (only the messages with
+    that token score NaN) or +inf in the head's bias (every message's logits hold inf)."""
+    import copy
+
+    model = copy.deepcopy(classifier_ckpt[1])
+    with torch.no_grad():
+        if damage == "nan":
+            model.tok_emb.weight[get_tokenizer().encode("WIN")[0]] = float("nan")
+        else:
+            model.out_head.bias[1] = float("inf")
+    return model, save_classifier(model, tmp_path / damage, max_length=8, pooling="mean")
+
+
+@pytest.mark.parametrize(("damage", "scores"), [("nan", "message 3 of 3 are [nan, nan]"), ("inf", "message 1 of 3")])
+def test_scores_that_are_not_finite_are_one_line_never_a_label(classifier_ckpt, tmp_path, capsys, damage, scores):
+    """NaN >= 0.5 is False: a classifier with NaN or infinite weights answered "not spam (spam probability nan)"
+    with exit 0. `classify` refuses, naming the message, so `llm classify` (exit 2) and /v1/classify (an error in
+    OpenAI's shape) do too."""
+    from fastapi.testclient import TestClient
+
+    from llm.serve.app import create_app
+    from llm.serve.registry import load_models
+
+    model, path = _damaged_classifier(classifier_ckpt, tmp_path, damage)
+    texts = ["hello there", "see you soon", "WIN a prize"]  # batches of 2: the third is the second batch's first
+    with pytest.raises(LLMError) as err:
+        classify(model.eval(), {"max_length": 8, "pooling": "mean"}, texts, batch_size=2)
+    message = str(err.value)
+    assert message.startswith(f"the classifier's scores for {scores}") and "\n" not in message
+    assert message.endswith("not finite numbers: its weights are damaged (NaN, infinite or overflowing values); "
+                            "nothing was classified")  # fmt: skip
+
+    file, out = tmp_path / "m.txt", tmp_path / "p.csv"
+    file.write_text("\n".join(texts) + "\n")
+    assert (
+        main(["classify", "--checkpoint", str(path), "--file", str(file), "--output", str(out), "--batch-size", "2"])
+        == 2
+    )
+    assert capsys.readouterr() == ("", f"llm classify: error: {message}\n") and not out.exists()
+    assert main(["classify", "--checkpoint", str(path), texts[-1]]) == 2
+    stdout, stderr = capsys.readouterr()
+    assert stdout == "" and stderr.startswith("llm classify: error: the classifier's scores for message 1 of 1 are [")
+    assert stderr.count("\n") == 1
+
+    with TestClient(create_app(load_models([f"spam={path}"]))) as client:
+        response = client.post("/v1/classify", json={"input": texts})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]["message"]
+    assert error.startswith("the classifier's scores for message ") and "not finite numbers" in error

@@ -134,6 +134,8 @@ def test_targets_choose_the_layers(targets, wrapped):
     [
         ({"rank": 0, "alpha": 1.0}, "LoRA rank must be a whole number >= 1, got 0"),
         ({"rank": 2, "alpha": 0.0}, "LoRA alpha must be a number > 0, got 0.0"),
+        ({"rank": 2, "alpha": float("inf")}, "LoRA alpha must be a number > 0, got inf; allowed: 0 < alpha <= 10000"),
+        ({"rank": 2, "alpha": 2e4}, "LoRA alpha must be a number > 0, got 20000.0; allowed: 0 < alpha <= 10000"),
         ({"rank": 2, "alpha": 1.0, "targets": ["ff"]}, "unknown LoRA target 'ff'; allowed: attention, query"),
         ({"rank": 2, "alpha": 1.0, "targets": []}, "LoRA targets are empty"),
     ],
@@ -281,6 +283,104 @@ def test_a_malformed_adapter_config_names_the_file(tmp_path):
     (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"lora.json: lora.alpha must be a number > 0, got 'big'"):
         load_checkpoint(adapter)
+
+
+def _relabel(file, dtype: bytes) -> None:
+    """Every tensor of a safetensors file relabelled `dtype` in its header: the same bytes, read as another type."""
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].replace(b'"dtype":"F32"', b'"dtype":"' + dtype + b'"')
+    assert len(header) == n
+    file.write_bytes(data[:8] + header + data[8 + n :])
+
+
+def _damage_tensor(file, key_end: str, value: float, whole: bool = False) -> None:
+    """`value` written into the first element (or the whole) of the first tensor whose name ends with `key_end`."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    key = next(k for k in sorted(state) if k.endswith(key_end))
+    state[key] = state[key].clone()
+    (state[key] if whole else state[key].view(-1)[:1]).fill_(value)
+    save_file(state, file)
+
+
+ALLOWED = "allowed: 0 < alpha <= 10000"
+# Each damage the issue found (and its kin), as (what it does to the adapter, the file and the line it gives):
+# each answered "not spam (spam probability nan)" with exit 0 before lora.json and the tensors were checked.
+DAMAGES = {
+    "alpha Infinity": ({"alpha": float("inf")}, f"lora.json: lora.alpha must be a number > 0, got inf; {ALLOWED}"),
+    "alpha 1e308": ({"alpha": 1e308}, f"lora.json: lora.alpha must be a number > 0, got 1e+308; {ALLOWED}"),
+    "alpha NaN": ({"alpha": float("nan")}, f"lora.json: lora.alpha must be a number > 0, got nan; {ALLOWED}"),
+    "alpha over the bound": ({"alpha": 2e4}, f"lora.json: lora.alpha must be a number > 0, got 20000.0; {ALLOWED}"),
+    "rank 0": ({"rank": 0}, "lora.json: lora.rank must be a whole number >= 1, got 0"),
+    "rank missing": ({"rank": ...}, "lora.json: lora.rank must be a whole number >= 1, got None"),
+    "rank a fraction": ({"rank": 4.5}, "lora.json: lora.rank must be a whole number >= 1, got 4.5"),
+    "rank not the tensors'": (
+        {"rank": 8},
+        "lora.safetensors: the adapter of trf_blocks.0.att.W_key (A (36, 4), B (4, 36)) does not fit its weight "
+        "(36, 36) of rank 8",
+    ),
+    "tensors relabelled int32": (
+        b"I32",
+        "lora.safetensors: {key} is torch.int32; an adapter's tensors are floating point",
+    ),
+    "a NaN in A": (
+        (".lora.A", float("nan")),
+        "lora.safetensors: trf_blocks.0.att.W_key.lora.A holds NaN or infinite values",
+    ),
+    "an inf in the saved head": (
+        ("out_head.weight", float("inf")),
+        "lora.safetensors: out_head.weight holds NaN or infinite values",
+    ),
+    "a merge that overflows": (
+        ("W_query.lora.B", 3e38, True),  # finite, but alpha 8 x A @ B is not
+        "lora.safetensors: merging the adapter of trf_blocks.0.att.W_query gives trf_blocks.0.att.W_query.weight NaN "
+        "or infinite values (alpha 8 x A @ B overflows torch.float32, or the base weight is not finite)",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_adapter_is_refused_in_one_line_naming_the_file_and_key(tmp_path, capsys, damage):
+    """`alpha` Infinity or 1e308 in lora.json, tensors relabelled int32, a NaN in a tensor: the loader and
+    `llm classify` refuse with one line naming the file and the key, never a NaN probability read as a label."""
+    from safetensors import safe_open
+
+    from llm.cli import main
+
+    _, adapter, _ = trained_adapter(tmp_path, classifier=True)
+    how, message = DAMAGES[damage]
+    if isinstance(how, dict):  # lora.json (json writes inf and nan as Infinity and NaN, as in the issue's file)
+        meta = json.loads((adapter / ADAPTER_CONFIG).read_text())
+        meta["lora"] = {k: v for k, v in {**meta["lora"], **how}.items() if v is not ...}
+        (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    elif isinstance(how, bytes):
+        _relabel(adapter / ADAPTER_WEIGHTS, how)
+        with safe_open(adapter / ADAPTER_WEIGHTS, "pt") as f:  # the file's first tensor is the one named
+            message = message.format(key=next(iter(f.keys())))
+    else:
+        _damage_tensor(adapter / ADAPTER_WEIGHTS, *how)
+    with pytest.raises(CheckpointError) as err:
+        load_classifier(adapter)
+    assert str(err.value) == f"{adapter / message}"
+    assert main(["classify", "--model", str(adapter), "You won a prize, call now"]) == 2
+    assert capsys.readouterr() == ("", f"llm classify: error: {adapter / message}\n")
+
+
+def test_an_adapter_at_the_alpha_bound_still_loads(tmp_path):
+    """The bound is params.yaml's (`llm.bounds.MAX_LORA_ALPHA`): an adapter a stage may write loads."""
+    from llm.bounds import MAX_LORA_ALPHA
+
+    model, adapter, _ = trained_adapter(tmp_path)
+    meta = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    meta["lora"]["alpha"] = MAX_LORA_ALPHA
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    for layer in lora_layers(model).values():
+        layer.lora.alpha = MAX_LORA_ALPHA
+    expected = model(IDS).detach()
+    scale = float(expected.abs().max())  # alpha 10,000 makes large logits: compare to their scale
+    torch.testing.assert_close(load_checkpoint(adapter)(IDS), expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_the_cli_takes_an_adapter_wherever_it_takes_a_model(tmp_path, capsys):
