@@ -3,16 +3,20 @@
 Startup problems (a bad --model, a port in use) are LLMErrors: one line and exit status 2, as for every
 `llm` command; the port is bound before the models load, so a port in use fails at once. The first
 Ctrl-C or SIGTERM stops accepting connections and lets the requests in flight finish (up to
-`drain_timeout` seconds); the process then exits 0. A second Ctrl-C stops at once (130).
+`drain_timeout` seconds); the process then exits 0. A second Ctrl-C stops at once (130). Either way the
+stop is bounded: a model step still running on the worker thread when the time is up (a thread cannot
+be interrupted) is left behind, and the process exits without waiting for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from llm.errors import INTERRUPTED, LLMError, os_reason
@@ -70,8 +74,11 @@ def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> i
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+        stopping_since: float | None = None  # time.monotonic() of the first Ctrl-C or SIGTERM
+
         def handle_exit(self, sig, frame) -> None:
             if not self.should_exit:
+                self.stopping_since = time.monotonic()
                 state = app.state.scheduler.stats()
                 running = state["active"] + state["queued"]
                 print(f"{prog}: stopping: finishing {running} request(s) in flight (Ctrl-C again to stop now)",
@@ -87,7 +94,16 @@ def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> i
     )
     server = Server(config)
     asyncio.run(server.serve(sockets=[sock]))
-    if server.force_exit:
-        return INTERRUPTED
-    print(f"{prog}: stopped", file=sys.stderr, flush=True)
-    return 0
+    code = INTERRUPTED if server.force_exit else 0
+    # The drain is over (or was cut short): the worker may still run a step of a request that was
+    # cancelled. Wait for it only while the drain timeout lasts, and not at all after a second Ctrl-C.
+    since = server.stopping_since if server.stopping_since is not None else time.monotonic()
+    left = 0.0 if server.force_exit else since + drain_timeout - time.monotonic()
+    stopped = app.state.scheduler.join(max(0.0, left))
+    if code == 0:
+        print(f"{prog}: stopped", file=sys.stderr, flush=True)
+    if not stopped:  # the interpreter would wait for the worker thread at exit: leave without it
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        os._exit(code)
+    return code
