@@ -306,7 +306,6 @@ def _concurrently(app, *calls) -> list[str]:
 
             await asyncio.gather(*(one(i, name, call) for i, (name, call) in enumerate(calls)))
         scheduler.close()
-        scheduler.join()
 
     asyncio.run(run())
     return finished
@@ -353,7 +352,7 @@ def test_a_classification_whose_client_left_stops_before_its_next_batch(models, 
 
     batches = []
 
-    def counted(model, info, texts, batch_size):
+    def counted(model, info, texts, batch_size=32):
         batches.append(len(texts))
         return classify(model, info, texts, batch_size)
 
@@ -381,7 +380,6 @@ def test_a_classification_whose_client_left_stops_before_its_next_batch(models, 
                  "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
         await app(scope, receive, send)
         app.state.scheduler.close()
-        app.state.scheduler.join()
 
     asyncio.run(run())
     assert batches == [32]
@@ -536,6 +534,32 @@ def _interleaving(models, max_active: int) -> str:
 
     asyncio.run(run())
     return "".join(order)
+
+
+def test_a_closed_worker_is_not_waited_for_past_a_timeout(models):
+    """What bounds a stop (`llm.serve.server.serve`): `close` does not wait for the step running on the
+    worker, `join(timeout)` says whether it ended in time, and a cleanup asked for meanwhile is not run
+    beside that step (it would run the same generator on two threads)."""
+    import threading
+
+    release, started, cleaned = threading.Event(), threading.Event(), []
+
+    async def run():
+        scheduler = Scheduler()
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        step = loop.create_task(scheduler.run(lambda: started.set() or release.wait(60)))
+        await loop.run_in_executor(None, started.wait, 60)
+        scheduler.close()  # returns while the step runs
+        assert scheduler.join(0.05) is False
+        scheduler.later(cleaned.append, "now")
+        assert cleaned == []
+        release.set()
+        assert await step is True and scheduler.join() is True
+        scheduler.later(cleaned.append, "after")  # the worker is gone: here, at once
+        assert cleaned == ["after"]
+
+    asyncio.run(run())
 
 
 def test_requests_in_flight_take_turns_one_token_each(models):

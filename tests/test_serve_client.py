@@ -223,9 +223,7 @@ def long_classifier_ckpt(tmp_path_factory):
     return save_classifier(model, tmp_path_factory.mktemp("cls") / "slow", max_length=1024, pooling="mean")
 
 
-def test_a_long_classification_shares_the_worker_and_sigterm_stops_within_the_drain_timeout(
-    ckpt, long_classifier_ckpt
-):
+def test_a_long_classification_shares_the_worker_and_sigterm_stops_within_the_drain_timeout(ckpt, long_classifier_ckpt):
     """--max-classify-inputs bounds the messages of a request (a 400 naming `input`); a long classification
     runs a batch per step, so a completion sent meanwhile is answered while it runs (before: after it);
     SIGTERM with --drain-timeout 1 while it runs stops the server at the end of the drain, exit 0 (before:
