@@ -99,6 +99,7 @@ def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> i
     # cancelled. Wait for it only while the drain timeout lasts, and not at all after a second Ctrl-C.
     since = server.stopping_since if server.stopping_since is not None else time.monotonic()
     left = 0.0 if server.force_exit else since + drain_timeout - time.monotonic()
+    app.state.scheduler.close()  # again (idempotent): a second Ctrl-C skips the app's shutdown
     stopped = app.state.scheduler.join(max(0.0, left))
     if code == 0:
         print(f"{prog}: stopped", file=sys.stderr, flush=True)
