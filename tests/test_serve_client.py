@@ -206,6 +206,7 @@ def test_the_drain_timeout_or_a_second_ctrl_c_cuts_the_requests_short(long_ckpt,
                 rest = list(lines)
             assert "data: [DONE]" not in rest  # not finished
         assert served.proc.wait(timeout=60) == code
+        assert not any("Traceback" in line for line in served.lines), served.lines  # the stop is no bug
 
 
 @pytest.fixture(scope="module")
@@ -252,5 +253,6 @@ def test_a_long_classification_shares_the_worker_and_sigterm_stops_within_the_dr
         served.wait_line(r"stopping: finishing 1 request\(s\) in flight")
         assert served.proc.wait(timeout=1 + 60) == 0  # a guard: it stops at the end of the drain
         assert served.lines[-1] == "llm serve: stopped"
+        assert not any("Traceback" in line for line in served.lines), served.lines  # the stop is no bug
         thread.join(timeout=60)
         assert done.is_set()

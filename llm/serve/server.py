@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -55,6 +56,21 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+class _NoCancelledTraceback(logging.Filter):
+    """uvicorn logs each request it cancels when the drain timeout is up as an "Exception in ASGI
+    application" with a CancelledError traceback, and after a second Ctrl-C the lifespan's cancelled
+    wait as a traceback's text: that is the stop, not a bug. Its one line "Cancel N running task(s),
+    timeout graceful shutdown exceeded" stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        text = record.getMessage()
+        return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
+
+
 def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> int:
     """Serve `app` on `sock` until a signal; 0 after a drain, 130 when a second Ctrl-C cut it short."""
     import asyncio
@@ -93,6 +109,7 @@ def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> i
         lifespan="on",
     )
     server = Server(config)
+    logging.getLogger("uvicorn.error").addFilter(_NoCancelledTraceback())
     asyncio.run(server.serve(sockets=[sock]))
     code = INTERRUPTED if server.force_exit else 0
     # The drain is over (or was cut short): the worker may still run a step of a request that was
