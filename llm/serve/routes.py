@@ -190,7 +190,9 @@ async def chat_completions(
     return await respond(request, req, gen, ticket, chunk, whole, opening)
 
 
-async def classify_in_steps(scheduler: Scheduler, served: ServedModel, texts: list[str], request: Request):
+async def classify_in_steps(
+    scheduler: Scheduler, served: ServedModel, texts: list[str], request: Request
+) -> Scores | None:
     """`classify(model, settings, texts)`, one batch of CLASSIFY_BATCH messages per step on the worker, so
     that a long list takes turns with the other requests' steps as a generation does; None when the
     client went away (checked before each batch). Every message is padded to the classifier's max_length
