@@ -33,6 +33,10 @@ MAX_LORA_ALPHA = 1e4
 of lr x alpha per step diverges at once."""
 MAX_REPLICATE = 10_000
 """More replicates than anyone runs of one experiment; a bound so a typo (a seed in its place) is caught."""
+MAX_CLASSIFY_INPUTS = 2048
+"""The most messages one `llm serve` /v1/classify request may send (its `--max-classify-inputs`), as
+OpenAI's embeddings API takes at most 2048 inputs per request. Every message is padded to the
+classifier's max_length, so this bounds the tokens a request costs as well: 2048 x max_length."""
 
 
 def temperature_problem(value: float) -> str | None:

@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from llm.bounds import MAX_SEED
+from llm.bounds import MAX_CLASSIFY_INPUTS, MAX_SEED
 from llm.errors import LLMError, OneLineParser, report_error, reportable
 from llm.files import flush_stdout, read_text, write_stdout, writing
 
@@ -166,6 +166,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a turn; more get 503 (32)")
     srv.add_argument("--max-tokens", type=_positive_int, default=1024, help="most tokens one request may ask (1024)")
     srv.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="largest request body (1 MB)")
+    srv.add_argument(
+        "--max-classify-inputs", type=_positive_int, default=MAX_CLASSIFY_INPUTS,
+        help=f"most messages one /v1/classify request may send ({MAX_CLASSIFY_INPUTS}, as OpenAI's embeddings)",
+    )  # fmt: skip
     srv.add_argument("--drain-timeout", type=_seconds, default=60.0, help="seconds to finish requests on stop (60)")
     srv.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     srv.set_defaults(func=cmd_serve)
@@ -395,7 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes)
+    limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes, args.max_classify_inputs)
     app = create_app(models, api_key=api_key, limits=limits)
     prog = f"{args.prog} serve"
     if not is_loopback(args.host) and not api_key:

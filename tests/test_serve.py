@@ -285,6 +285,108 @@ def test_classify_gives_each_text_its_label_and_probability(client, classifier_c
     assert one["data"] == data["data"][:1]
 
 
+def _concurrently(app, *calls) -> list[str]:
+    """Run `calls` (name, async fn of an httpx client) together against `app`; the names in the order
+    they finished. Each call starts once the ones before it hold a turn."""
+    import httpx
+
+    finished = []
+
+    async def run():
+        scheduler = app.state.scheduler
+        scheduler.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=None) as c:
+
+            async def one(i, name, call):
+                while scheduler.active < i:  # the calls before this one hold their turns
+                    await asyncio.sleep(0)
+                await call(c)
+                finished.append(name)
+
+            await asyncio.gather(*(one(i, name, call) for i, (name, call) in enumerate(calls)))
+        scheduler.close()
+
+    asyncio.run(run())
+    return finished
+
+
+def test_a_long_classification_takes_turns_with_a_completion_sent_meanwhile(models, classifier_ckpt):
+    """2048 messages (the most a request may send) are 64 steps of 32 on the worker: a 2-token completion
+    sent while they run takes turns with them and ends first (before: the whole list was one step, and the
+    completion waited for all of it). The scores are `classify`'s on the whole list in one call, bit for bit."""
+    texts = [f"message {i}: WIN a prize, call now to claim it" if i % 3 else f"see you at {i}" for i in range(2048)]
+    answers = {}
+
+    async def classification(c):
+        answers["classify"] = (await c.post("/v1/classify", json={"model": "spam", "input": texts})).json()
+
+    async def completion(c):
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+        answers["completion"] = (await c.post("/v1/completions", json=body)).json()
+
+    app = create_app(models)
+    assert _concurrently(app, ("classify", classification), ("completion", completion)) == ["completion", "classify"]
+    assert answers["completion"]["usage"]["completion_tokens"] == 2
+    model, info = load_classifier(classifier_ckpt[0])
+    scores = classify(model, info, texts)
+    data = answers["classify"]["data"]
+    assert [row["spam_probability"] for row in data] == scores.spam_probability  # equal, not approximately
+    assert [row["label"] for row in data] == scores.labels and [row["index"] for row in data] == list(range(2048))
+    assert answers["classify"]["truncated"] == scores.truncated > 0
+    health = app.state.scheduler.stats()
+    assert (health["completed"], health["cancelled"]) == (2, 0)
+
+
+def test_the_messages_per_classification_are_bounded_by_the_servers_limit(models):
+    with TestClient(create_app(models, limits=Limits(max_classify_inputs=3))) as c:
+        error = _error(c.post("/v1/classify", json={"input": ["a", "b", "c", "d"]}), 400)
+        assert error["message"] == "input takes at most 3 messages (this server's limit), got 4"
+        assert (error["param"], error["type"]) == ("input", "invalid_request_error")
+        assert len(c.post("/v1/classify", json={"input": ["a", "b", "c"]}).json()["data"]) == 3
+
+
+def test_a_classification_whose_client_left_stops_before_its_next_batch(models, monkeypatch):
+    """The client goes away once the first batch has run: the other 63 do not run."""
+    import llm.serve.routes as routes
+
+    batches = []
+
+    def counted(model, info, texts, batch_size=32):
+        batches.append(len(texts))
+        return classify(model, info, texts, batch_size)
+
+    monkeypatch.setattr(routes, "classify", counted)
+    app = create_app(models)
+    body = json.dumps({"model": "spam", "input": ["hello"] * 2048}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if batches:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)  # still there (Starlette's check cancels this wait at once)
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        app.state.scheduler.start()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
+        await app(scope, receive, send)
+        app.state.scheduler.close()
+
+    asyncio.run(run())
+    assert batches == [32]
+    health = app.state.scheduler.stats()
+    assert (health["completed"], health["cancelled"], health["active"]) == (0, 1, 0)
+
+
 # --- every request that cannot be served: one clear 4xx, never a 500 --------------------------------------
 MSG = [{"role": "user", "content": "Name a color."}]
 CANNOT = [
@@ -329,6 +431,7 @@ CANNOT = [
     ("/v1/classify", {"model": "spam", "input": ["ok", " "]}, "the message is empty (input[1])"),
     ("/v1/classify", {"model": "spam", "input": []}, "input is an empty list"),
     ("/v1/classify", {"model": "spam"}, "input: Field required"),
+    ("/v1/classify", {"model": "spam", "input": ["x"] * 2049}, "input takes at most 2048 messages (this server's"),
 ]
 
 
@@ -431,6 +534,32 @@ def _interleaving(models, max_active: int) -> str:
 
     asyncio.run(run())
     return "".join(order)
+
+
+def test_a_closed_worker_is_not_waited_for_past_a_timeout(models):
+    """What bounds a stop (`llm.serve.server.serve`): `close` does not wait for the step running on the
+    worker, `join(timeout)` says whether it ended in time, and a cleanup asked for meanwhile is not run
+    beside that step (it would run the same generator on two threads)."""
+    import threading
+
+    release, started, cleaned = threading.Event(), threading.Event(), []
+
+    async def run():
+        scheduler = Scheduler()
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        step = loop.create_task(scheduler.run(lambda: started.set() or release.wait(60)))
+        await loop.run_in_executor(None, started.wait, 60)
+        scheduler.close()  # returns while the step runs
+        assert scheduler.join(0.05) is False
+        scheduler.later(cleaned.append, "now")
+        assert cleaned == []
+        release.set()
+        assert await step is True and scheduler.join() is True
+        scheduler.later(cleaned.append, "after")  # the worker is gone: here, at once
+        assert cleaned == ["after"]
+
+    asyncio.run(run())
 
 
 def test_requests_in_flight_take_turns_one_token_each(models):

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -205,3 +206,53 @@ def test_the_drain_timeout_or_a_second_ctrl_c_cuts_the_requests_short(long_ckpt,
                 rest = list(lines)
             assert "data: [DONE]" not in rest  # not finished
         assert served.proc.wait(timeout=60) == code
+        assert not any("Traceback" in line for line in served.lines), served.lines  # the stop is no bug
+
+
+@pytest.fixture(scope="module")
+def long_classifier_ckpt(tmp_path_factory):
+    """A tiny classifier that reads 1024 tokens a message (every message is padded to them), so that
+    classifying a long list lasts long enough to be interrupted."""
+    import torch
+
+    from llm.classifier import add_classification_head, save_classifier
+    from llm.model import GPTModel
+    from tests.conftest import tiny_cfg
+
+    torch.manual_seed(5)
+    model = add_classification_head(GPTModel(tiny_cfg(context_length=1024)), 2)
+    return save_classifier(model, tmp_path_factory.mktemp("cls") / "slow", max_length=1024, pooling="mean")
+
+
+def test_a_long_classification_shares_the_worker_and_sigterm_stops_within_the_drain_timeout(ckpt, long_classifier_ckpt):
+    """--max-classify-inputs bounds the messages of a request (a 400 naming `input`); a long classification
+    runs a batch per step, so a completion sent meanwhile is answered while it runs (before: after it);
+    SIGTERM with --drain-timeout 1 while it runs stops the server at the end of the drain, exit 0 (before:
+    the server waited for the whole classification, one step on the worker)."""
+    args = ["--model", f"tiny={ckpt[0]}", "--model", f"spam={long_classifier_ckpt}"]
+    with llm_serve(*args, "--max-classify-inputs", "3000", "--drain-timeout", "1") as served:
+        too_many = httpx.post(served.url + "/v1/classify", json={"input": ["hi"] * 3001}, timeout=60)
+        assert too_many.status_code == 400, too_many.text
+        error = too_many.json()["error"]
+        assert error["param"] == "input" and "at most 3000 messages (this server's limit), got 3001" in error["message"]
+        done = threading.Event()
+
+        def classification():
+            with contextlib.suppress(httpx.HTTPError):  # cut by the stop
+                httpx.post(served.url + "/v1/classify", json={"input": ["hi"] * 3000}, timeout=600)
+            done.set()
+
+        thread = threading.Thread(target=classification, daemon=True)
+        thread.start()
+        assert _health(served.url, until=lambda h: h["active"] == 1)["active"] == 1
+        short = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+        answer = httpx.post(served.url + "/v1/completions", json=short, timeout=600)
+        assert answer.json()["usage"]["completion_tokens"] == 2
+        assert not done.is_set()  # answered while the classification runs
+        served.proc.send_signal(signal.SIGTERM)
+        served.wait_line(r"stopping: finishing 1 request\(s\) in flight")
+        assert served.proc.wait(timeout=1 + 60) == 0  # a guard: it stops at the end of the drain
+        assert served.lines[-1] == "llm serve: stopped"
+        assert not any("Traceback" in line for line in served.lines), served.lines  # the stop is no bug
+        thread.join(timeout=60)
+        assert done.is_set()

@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
-from llm.classifier import classify
+from llm.classifier import Scores, classify
 from llm.prompts import format_input, response_header
 from llm.serve.errors import APIError
 from llm.serve.registry import CLASSIFIER, INSTRUCT, LANGUAGE, ServedModel
+from llm.serve.scheduler import Scheduler
 from llm.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest
 from llm.serve.state import LimitsDep, ModelsDep, SchedulerDep
 from llm.serve.streaming import Generation, respond
@@ -26,6 +27,7 @@ from llm.tokenizer import encode
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOPS = 4  # OpenAI's limit on `stop`
+CLASSIFY_BATCH = 32  # messages per step of a classification: `classify`'s default batch_size, as `llm classify`
 
 page = APIRouter()
 api = APIRouter()
@@ -188,12 +190,35 @@ async def chat_completions(
     return await respond(request, req, gen, ticket, chunk, whole, opening)
 
 
+async def classify_in_steps(
+    scheduler: Scheduler, served: ServedModel, texts: list[str], request: Request
+) -> Scores | None:
+    """`classify(model, settings, texts)`, one batch of CLASSIFY_BATCH messages per step on the worker, so
+    that a long list takes turns with the other requests' steps as a generation does; None when the
+    client went away (checked before each batch). Every message is padded to the classifier's max_length
+    whatever its batch, and the batches are `classify`'s own, so the scores are its scores, bit for bit."""
+    probabilities, truncated = [], 0
+    for start in range(0, len(texts), CLASSIFY_BATCH):
+        if await request.is_disconnected():
+            return None
+        batch = texts[start : start + CLASSIFY_BATCH]
+        scores = await scheduler.run(classify, served.model, served.classifier, batch, CLASSIFY_BATCH)
+        probabilities += scores.spam_probability
+        truncated += scores.truncated
+    return Scores(probabilities, truncated)
+
+
 @api.post("/v1/classify")
-async def classify_texts(req: ClassifyRequest, models: ModelsDep, scheduler: SchedulerDep):
+async def classify_texts(
+    req: ClassifyRequest, request: Request, models: ModelsDep, scheduler: SchedulerDep, limits: LimitsDep
+):
     served = pick(models, req.model, "/v1/classify", (CLASSIFIER,))
     texts = [req.input] if isinstance(req.input, str) else req.input
     if not texts:
         raise APIError(400, "input is an empty list: give a message or a list of messages", param="input")
+    if len(texts) > limits.max_classify_inputs:
+        message = f"input takes at most {limits.max_classify_inputs} messages (this server's limit), got {len(texts)}"
+        raise APIError(400, message, param="input")
     for i, text in enumerate(texts):
         if not text.strip():
             where = "" if isinstance(req.input, str) else f" (input[{i}])"
@@ -201,7 +226,9 @@ async def classify_texts(req: ClassifyRequest, models: ModelsDep, scheduler: Sch
     ticket = scheduler.reserve()  # QueueFull: 503
     try:
         await ticket.turn()
-        scores = await scheduler.run(classify, served.model, served.classifier, texts)
+        scores = await classify_in_steps(scheduler, served, texts, request)
+        if scores is None:  # the client left: nobody reads this answer (499: nginx's "client closed request")
+            return Response(status_code=499)
         ticket.complete()
     finally:
         ticket.release()

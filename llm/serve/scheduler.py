@@ -47,11 +47,13 @@ class Scheduler:
 
     def later(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the worker thread after what is queued there, without waiting (closing
-        a generator whose step may still be running); here at once when the worker has stopped."""
+        a generator whose step may still be running); here at once when the worker has stopped, and
+        not at all while a closed worker still runs a step (the server exits without it, see `join`)."""
         try:
             self._worker.submit(fn, *args)
-        except RuntimeError:  # shut down: nothing runs there any more
-            fn(*args)
+        except RuntimeError:  # closed: nothing more runs there
+            if self.join(0):
+                fn(*args)
 
     def stats(self) -> dict[str, int]:
         return {"active": self.active, "queued": self.waiting, **self.counts}
@@ -64,9 +66,19 @@ class Scheduler:
             self._closed = False
 
     def close(self) -> None:
-        """Wait for the worker's queued steps, then stop it (the app's shutdown, after the drain)."""
-        self._worker.shutdown(wait=True)
+        """Stop the worker once the steps queued there are done, without waiting for them (the app's
+        shutdown, after the drain): `join` waits, as long as the stop allows."""
+        self._worker.shutdown(wait=False)
         self._closed = True
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds (None: as long as it takes) for the closed worker to finish its
+        steps; False when one still runs. A thread cannot be stopped from outside: the server exits
+        without it (`llm.serve.server.serve`)."""
+        threads = list(self._worker._threads)  # the executor's one thread, once it ran a step
+        for thread in threads:
+            thread.join(timeout)
+        return not any(thread.is_alive() for thread in threads)
 
 
 class Ticket:

@@ -3,16 +3,21 @@
 Startup problems (a bad --model, a port in use) are LLMErrors: one line and exit status 2, as for every
 `llm` command; the port is bound before the models load, so a port in use fails at once. The first
 Ctrl-C or SIGTERM stops accepting connections and lets the requests in flight finish (up to
-`drain_timeout` seconds); the process then exits 0. A second Ctrl-C stops at once (130).
+`drain_timeout` seconds); the process then exits 0. A second Ctrl-C stops at once (130). Either way the
+stop is bounded: a model step still running on the worker thread when the time is up (a thread cannot
+be interrupted) is left behind, and the process exits without waiting for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from llm.errors import INTERRUPTED, LLMError, os_reason
@@ -51,6 +56,21 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+class _NoCancelledTraceback(logging.Filter):
+    """uvicorn logs each request it cancels when the drain timeout is up as an "Exception in ASGI
+    application" with a CancelledError traceback, and after a second Ctrl-C the lifespan's cancelled
+    wait as a traceback's text: that is the stop, not a bug. Its one line "Cancel N running task(s),
+    timeout graceful shutdown exceeded" stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        text = record.getMessage()
+        return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
+
+
 def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> int:
     """Serve `app` on `sock` until a signal; 0 after a drain, 130 when a second Ctrl-C cut it short."""
     import asyncio
@@ -70,8 +90,11 @@ def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> i
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+        stopping_since: float | None = None  # time.monotonic() of the first Ctrl-C or SIGTERM
+
         def handle_exit(self, sig, frame) -> None:
             if not self.should_exit:
+                self.stopping_since = time.monotonic()
                 state = app.state.scheduler.stats()
                 running = state["active"] + state["queued"]
                 print(f"{prog}: stopping: finishing {running} request(s) in flight (Ctrl-C again to stop now)",
@@ -86,8 +109,19 @@ def serve(app, sock: socket.socket, prog: str, drain_timeout: float = 60.0) -> i
         lifespan="on",
     )
     server = Server(config)
+    logging.getLogger("uvicorn.error").addFilter(_NoCancelledTraceback())
     asyncio.run(server.serve(sockets=[sock]))
-    if server.force_exit:
-        return INTERRUPTED
-    print(f"{prog}: stopped", file=sys.stderr, flush=True)
-    return 0
+    code = INTERRUPTED if server.force_exit else 0
+    # The drain is over (or was cut short): the worker may still run a step of a request that was
+    # cancelled. Wait for it only while the drain timeout lasts, and not at all after a second Ctrl-C.
+    since = server.stopping_since if server.stopping_since is not None else time.monotonic()
+    left = 0.0 if server.force_exit else since + drain_timeout - time.monotonic()
+    app.state.scheduler.close()  # again (idempotent): a second Ctrl-C skips the app's shutdown
+    stopped = app.state.scheduler.join(max(0.0, left))
+    if code == 0:
+        print(f"{prog}: stopped", file=sys.stderr, flush=True)
+    if not stopped:  # the interpreter would wait for the worker thread at exit: leave without it
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        os._exit(code)
+    return code

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from llm.bounds import MAX_CLASSIFY_INPUTS
 from llm.serve.registry import ServedModel
 from llm.serve.scheduler import Scheduler
 
@@ -19,6 +20,7 @@ class Limits:
     max_queue: int = 32  # requests waiting for a turn; more are answered 503
     max_tokens: int = 1024  # the most tokens one request may ask for
     max_body_bytes: int = 1_000_000  # a larger request body is answered 413
+    max_classify_inputs: int = MAX_CLASSIFY_INPUTS  # the most messages one /v1/classify request may send
 
 
 # async: FastAPI runs a plain `def` dependency on a thread, which reading an attribute does not need
