@@ -262,8 +262,12 @@ class Scores:
         return [CLASS_NAMES[int(p >= 0.5)] for p in self.spam_probability]
 
 
+BATCH_SIZE = 32
+"""Messages per forward pass of `classify` (`llm classify`, and one step of `/v1/classify`)."""
+
+
 @torch.inference_mode()
-def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int = 32, device=None) -> Scores:
+def classify(model: GPTModel, info: dict, texts: Sequence[str], batch_size: int = BATCH_SIZE, device=None) -> Scores:
     """Spam probabilities of `texts` with a classifier and its settings (`load_classifier`).
 
     Messages are padded and truncated to `info["max_length"]` tokens as in training (SpamDataset);

@@ -15,7 +15,7 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from llm.classifier import Scores, classify
+from llm.classifier import BATCH_SIZE, Scores, classify
 from llm.prompts import format_input, response_header
 from llm.serve.errors import APIError
 from llm.serve.registry import CLASSIFIER, INSTRUCT, LANGUAGE, ServedModel
@@ -27,7 +27,6 @@ from llm.tokenizer import encode
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOPS = 4  # OpenAI's limit on `stop`
-CLASSIFY_BATCH = 32  # messages per step of a classification: `classify`'s default batch_size, as `llm classify`
 
 page = APIRouter()
 api = APIRouter()
@@ -193,16 +192,16 @@ async def chat_completions(
 async def classify_in_steps(
     scheduler: Scheduler, served: ServedModel, texts: list[str], request: Request
 ) -> Scores | None:
-    """`classify(model, settings, texts)`, one batch of CLASSIFY_BATCH messages per step on the worker, so
+    """`classify(model, settings, texts)`, one batch of BATCH_SIZE messages per step on the worker, so
     that a long list takes turns with the other requests' steps as a generation does; None when the
     client went away (checked before each batch). Every message is padded to the classifier's max_length
     whatever its batch, and the batches are `classify`'s own, so the scores are its scores, bit for bit."""
     probabilities, truncated = [], 0
-    for start in range(0, len(texts), CLASSIFY_BATCH):
+    for start in range(0, len(texts), BATCH_SIZE):
         if await request.is_disconnected():
             return None
-        batch = texts[start : start + CLASSIFY_BATCH]
-        scores = await scheduler.run(classify, served.model, served.classifier, batch, CLASSIFY_BATCH)
+        batch = texts[start : start + BATCH_SIZE]
+        scores = await scheduler.run(classify, served.model, served.classifier, batch, BATCH_SIZE)
         probabilities += scores.spam_probability
         truncated += scores.truncated
     return Scores(probabilities, truncated)
