@@ -37,6 +37,9 @@ MAX_CLASSIFY_INPUTS = 2048
 """The most messages one `llm serve` /v1/classify request may send (its `--max-classify-inputs`), as
 OpenAI's embeddings API takes at most 2048 inputs per request. Every message is padded to the
 classifier's max_length, so this bounds the tokens a request costs as well: 2048 x max_length."""
+MAX_DPO_BETA = 100.0
+"""DPO's beta (the loss is -log sigmoid(beta * margin)): the notebook suggests 0.1 to 0.5; far above it the
+sigmoid saturates at the first step and the loss's gradient vanishes or overflows in float32."""
 
 
 def temperature_problem(value: float) -> str | None:

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from llm.prompts import format_input, response_header
+from llm.runtime import autocast, to_device
 from llm.tokenizer import EOT_ID
 
 PAIR = ("chosen", "rejected")
@@ -148,3 +149,215 @@ def dpo_loss(
     chosen_rewards = (policy_chosen_logprobs - reference_chosen_logprobs).detach()
     rejected_rewards = (policy_rejected_logprobs - reference_rejected_logprobs).detach()
     return DPOTerms(losses, chosen_rewards, rejected_rewards)
+
+
+# --- the pipeline's DPO: the Trainer's loss, the cached reference, the metrics ---------------------
+def response_logprobs(logits: Tensor, labels: Tensor, selection_mask: Tensor) -> Tensor:
+    """`sequence_logprobs` with a mask, computed as a fused cross-entropy: no (batch, T, vocab) tensor of
+    log-probabilities is written (the notebook's `log_softmax` + `gather` writes one). Equal to it up to
+    the order of float sums (about 1e-7); the logits are read in float32 (under bf16 autocast too)."""
+    batch, length = labels.shape
+    targets = labels[:, 1:].reshape(-1)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="none")
+    mask = selection_mask[:, 1:].to(nll.dtype)
+    return -(nll.view(batch, length - 1) * mask).sum(-1) / mask.sum(-1)
+
+
+REFERENCE = ("reference_chosen", "reference_rejected")
+
+
+class DPOLoss:
+    """The DPO loss as the `llm.trainer.Trainer`'s `loss_fn`: `(model, batch, device, precision) ->
+    (mean loss, metrics)`, the metrics being the batch's means of `chosen_reward` and `rejected_reward`
+    (what the notebook's loop tracks), `reward_margin` (their difference) and `preference_accuracy` (the
+    share of pairs whose chosen reward is the higher); the Trainer trains on the loss and averages all
+    of them at each evaluation.
+
+    The reference's log-probabilities come from `reference` (the notebook: a frozen model run on every
+    batch, chosen then rejected) or, without one, from the batch itself (`reference_chosen`,
+    `reference_rejected`: `cached_reference` computed them once per example, which saves two of the
+    notebook's four forward passes per step). `joint` runs chosen and rejected through the policy as one
+    batch of 2 x B rows (one forward and one backward instead of two of each) and reads the logits with
+    `response_logprobs`; off, the policy runs twice as the notebook does (its dropout draws in its order,
+    its floats bit for bit).
+    """
+
+    def __init__(self, beta: float, reference: torch.nn.Module | None = None, joint: bool = False):
+        self.beta, self.reference, self.joint = beta, reference, joint
+
+    def policy_logprobs(self, model, batch, device, precision) -> tuple[Tensor, Tensor]:
+        keys = (*PAIR, "chosen_mask", "rejected_mask")
+        on_device = {key: to_device(batch[key], device) for key in keys}
+        if not self.joint:
+            with autocast(torch.device(device), precision):
+                return pair_logprobs(model, on_device)
+        ids = [on_device[key] for key in PAIR]
+        both, mask = torch.cat(ids), torch.cat([on_device[f"{key}_mask"] for key in PAIR])
+        with autocast(torch.device(device), precision):
+            logits = model(both)
+        logprobs = response_logprobs(logits, both, mask)
+        return logprobs[: len(ids[0])], logprobs[len(ids[0]) :]
+
+    def reference_logprobs(self, batch, device, precision) -> tuple[Tensor, Tensor]:
+        if self.reference is None:
+            return tuple(to_device(batch[key], device) for key in REFERENCE)
+        with torch.no_grad():
+            return DPOLoss(self.beta, joint=self.joint).policy_logprobs(self.reference, batch, device, precision)
+
+    def terms(self, model, batch, device, precision) -> DPOTerms:
+        policy = self.policy_logprobs(model, batch, device, precision)
+        reference = self.reference_logprobs(batch, device, precision)
+        return dpo_loss(*policy, *reference, beta=self.beta)
+
+    def __call__(self, model, batch, device, precision="fp32") -> tuple[Tensor, dict[str, Tensor]]:
+        terms = self.terms(model, batch, device, precision)
+        chosen, rejected = terms.chosen_rewards, terms.rejected_rewards
+        metrics = {
+            "chosen_reward": chosen.mean(),
+            "rejected_reward": rejected.mean(),
+            "reward_margin": (chosen - rejected).mean(),
+            "preference_accuracy": (chosen > rejected).float().mean(),
+        }
+        return terms.losses.mean(), metrics
+
+
+def count_pairs(batch: Mapping[str, Any]) -> tuple[int, int]:
+    """The Trainer's `count_fn` for preference batches: (tokens, examples) as the notebook counts them,
+    the chosen rows' tokens (padding included) and the pairs."""
+    return batch["chosen"].numel(), len(batch["chosen"])
+
+
+class CachedReference(Dataset):
+    """A `PreferenceDataset` whose items carry the reference model's log-probabilities of their chosen
+    and rejected answers (`reference_chosen`, `reference_rejected`), computed once by `cached_reference`:
+    the reference never changes, so the notebook's two reference passes per step are read, not run."""
+
+    def __init__(self, dataset: Dataset, logprobs: Tensor):
+        if logprobs.shape != (len(dataset), 2):
+            raise ValueError(f"expected ({len(dataset)}, 2) log-probabilities, got {tuple(logprobs.shape)}")
+        self.dataset, self.logprobs = dataset, logprobs.detach().cpu().float()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        chosen, rejected = self.logprobs[index].tolist()
+        return {**self.dataset[index], "reference_chosen": chosen, "reference_rejected": rejected}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def collate_with_reference(batch: Sequence[Mapping[str, Any]], **collate_kwargs) -> dict[str, Any]:
+    """`collate_preferences` of `CachedReference` items, with their reference log-probabilities as
+    float32 tensors (batch,) under `reference_chosen` and `reference_rejected`."""
+    out = collate_preferences(batch, **collate_kwargs)
+    for key in REFERENCE:
+        out[key] = torch.tensor([item[key] for item in batch], dtype=torch.float32)
+    return out
+
+
+def cached_reference(
+    model: torch.nn.Module, dataset: Dataset, collate_fn, batch_size: int, device, precision: str = "fp32"
+) -> CachedReference:
+    """`dataset` with the log-probabilities of `model` (the reference: the starting weights) computed once,
+    in eval mode without gradients, in batches of `batch_size` in the dataset's order (a pair's value does
+    not depend on the batch it was computed in beyond the order of float sums: right padding never reaches
+    a response token under the causal mask). The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    loss = DPOLoss(beta=0.0, joint=True)
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            rows.append(torch.stack(loss.policy_logprobs(model, batch, device, precision), dim=1).cpu())
+    model.train(was_training)
+    logprobs = torch.cat(rows) if rows else torch.zeros((0, 2))
+    return CachedReference(dataset, logprobs)
+
+
+def preference_metrics(
+    model: torch.nn.Module, dataset: CachedReference, collate_fn, batch_size: int, beta: float, device,
+    precision: str = "fp32",
+) -> dict[str, float]:  # fmt: skip
+    """The metrics of `model` as a policy against the cached reference, over every pair of `dataset`
+    (means over pairs, not batches): `loss` (DPO), `chosen_reward` and `rejected_reward` (policy minus
+    reference log-probability, the notebook's), `reward_margin` (their difference), `preference_accuracy`
+    (the share of pairs whose chosen reward beats the rejected one), and the model's own preference,
+    which the reference has too: `logprob_margin` (mean log-probability of the chosen answer minus the
+    rejected one) and `logprob_accuracy` (the share of pairs where the chosen one is the likelier).
+    With `model` = the reference: loss ln 2, rewards, margin and preference accuracy 0."""
+    was_training = model.training
+    model.eval()
+    loss = DPOLoss(beta, joint=True)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("loss", "chosen", "rejected", "policy_chosen", "policy_rejected")}
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            policy = loss.policy_logprobs(model, batch, device, precision)
+            terms = dpo_loss(*policy, *loss.reference_logprobs(batch, device, precision), beta=beta)
+            values = (terms.losses, terms.chosen_rewards, terms.rejected_rewards, *policy)
+            for key, value in zip(parts, values, strict=True):
+                parts[key].append(value.float().cpu())
+    model.train(was_training)
+    if not len(dataset):
+        return {}
+    t = {key: torch.cat(values).double() for key, values in parts.items()}
+    return {
+        "loss": t["loss"].mean().item(),
+        "chosen_reward": t["chosen"].mean().item(),
+        "rejected_reward": t["rejected"].mean().item(),
+        "reward_margin": (t["chosen"] - t["rejected"]).mean().item(),
+        "preference_accuracy": (t["chosen"] > t["rejected"]).double().mean().item(),
+        "logprob_margin": (t["policy_chosen"] - t["policy_rejected"]).mean().item(),
+        "logprob_accuracy": (t["policy_chosen"] > t["policy_rejected"]).double().mean().item(),
+    }
+
+
+def load_preferences(path, what: str = "") -> list[dict[str, str]]:
+    """A JSON list or JSONL file of {instruction, input?, chosen, rejected} entries (the notebook's
+    `instruction-data-with-preference.json`; its `output` is not read), checked entry by entry: errors
+    name the file, after `what` (the setting) when given, and the entry."""
+    from llm.errors import LLMError
+    from llm.instruct import load_instructions
+
+    data = load_instructions(path, require_output=False, what=what)
+    name = f"{what} {path}" if what else str(path)
+    for i, entry in enumerate(data):
+        for key in PAIR:
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise LLMError(f"{name}: entry {i} needs a non-empty string {key!r} (the {key} answer)")
+    return data
+
+
+def response_tokens(item: Mapping[str, Sequence[int]], key: str, max_length: int | None, mask_prompt: bool) -> int:
+    """How many tokens of `item[key]` the collated batch scores (`collate_preferences`, then
+    `sequence_logprobs`, which never scores the first token): 0 when truncation leaves no answer."""
+    n = len(item[key]) if max_length is None else min(len(item[key]), max_length)
+    start = len(item["prompt"]) + 2 if mask_prompt else 0
+    return max(0, n - max(start, 1))
+
+
+def usable_pairs(dataset: PreferenceDataset, max_length: int | None, mask_prompt: bool) -> list[int]:
+    """The indices of the pairs whose chosen and rejected answers both keep a scored token after
+    truncation to `max_length`: a pair with none has no log-probability (the notebook's NaN), and one
+    NaN would stop training. The caller says how many it leaves out."""
+    return [
+        i
+        for i, item in enumerate(dataset.encoded_texts)
+        if all(response_tokens(item, key, max_length, mask_prompt) for key in PAIR)
+    ]
+
+
+def response_moves(entries: Sequence[Mapping[str, str]]) -> dict[str, dict[str, float]]:
+    """How the answers moved: the mean ROUGE-L F1 of the reference's answers (`reference_response`,
+    "before") and of the tuned model's (`policy_response`, "after") against each entry's `chosen` and
+    `rejected` answers. Tuning toward the chosen style raises the first against the second."""
+    from llm.instruct import rouge_l
+
+    n = len(entries)
+    out = {}
+    for side, key in (("before", "reference_response"), ("after", "policy_response")):
+        out[side] = {
+            f"rouge_l_{answer}": sum(rouge_l(e[key], e[answer]) for e in entries) / n if n else float("nan")
+            for answer in PAIR
+        }
+    return out

@@ -27,20 +27,35 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, precision: st
 
     `loss_fn(model, batch, device, precision)` replaces the next-token loss (e.g. a classifier's).
     """
+    return loader_means(data_loader, model, device, num_batches, precision, loss_fn)["loss"]
+
+
+def split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `loss_fn`'s result as (loss, metrics): a loss function may return the loss alone or
+    `(loss, {name: tensor})`, metrics of the batch that evaluation averages beside the loss (DPO's rewards)."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def loader_means(data_loader, model, device, num_batches=None, precision: str = "fp32", loss_fn=None) -> dict:
+    """`{"loss": ..., **metrics}`: the mean over the first `num_batches` batches (all by default) of each
+    batch's loss and of the metrics its `loss_fn` reports (`split_loss`), summed in batch order as the
+    book does; `{"loss": nan}` for an empty loader."""
     if len(data_loader) == 0:
-        return float("nan")
+        return {"loss": float("nan")}
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    total = 0.0
+    totals: dict[str, float] = {"loss": 0.0}
     with torch.no_grad():
         for i, batch in enumerate(data_loader):
             if i >= num_batches:
                 break
             if loss_fn is None:
-                loss = calc_loss_batch(batch[0], batch[1], model, device, precision)
+                loss, metrics = calc_loss_batch(batch[0], batch[1], model, device, precision), {}
             else:
-                loss = loss_fn(model, batch, torch.device(device), precision)
-            total += loss.item()
-    return total / num_batches
+                loss, metrics = split_loss(loss_fn(model, batch, torch.device(device), precision))
+            totals["loss"] += loss.item()
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value.item()
+    return {name: total / num_batches for name, total in totals.items()}
 
 
 def perplexity(loss: float) -> float:

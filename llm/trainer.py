@@ -33,7 +33,7 @@ from llm import distributed
 from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError, first_line
 from llm.loaders import Loaders
-from llm.losses import calc_loss_batch, calc_loss_loader
+from llm.losses import calc_loss_batch, loader_means, split_loss
 from llm.progress import progress_bar, write
 from llm.resume import SAVE_ERRORS, History, StateStore, TrainState, run_fingerprint
 from llm.runtime import select_device
@@ -42,7 +42,13 @@ from llm.settings import LoopSettings
 
 __all__ = ["History", "LoopSettings", "NonFiniteLoss", "Trainer", "TrainingInterrupted", "lm_loss", "make_optimizer"]
 
-LossFn = Callable[[torch.nn.Module, Any, torch.device, str], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Any, torch.device, str], Any]  # a loss, or (loss, {name: metric})
+CountFn = Callable[[Any], tuple[int, int]]
+
+
+def count_batch(batch) -> tuple[int, int]:
+    """(tokens, examples) of a batch of inputs first: `(inputs, targets)`, as the book counts tokens seen."""
+    return batch[0].numel(), len(batch[0])
 
 
 class TrainingInterrupted(LLMError):
@@ -124,10 +130,13 @@ class Trainer:
 
     `loaders`: `llm.loaders.make_loaders(...)` (the pipeline's: sharded, resumable) or `Loaders.given(...)`
     (the book's, iterated as they are, the training loss evaluated on the training loader itself).
-    `loss_fn(model, batch, device, precision)` is a batch's mean loss; `evaluate_fn(model)` returns extra
-    metrics for every evaluation; `on_epoch_end(model, epoch)` runs after each epoch (a dict it returns
-    is kept in `history.epoch_metrics`); `on_record(history)` after each evaluation (a stage rewrites its
-    curve there). A given `optimizer` is used as is: a constant lr without warmup is never written to it.
+    `loss_fn(model, batch, device, precision)` is a batch's mean loss, or `(loss, {name: value})` with
+    metrics of the batch that every evaluation averages beside the loss (recorded as `train_<name>` and
+    `val_<name>`: DPO's rewards); `count_fn(batch)` its (tokens, examples) for the History's totals;
+    `evaluate_fn(model)` returns extra metrics for every evaluation; `on_epoch_end(model, epoch)` runs after
+    each epoch (a dict it returns is kept in `history.epoch_metrics`); `on_record(history)` after each
+    evaluation (a stage rewrites its curve there). A given `optimizer` is used as is: a constant lr without
+    warmup is never written to it.
 
     `state_path` enables the resume state; `run_id` (e.g. the params), with hashes of the starting
     weights and data, tells this run's state from another's. `fit()` saves the final state and keeps it;
@@ -141,6 +150,7 @@ class Trainer:
         loaders: Loaders,
         settings: LoopSettings,
         loss_fn: LossFn = lm_loss,
+        count_fn: CountFn = count_batch,
         evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         on_epoch_end: Callable[[torch.nn.Module, int], Any] | None = None,
         on_record: Callable[[History], None] | None = None,
@@ -178,7 +188,7 @@ class Trainer:
         self.step_model = self.ddp or self.model
         if settings.compile:
             self.step_model = torch.compile(self.step_model)
-        self.loss_fn, self.evaluate_fn = loss_fn, evaluate_fn
+        self.loss_fn, self.count_fn, self.evaluate_fn = loss_fn, count_fn, evaluate_fn
         self.on_epoch_end, self.on_record = on_epoch_end, on_record
         if optimizer is None:
             optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
@@ -241,12 +251,13 @@ class Trainer:
                 # DDP averages the gradients in the backward pass of a step's last micro-batch only
                 sync = nullcontext() if step_ends or self.ddp is None else self.ddp.no_sync()
                 with self.dropout.active(), sync:
-                    loss = self.loss_fn(self.step_model, batch, self.device, s.precision)
+                    loss, _ = split_loss(self.loss_fn(self.step_model, batch, self.device, s.precision))
                     (loss / s.grad_accum_steps).backward()
                 losses.append(loss.detach())
                 accumulated += 1
-                self.history.total_tokens += batch[0].numel() * self.world_size
-                self.history.total_examples += len(batch[0]) * self.world_size
+                tokens, examples = self.count_fn(batch)
+                self.history.total_tokens += tokens * self.world_size
+                self.history.total_examples += examples * self.world_size
                 self.batches_done = micro + 1
                 if not step_ends:
                     continue
@@ -320,21 +331,29 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, num_batches: int | None) -> tuple[float, float, dict[str, float]]:
-        """(train loss, val loss, extra metrics) on the first `num_batches` batches, in eval mode."""
+        """(train loss, val loss, extra metrics) on the first `num_batches` batches, in eval mode: the
+        loss function's own metrics per split (`train_<name>`, `val_<name>`), then `evaluate_fn`'s."""
         self.model.eval()
-        train_loss = self._mean_loss(self.loaders.train_eval, num_batches)
-        val_loss = self._mean_loss(self.loaders.val, num_batches)
-        extra = self.evaluate_fn(self.model) if self.evaluate_fn else {}
+        train = self._means(self.loaders.train_eval, num_batches)
+        val = self._means(self.loaders.val, num_batches, names=sorted(train))
+        extra = {f"{split}_{name}": value for split, means in (("train", train), ("val", val))
+                 for name, value in means.items() if name != "loss"}  # fmt: skip
+        if self.evaluate_fn:
+            extra.update(self.evaluate_fn(self.model))
         self.model.train()
-        return train_loss, val_loss, extra
+        return train["loss"], val["loss"], extra
 
-    def _mean_loss(self, loader, num_batches: int | None) -> float:
-        mean = calc_loss_loader(loader, self.model, self.device, num_batches, self.s.precision, self.loss_fn)
+    def _means(self, loader, num_batches: int | None, names: list[str] | None = None) -> dict[str, float]:
+        """The loader's means (`loader_means`); with several processes, over every rank's batches. `names`:
+        the metrics to reduce, which every rank must agree on (a rank's empty validation shard reports none:
+        the training shards, never empty, name them)."""
+        means = loader_means(loader, self.model, self.device, num_batches, self.s.precision, self.loss_fn)
         if self.world_size == 1:
-            return mean
+            return means
         n = len(loader) if num_batches is None else min(num_batches, len(loader))  # batches this rank ran
-        total, count = distributed.sum_over_ranks(mean * n if n else 0.0, n)
-        return total / count if count else float("nan")
+        names = names or sorted(means)
+        *totals, count = distributed.sum_over_ranks(*(means[k] * n if n else 0.0 for k in names), n)
+        return {k: total / count if count else float("nan") for k, total in zip(names, totals, strict=True)}
 
     def _record(self, lr: float, bar) -> None:
         train_loss, val_loss, extra = self.evaluate(self.s.eval_iter)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
-from llm.errors import LLMError, run_main
+from llm.errors import run_main
 from llm.files import write_json
 from llm.generate import generate
 from llm.instruct import (
@@ -33,9 +33,8 @@ from llm.instruct import (
 )
 from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
-from llm.pipeline.download import source_file
 from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
-from llm.pipeline.sources import is_location
+from llm.pipeline.sources import data_file
 from llm.progress import progress_bar
 from llm.tokenizer import EOT_ID, check_token_ids, text_to_token_ids, token_ids_to_text
 
@@ -48,15 +47,6 @@ OUTPUTS = Outputs(
     timings=Path("timings/finetune_instruct.json"),
     state=Path("models/resume/finetune_instruct.pt"),  # Ctrl-C/SIGTERM saves here; a rerun resumes
 )
-
-
-def data_file(f) -> Path:
-    if not is_location(f.data):
-        return source_file(RAW / f.data, f"finetune_instruct.data {f.data!r}")
-    path = Path(f.data)
-    if not path.is_file():
-        raise LLMError(f"finetune_instruct.data {f.data!r} is neither a name in sources.yaml nor an existing file")
-    return path
 
 
 @dataclass(kw_only=True)
@@ -75,7 +65,7 @@ class InstructStage(FinetuneStage):
     outputs = OUTPUTS
 
     def load_data(self, f) -> dict[str, list[dict]]:
-        path = data_file(f)
+        path = data_file(f.data, f"finetune_instruct.data {f.data!r}", RAW)
         data = load_instructions(path, what="finetune_instruct.data")
         train, test, val = split_instructions(data, f.train_frac, f.test_frac)
         splits = {"train": train, "val": val, "test": test}

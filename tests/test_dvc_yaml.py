@@ -92,10 +92,13 @@ def module_paths(module) -> set[str]:
             visit(value)
     from llm.pipeline.finetune import FinetuneStage
 
-    finetunes = any(isinstance(v, type) and issubclass(v, FinetuneStage) for v in vars(module).values())
-    if hasattr(module, "init_source") or finetunes:  # `init: pretrain` reads the pretrain stage's checkpoint
-        from llm.pipeline.params import PRETRAINED
+    from llm.pipeline.params import PRETRAINED, Params, init_source
 
+    finetunes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, FinetuneStage)]
+    for stage in finetunes:  # the model its section's `init` names by default (`pretrain`, `instruct`)
+        if getattr(stage, "section", None):
+            found.add(Path(init_source(getattr(Params(), stage.section).init)).as_posix())
+    if hasattr(module, "init_source") and not finetunes:  # `init: pretrain` reads the pretrain stage's checkpoint
         found.add(PRETRAINED.as_posix())
     if hasattr(module, "load_params") or finetunes:
         found.add("params.yaml")

@@ -4,8 +4,9 @@
 `PreferenceDataset`, the log-probabilities and the loss are the engine's (`llm.dpo`);
 `custom_collate_fn` is the notebook's collate for preference pairs, not chapter 7's
 (`llm.book.ch07.custom_collate_fn`, which `from llm.book import custom_collate_fn` gives).
-`train_model_dpo_simple` is the notebook's loop: it draws the same data order and dropout masks
-from torch's global RNG as the notebook's and returns the same `tracking` dict. One difference:
+`train_model_dpo_simple` is the notebook's loop run by the pipeline's one loop (`llm.trainer.Trainer`):
+it draws the same data order and dropout masks from torch's global RNG as the notebook's and returns
+the same `tracking` dict. One difference:
 `compute_dpo_loss_loader` on an empty loader returns three NaNs where the notebook returns one
 (which its `evaluate_dpo_loss_loader` cannot unpack).
 """
@@ -14,9 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from llm.book.ch05 import generate_and_print_sample
-from llm.dpo import PreferenceDataset, collate_preferences, dpo_loss, pair_logprobs, sequence_logprobs
+from llm.book.ch05 import book_loop_settings, generate_and_print_sample
+from llm.dpo import (
+    DPOLoss,
+    PreferenceDataset,
+    collate_preferences,
+    count_pairs,
+    dpo_loss,
+    pair_logprobs,
+    sequence_logprobs,
+)
+from llm.loaders import Loaders
 from llm.tokenizer import EOT_ID
+from llm.trainer import Trainer
 
 __all__ = [
     "PreferenceDataset",
@@ -108,55 +119,67 @@ def train_model_dpo_simple(
     eval_iter,
     start_context,
     tokenizer,
+    *,
+    progress: bool = True,
 ):
-    """The notebook's loop: returns `tracking`, the lists `train_losses`, `train_chosen_rewards`,
+    """The notebook's loop on the pipeline's one training loop (`llm.trainer.Trainer`, with
+    `llm.dpo.DPOLoss`): returns `tracking`, the lists `train_losses`, `train_chosen_rewards`,
     `train_rejected_rewards`, `val_losses`, `val_chosen_rewards`, `val_rejected_rewards` and
     `tokens_seen`, one entry per evaluation.
 
-    Every `eval_freq` optimizer steps (from the first) it evaluates (`evaluate_dpo_loss_loader`)
-    and prints `Ep 1 (Step 000000): Train loss ..., Val loss ..., Train reward margins ..., Val
-    reward margins ...`; after each epoch it prints a greedy sample of 50 tokens after
-    `start_context` from the policy.
+    Every `eval_freq` optimizer steps (from the first) it evaluates the loss and rewards on the first
+    `eval_iter` batches of each loader (`evaluate_dpo_loss_loader`'s numbers) and prints `Ep 1 (Step
+    000000): Train loss ..., Val loss ..., Train reward margins ..., Val reward margins ...`; after each
+    epoch it prints a greedy sample of 50 tokens after `start_context` from the policy. The reference
+    runs on every batch, as in the notebook (the pipeline's stage computes it once per example instead).
     """
-    tracking = {
-        key: []
-        for key in (
-            "train_losses",
-            "train_chosen_rewards",
-            "train_rejected_rewards",
-            "val_losses",
-            "val_chosen_rewards",
-            "val_rejected_rewards",
-            "tokens_seen",
+    if num_epochs <= 0:
+        return {key: [] for key in TRACKING}
+    device = next(policy_model.parameters()).device
+
+    def print_evaluation(history):
+        extra = history.extra
+        train_margin = extra["train_chosen_reward"][-1] - extra["train_rejected_reward"][-1]
+        val_margin = extra["val_chosen_reward"][-1] - extra["val_rejected_reward"][-1]
+        print(
+            f"Ep {history.epoch[-1]} (Step {history.step[-1]:06d}): "
+            f"Train loss {history.train_loss[-1]:.3f}, Val loss {history.val_loss[-1]:.3f}, "
+            f"Train reward margins {train_margin:.3f}, "
+            f"Val reward margins {val_margin:.3f}"
         )
-    }
-    tokens_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        policy_model.train()
-        for batch in train_loader:
-            optimizer.zero_grad()
-            loss, _, _ = compute_dpo_loss_batch(batch, policy_model, reference_model, beta)
-            loss.backward()
-            optimizer.step()
-            tokens_seen += batch["chosen"].numel()
-            global_step += 1
 
-            if global_step % eval_freq == 0:
-                res = evaluate_dpo_loss_loader(policy_model, reference_model, train_loader, val_loader, beta, eval_iter)
-                for split in ("train", "val"):
-                    tracking[f"{split}_losses"].append(res[f"{split}_loss"])
-                    tracking[f"{split}_chosen_rewards"].append(res[f"{split}_chosen_reward"])
-                    tracking[f"{split}_rejected_rewards"].append(res[f"{split}_rejected_reward"])
-                tracking["tokens_seen"].append(tokens_seen)
-                train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
-                val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
-                print(
-                    f"Ep {epoch + 1} (Step {global_step:06d}): "
-                    f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
-                    f"Train reward margins {train_margin:.3f}, "
-                    f"Val reward margins {val_margin:.3f}"
-                )
-
+    trainer = Trainer(
+        policy_model,
+        Loaders.given(train_loader, val_loader),
+        book_loop_settings(optimizer, device, num_epochs, eval_freq, eval_iter),
+        loss_fn=DPOLoss(beta, reference=reference_model),
+        count_fn=count_pairs,
         # the notebook samples its global `model`, which is the policy
-        generate_and_print_sample(policy_model, tokenizer, next(policy_model.parameters()).device, start_context)
-    return tracking
+        on_epoch_end=lambda m, epoch: generate_and_print_sample(m, tokenizer, device, start_context),
+        on_record=print_evaluation,
+        progress=progress,
+        log=lambda message: None,  # the notebook's line above, with the reward margins
+        optimizer=optimizer,
+    )
+    history = trainer.fit()
+    extra = history.extra
+    return {
+        "train_losses": history.train_loss,
+        "train_chosen_rewards": extra["train_chosen_reward"],
+        "train_rejected_rewards": extra["train_rejected_reward"],
+        "val_losses": history.val_loss,
+        "val_chosen_rewards": extra["val_chosen_reward"],
+        "val_rejected_rewards": extra["val_rejected_reward"],
+        "tokens_seen": history.tokens_seen,
+    }
+
+
+TRACKING = (
+    "train_losses",
+    "train_chosen_rewards",
+    "train_rejected_rewards",
+    "val_losses",
+    "val_chosen_rewards",
+    "val_rejected_rewards",
+    "tokens_seen",
+)

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from llm.bounds import (
+    MAX_DPO_BETA,
     MAX_LORA_ALPHA,
     MAX_LR,
     MAX_MASK_BYTES,
@@ -52,14 +53,16 @@ from llm.errors import ConfigError
 from llm.pipeline.validate import Settings, missing_keys, read_yaml, validate
 from llm.settings import LoopSettings
 
-# `init: pretrain` in a stage's section: the pretrain stage's checkpoint.
+# `init: pretrain` in a stage's section: the pretrain stage's checkpoint; `init: instruct`: the
+# instruction stage's (where preference tuning starts).
 PRETRAINED = Path("models/pretrain")
+STAGE_MODELS = {"pretrain": PRETRAINED, "instruct": Path("models/instruct")}
 SCHEMA = Path("params.schema.json")
 
 
 def init_source(init: str) -> str:
     """The checkpoint path or GPT-2 name a stage's `init` setting stands for."""
-    return str(PRETRAINED) if init == "pretrain" else init
+    return str(STAGE_MODELS.get(init, init))
 
 
 # GPT-2's tokenizer (llm.tokenizer.VOCAB_SIZE, EOT_ID; a test keeps them equal), without importing it
@@ -350,6 +353,47 @@ class InstructParams(LoopParams):
         return self
 
 
+class DPOParams(LoopParams):
+    """Preference tuning with DPO, the book's chapter-7 bonus (`ch07/04_preference-tuning-with-dpo`)."""
+
+    init: str = Field("instruct", min_length=1)
+    """Where the policy starts, and the frozen reference it is measured against: the instruction stage's model
+    (the book: its GPT-2 medium finetuned in chapter 7), the pretrain stage's, a GPT-2 name or a checkpoint path."""
+    data: str = Field("preferences", min_length=1)
+    """A name in sources.yaml, or a JSON/JSONL file of {instruction, input, chosen, rejected}."""
+    train_frac: float = 0.85
+    """The notebook's split, as chapter 7's: 935 / 110 / 55 pairs."""
+    test_frac: float = 0.1
+    beta: float = Field(0.1, gt=0, le=MAX_DPO_BETA)
+    """How far the policy may move from the reference: the loss is -log sigmoid(beta * margin); the book: 0.1
+    (the notebook suggests 0.1 to 0.5)."""
+    mask_prompt: bool = True
+    """true (the book): the log-probabilities cover the answer only, not the prompt."""
+    allowed_max_length: int | None = Field(None, gt=0)
+    """Pairs are cut to this many tokens; null = the model's context_length (the book: 1024)."""
+    num_epochs: int = Field(1, gt=0)
+    """The book: 1."""
+    batch_size: int = Field(8, gt=0)
+    """Pairs per batch (the book: 8)."""
+    lr: LearningRate = 5.0e-6
+    """The book: 5.0e-6 for GPT-2 medium."""
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT_DECAY)
+    """The book: 0.01."""
+    eval_freq: int = Field(5, gt=0)
+    """The book: 5; every evaluation costs 2 x eval_iter batches of the policy."""
+    eval_iter: int = Field(5, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    """Tokens per answer to the test instructions, from the reference and the tuned model."""
+    eos_id: int | None = Field(50256, ge=0, le=EOT_ID)
+    """Stop answering at this token id, in [0, 50256]: <|endoftext|> (the book); null = always max_new_tokens."""
+    lora: LoraParams = LoraParams()
+
+    @model_validator(mode="after")
+    def _splits(self) -> DPOParams:
+        _fractions("finetune_dpo", "train_frac", self.train_frac, "test_frac", self.test_frac)
+        return self
+
+
 def replicate_seed(seed: int, replicate: int) -> int:
     """The seed a section uses in replicate `replicate` of an experiment: the section's own `seed` in
     replicate 0 (the book's numbers), otherwise the first 4 bytes of sha256("seed/replicate"), an
@@ -382,6 +426,7 @@ class Params(Settings):
     eval: EvalParams = EvalParams()
     finetune_spam: SpamParams = SpamParams()
     finetune_instruct: InstructParams = InstructParams()
+    finetune_dpo: DPOParams = DPOParams()
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")
@@ -393,7 +438,7 @@ class Params(Settings):
         return self
 
 
-SEEDED = ("train", "eval", "finetune_spam", "finetune_instruct")  # the sections with a seed
+SEEDED = ("train", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo")  # the sections with a seed
 
 
 def parse_params(raw: Any) -> Params:

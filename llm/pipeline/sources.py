@@ -70,3 +70,17 @@ def is_location(entry: str) -> bool:
         or entry.startswith(("http://", "https://", "file:"))
         or bool(Path(entry).suffix)
     )
+
+
+def data_file(value: str, what: str, raw: str | Path = "data/raw") -> Path:
+    """The file a stage's `data` setting names: a source's download (`raw/<name>/`, from sources.yaml) or
+    an existing file; `what` names the setting (e.g. "finetune_instruct.data 'x.json'")."""
+    from llm.errors import LLMError
+    from llm.pipeline.download import source_file
+
+    if not is_location(value):
+        return source_file(Path(raw) / value, what)
+    path = Path(value)
+    if not path.is_file():
+        raise LLMError(f"{what} is neither a name in sources.yaml nor an existing file")
+    return path
