@@ -294,10 +294,10 @@ FUZZ = [
 def assert_usable(p: Params):
     """What the code does first with settings that validated, on the cheap: none of it may fail."""
     tokenizer = get_tokenizer()
-    for seed in (p.train.seed, p.eval.seed, p.finetune_spam.seed, p.finetune_instruct.seed):
+    for seed in (p.train.seed, p.eval.seed, p.finetune_spam.seed, p.finetune_instruct.seed, p.finetune_dpo.seed):
         np.random.RandomState(seed)  # numpy and pandas' random_state
         torch.Generator().manual_seed(seed)
-    for loop in (p.train, p.finetune_spam, p.finetune_instruct):
+    for loop in (p.train, p.finetune_spam, p.finetune_instruct, p.finetune_dpo):
         assert 0 < 1 - loop.lr * loop.weight_decay <= 1  # AdamW's decay factor per step
         assert 0 <= loop.min_lr <= loop.lr and math.isfinite(loop.grad_clip)
         if loop.device != "auto":
@@ -305,8 +305,10 @@ def assert_usable(p: Params):
     if p.eval.temperature > 0:  # generate's sampling, with a top_k-masked logit
         logits = torch.tensor([[40.0, -40.0, float("-inf")]])
         assert torch.softmax(logits / p.eval.temperature, dim=-1)[:, :2].isfinite().all()
-    if p.finetune_instruct.eos_id is not None:
-        tokenizer.decode([p.finetune_instruct.eos_id])
+    for eos_id in (p.finetune_instruct.eos_id, p.finetune_dpo.eos_id):
+        if eos_id is not None:
+            tokenizer.decode([eos_id])
+    assert math.isfinite(-torch.nn.functional.logsigmoid(torch.tensor(p.finetune_dpo.beta * -40.0)).item())
     cfg = p.model.config()
     tokenizer.decode([cfg["vocab_size"] - 1])  # the largest id the model can sample
     if p.model.init == "scratch":  # a model that can be built, and saved with the book's masks
@@ -329,7 +331,9 @@ def assert_one_line_naming(raw, key):
 
 
 def test_fuzz_covers_every_section_and_key():
-    assert set(SECTIONS) == {"data", "model", "train", "eval", "finetune_spam", "finetune_instruct", "runtime"}
+    assert set(SECTIONS) == {
+        "data", "model", "train", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo", "runtime"
+    }  # fmt: skip
     assert all(isinstance(m, type) and issubclass(m, BaseModel) for m in SECTIONS.values())
     assert len(FIELDS) > 80
 
