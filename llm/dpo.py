@@ -247,10 +247,12 @@ class CachedReference(Dataset):
 
 def collate_with_reference(batch: Sequence[Mapping[str, Any]], **collate_kwargs) -> dict[str, Any]:
     """`collate_preferences` of `CachedReference` items, with their reference log-probabilities as
-    float32 tensors (batch,) under `reference_chosen` and `reference_rejected`."""
+    float32 tensors (batch,) under `reference_chosen` and `reference_rejected`; of `PreferenceDataset`
+    items (before the reference is cached), `collate_preferences`."""
     out = collate_preferences(batch, **collate_kwargs)
     for key in REFERENCE:
-        out[key] = torch.tensor([item[key] for item in batch], dtype=torch.float32)
+        if batch and key in batch[0]:
+            out[key] = torch.tensor([item[key] for item in batch], dtype=torch.float32)
     return out
 
 

@@ -29,7 +29,7 @@ from llm.dpo import (
     response_moves,
     usable_pairs,
 )
-from llm.errors import run_main
+from llm.errors import ConfigError, run_main
 from llm.files import write_json
 from llm.generate import generate
 from llm.instruct import extract_response, format_input, split_instructions
@@ -105,8 +105,13 @@ class DPOStage(FinetuneStage):
             if name == "test":
                 test_data = entries
             sets[name] = cached_reference(model, pairs, collate, f.batch_size, device, f.precision)
-        sizes = {"train": len(sets["train"]), "test": len(sets["test"]), "validation": len(sets["val"])}
-        check_split_sizes(self.section, {"allowed_max_length": max_len}, sizes, "pairs that fit", f.batch_size)
+        fit = {name: len(sets[name]) for name in SPLITS}
+        if fit["train"] < f.batch_size or not fit["val"] or not fit["test"]:
+            raise ConfigError(
+                f"finetune_dpo: the answers of {fit['train']} train, {fit['val']} validation and {fit['test']} test "
+                f"pairs fit in {max_len} tokens (finetune_dpo.allowed_max_length, at most the model's context_length "
+                f"{context}): too few for one batch of {f.batch_size} and a pair in each split"
+            )
         reference_seconds = time.perf_counter() - started
         print(f"reference log-probabilities of {sum(len(s) for s in sets.values()):,} pairs: {reference_seconds:.0f} s")
         return PreferenceData(sets=sets, collate_fn=collate, test_data=test_data, tokenizer=tokenizer,

@@ -427,14 +427,14 @@ def lora_project(folder, **lora):
 
     project = finetune_project(folder, nproc=1, batch_size=4)
     raw = json.loads((project / "params.yaml").read_text())
-    for section in ("finetune_spam", "finetune_instruct"):
+    for section in ("finetune_spam", "finetune_instruct", "finetune_dpo"):
         raw[section]["lora"].update(lora)
     (project / "params.yaml").write_text(json.dumps(raw))
     return project
 
 
-@pytest.mark.parametrize("stage", ["finetune_spam", "finetune_instruct"])
-def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, stage):
+@pytest.mark.parametrize("stage", ["finetune_spam", "finetune_instruct", "finetune_dpo"])
+def test_every_finetuning_stage_finetunes_with_lora_and_writes_both_checkpoints(tmp_path, stage):
     """LoRA on in the stage: only adapters (and the spam head) train; the metrics count them; the merged
     model and the adapter checkpoint load to the same logits; the timings hold the peak memory."""
     from tests.test_distributed import run_module
@@ -487,15 +487,16 @@ def test_both_stages_finetune_with_lora_and_write_both_checkpoints(tmp_path, sta
         ]
         assert answers[0].returncode == answers[1].returncode == 0, answers[1].stderr
         assert answers[0].stdout == answers[1].stdout
-        # a stage's init takes an adapter: the spam classifier starts from the merged instruction model
-        raw = json.loads((project / "params.yaml").read_text())
-        raw["finetune_spam"].update(init="models/instruct/adapter", num_epochs=1)
-        raw["finetune_spam"]["lora"]["rank"] = 0
-        (project / "params.yaml").write_text(json.dumps(raw))
-        out = run_module("stages.finetune_spam", project)
-        assert out.returncode == 0, out.stderr[-3000:]
-        spam = json.loads((project / "models" / "spam" / "config.json").read_text())
-        assert spam["training"]["init"] == "models/instruct/adapter"
+        if stage == "finetune_instruct":
+            # a stage's init takes an adapter: the spam classifier starts from the merged instruction model
+            raw = json.loads((project / "params.yaml").read_text())
+            raw["finetune_spam"].update(init="models/instruct/adapter", num_epochs=1)
+            raw["finetune_spam"]["lora"]["rank"] = 0
+            (project / "params.yaml").write_text(json.dumps(raw))
+            out = run_module("stages.finetune_spam", project)
+            assert out.returncode == 0, out.stderr[-3000:]
+            spam = json.loads((project / "models" / "spam" / "config.json").read_text())
+            assert spam["training"]["init"] == "models/instruct/adapter"
     torch.testing.assert_close(from_adapter(IDS), merged(IDS), rtol=0, atol=1e-5)
 
     # LoRA off again: full finetuning, and the adapter of the earlier run is gone with it
