@@ -141,6 +141,22 @@ def instruct_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dpo_ckpt(tmp_path_factory):
+    """The path of a tiny preference-tuned model (context 64) saved as stage finetune_dpo saves it: in a
+    folder named `dpo`, recording the Alpaca prompt style and its DPO settings."""
+    from llm.checkpoint import save_checkpoint
+    from llm.model import GPTModel
+
+    torch.manual_seed(5)
+    model = GPTModel(tiny_cfg(context_length=64))
+    extra = {
+        "instruct": {"prompt_style": "alpaca", "init": "models/instruct"},
+        "dpo": {"init": "models/instruct", "beta": 0.1},
+    }
+    return save_checkpoint(model, tmp_path_factory.mktemp("dpo") / "dpo", extra=extra)
+
+
+@pytest.fixture(scope="module")
 def long_ckpt(tmp_path_factory):
     """The path of a tiny language model with a context of 1024, so that a generation lasts long enough to be
     interrupted (from "Hi" its greedy text runs 1000 tokens without <|endoftext|>)."""
