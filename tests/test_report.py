@@ -6,7 +6,7 @@ from llm.pipeline.doc import markdown_table, number, text_table
 from llm.pipeline.params import Params
 from llm.pipeline.report import CURVES, ReportInputs, read_curve, read_json, write_report
 from llm.pipeline.validate import read_yaml
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dpo_metrics
 
 PARAMS = Params().model_dump()  # the committed defaults
 PLOTS = {pid: defn for entry in read_yaml(ROOT / "dvc.yaml")["plots"] for pid, defn in entry.items()}
@@ -25,28 +25,6 @@ def curve(n, lr=0.0004):
         }
         for i in range(n)
     ]
-
-
-def dpo_side(margin, accuracy, loss):
-    return {
-        "loss": loss,
-        "chosen_reward": margin / 2,
-        "rejected_reward": 0.0 - margin / 2,  # not -0.0
-        "reward_margin": margin,
-        "preference_accuracy": accuracy,
-        "logprob_margin": 0.25 + margin,
-        "logprob_accuracy": 0.5 + accuracy / 4,
-    }
-
-
-def dpo_metrics():
-    """metrics/finetune_dpo.json as the stage writes it: split -> before/after -> name, ROUGE-L on test."""
-    before = dpo_side(0.0, 0.0, 0.6931471805599453)
-    out = {s: {"before": dict(before), "after": dpo_side(m, a, 0.6)} for s, m, a in
-           (("train", 0.5, 0.9), ("val", 0.25, 0.75), ("test", 0.125, 0.625))}  # fmt: skip
-    out["test"]["before"].update(rouge_l_chosen=0.2, rouge_l_rejected=0.3)
-    out["test"]["after"].update(rouge_l_chosen=0.35, rouge_l_rejected=0.15)
-    return {**out, "steps": 12, "tokens_seen": 24576, "parameters": {"trainable": 2_000, "total": 2_000}}
 
 
 def dpo_curve(n):
