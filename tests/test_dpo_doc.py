@@ -128,3 +128,12 @@ def test_the_recipe_is_the_notebooks_after_the_books_chapter_7_run():
     assert instruct == chapter_7 and set(recipe) == set(instruct) | {f"finetune_dpo.{k}" for k in dpo}
     page = (ROOT / "docs" / "dpo.md").read_text(encoding="utf-8")
     assert re.search(r"^dvc exp run finetune_dpo ", page, re.M)  # the stage, and the stages before it
+
+
+def test_every_test_the_page_names_exists_in_the_file_named_before_it():
+    """docs/dpo.md names a test beside each claim, after its file: `tests/test_x.py` `test_y`."""
+    page = (ROOT / "docs" / "dpo.md").read_text(encoding="utf-8")
+    named = re.findall(r"tests/(test_\w+\.py)\s+`(test_\w+)`", page)
+    assert len(named) >= 15
+    for file, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.M), (file, name)

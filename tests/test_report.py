@@ -201,9 +201,8 @@ def test_the_dpo_section_shows_its_settings_curves_metrics_and_three_responses(t
     assert "| log-prob accuracy (chosen likelier) | 50.0% | 72.5% | 50.0% | 68.8% | 50.0% | 65.6% |" in section
     assert "| DPO loss | 0.6931 | 0.6 | 0.6931 | 0.6 | 0.6931 | 0.6 |" in section
     assert "| against chosen | 0.2 | 0.35 |" in section and "| against rejected | 0.3 | 0.15 |" in section
-    row = (
-        "| Rewrite \\| politely. Give me the salt. | Could you please pass the salt? | Salt. Now. | Give salt. | Please"
-    )
+    row = "| Rewrite \\| politely. (input: Give me the salt.) | Could you please pass the salt? | Salt. Now. "
+    row += "| Give salt. | Please pass the salt. |"
     assert section.count(row) == 3  # the first three test responses, before and after
     assert "| finetune_dpo | test preference accuracy / reward margin | 62.5% / 0.125 |" in md
     png = tmp_path / "figures" / "finetune_dpo_rewards.png"

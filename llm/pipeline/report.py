@@ -407,7 +407,7 @@ def _dpo_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
             ["instruction", "chosen", "rejected", "before (reference)", "after (tuned)"],
             [
                 [
-                    r["instruction"] + (f" {r['input']}" if r.get("input") else ""),
+                    r["instruction"] + (f" (input: {r['input']})" if r.get("input") else ""),
                     r.get("chosen", ""),
                     r.get("rejected", ""),
                     r.get("reference_response", ""),
