@@ -127,10 +127,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cls.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     cls.set_defaults(func=cmd_classify)
 
-    ins = sub.add_parser("instruct", help="answer an instruction with a finetune_instruct checkpoint, streaming")
-    ins.add_argument(
-        "--model", "--checkpoint", dest="checkpoint", required=True, help="models/instruct, or " + MODEL_HELP
+    ins = sub.add_parser(
+        "instruct",
+        help="answer an instruction with an instruction model (finetune_instruct's, finetune_dpo's), streaming",
     )
+    ins.add_argument("--model", "--checkpoint", dest="checkpoint", required=True,
+                     help="models/instruct, models/dpo, or " + MODEL_HELP)  # fmt: skip
     ins.add_argument("instruction", nargs="?", help="the instruction")
     ins.add_argument("--input", default="", help="optional input for the instruction")
     ins.add_argument("--file", help="a JSON list or JSONL file of {instruction, input} entries")

@@ -55,6 +55,6 @@ def extract_response(generated_text: str, prompt: str, style: str = "alpaca") ->
 
 
 def recorded_prompt_style(meta: Mapping[str, Any]) -> str:
-    """The prompt style a finetune_instruct checkpoint recorded (`checkpoint_meta(path)`'s
-    `instruct.prompt_style`); the book's "alpaca" for any other model."""
+    """The prompt style an instruction model's checkpoint recorded (finetune_instruct's, finetune_dpo's:
+    `checkpoint_meta(path)`'s `instruct.prompt_style`); the book's "alpaca" for any other model."""
     return meta.get("instruct", {}).get("prompt_style", "alpaca")

@@ -21,15 +21,17 @@ from llm.pipeline.report import STAGES, ReportInputs, read_curve, read_json, wri
 STAGE_METRICS = {stage: Path(f"metrics/{stage}.json") for stage in STAGES}
 CURVES = [
     Path(f"metrics/curves/{name}.csv")
-    for name in ("pretrain", "finetune_spam", "finetune_spam_accuracy", "finetune_instruct")
+    for name in ("pretrain", "finetune_spam", "finetune_spam_accuracy", "finetune_instruct", "finetune_dpo")
 ]
 CONFUSION = Path("metrics/curves/finetune_spam_confusion.json")
 SAMPLES = Path("data/eval/samples.json")
 RESPONSES = Path("data/instruct/responses.json")
+DPO_RESPONSES = Path("data/dpo/responses.json")
 CHECKPOINTS = {
     "pretrain": Path("models/pretrain"),
     "finetune_spam": Path("models/spam"),
     "finetune_instruct": Path("models/instruct"),
+    "finetune_dpo": Path("models/dpo"),
 }
 OUT = Path("reports")
 METRICS = Path("metrics/report.json")
@@ -44,6 +46,7 @@ def main(params_path: str = "params.yaml") -> dict:
         confusion=read_json(CONFUSION),
         samples=read_json(SAMPLES),
         responses=read_json(RESPONSES),
+        dpo_responses=read_json(DPO_RESPONSES),
         runs={stage: checkpoint_meta(path) if path.is_dir() else {} for stage, path in CHECKPOINTS.items()},
         environment={"torch": torch.__version__, "python": platform.python_version()},
     )

@@ -105,6 +105,29 @@ def tiny_cfg(**overrides):
     return cfg
 
 
+def _dpo_side(margin, accuracy, loss):
+    return {
+        "loss": loss,
+        "chosen_reward": margin / 2,
+        "rejected_reward": 0.0 - margin / 2,  # not -0.0
+        "reward_margin": margin,
+        "preference_accuracy": accuracy,
+        "logprob_margin": 0.25 + margin,
+        "logprob_accuracy": 0.5 + accuracy / 4,
+    }
+
+
+def dpo_metrics():
+    """A metrics/finetune_dpo.json of the shape stage finetune_dpo writes (split -> before/after -> name,
+    ROUGE-L on test), with made-up values: "before" is the reference scored against itself."""
+    before = _dpo_side(0.0, 0.0, 0.6931471805599453)
+    out = {s: {"before": dict(before), "after": _dpo_side(m, a, 0.6)} for s, m, a in
+           (("train", 0.5, 0.9), ("val", 0.25, 0.75), ("test", 0.125, 0.625))}  # fmt: skip
+    out["test"]["before"].update(rouge_l_chosen=0.2, rouge_l_rejected=0.3)
+    out["test"]["after"].update(rouge_l_chosen=0.35, rouge_l_rejected=0.15)
+    return {**out, "steps": 12, "tokens_seen": 24576, "parameters": {"trainable": 2_000, "total": 2_000}}
+
+
 # --- tiny checkpoints of each kind, written once per test module (the `llm` commands and `llm serve` read them)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -138,6 +161,22 @@ def instruct_ckpt(tmp_path_factory):
     torch.manual_seed(3)
     model = GPTModel(tiny_cfg(context_length=64))
     return save_checkpoint(model, tmp_path_factory.mktemp("ins") / "m", extra={"instruct": {"prompt_style": "alpaca"}})
+
+
+@pytest.fixture(scope="module")
+def dpo_ckpt(tmp_path_factory):
+    """The path of a tiny preference-tuned model (context 64) saved as stage finetune_dpo saves it: in a
+    folder named `dpo`, recording the Alpaca prompt style and its DPO settings."""
+    from llm.checkpoint import save_checkpoint
+    from llm.model import GPTModel
+
+    torch.manual_seed(5)
+    model = GPTModel(tiny_cfg(context_length=64))
+    extra = {
+        "instruct": {"prompt_style": "alpaca", "init": "models/instruct"},
+        "dpo": {"init": "models/instruct", "beta": 0.1},
+    }
+    return save_checkpoint(model, tmp_path_factory.mktemp("dpo") / "dpo", extra=extra)
 
 
 @pytest.fixture(scope="module")

@@ -290,3 +290,41 @@ def test_two_metrics_directories_compare_file_by_file_whatever_their_names(tmp_p
     assert "metrics/pretrain.json:val.loss" in out and out.strip().endswith(
         "OK: 1 gated metrics within their thresholds"
     )
+
+
+def test_finetune_dpos_nested_metrics_compare_and_gate_by_split_phase_and_name(tmp_path, monkeypatch, capsys):
+    """metrics/finetune_dpo.json nests three levels (split, before/after, name): `dvc metrics diff` and
+    `--old/--new` directories both name them `test.after.preference_accuracy`, as thresholds.yaml gates them."""
+    from tests.conftest import dpo_metrics, scratch_repo
+
+    sh, env = scratch_repo(tmp_path)
+    old = dpo_metrics()
+    write_json(tmp_path / "metrics" / "finetune_dpo.json", old)
+    (tmp_path / "dvc.yaml").write_text("metrics:\n  - metrics/finetune_dpo.json\n")
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "baseline")
+    new = dpo_metrics()
+    new["test"]["after"].update(preference_accuracy=0.5, reward_margin=0.25)  # from 0.625 and 0.125
+    write_json(tmp_path / "metrics" / "finetune_dpo.json", new)
+    write_json(tmp_path / "old" / "finetune_dpo.json", old)
+    thresholds = tmp_path / "t.yaml"
+    thresholds.write_text(
+        "metrics/finetune_dpo.json:\n"
+        "  test.after.preference_accuracy: {worse: lower, max_change: 0.05}\n"
+        "  test.after.reward_margin: {worse: lower, max_change: 0.05}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", env["PATH"])
+    expected = [  # each row's cells, single-spaced
+        "metrics/finetune_dpo.json:test.after.preference_accuracy 0.625 0.5 -0.125 (-20.00%) fall <= 0.05 REGRESSED",
+        "metrics/finetune_dpo.json:test.after.reward_margin 0.125 0.25 +0.125 (+100.00%) fall <= 0.05 improved",
+        "metrics/finetune_dpo.json:train.before.loss 0.693147 0.693147 +0 (+0.00%) unchanged",
+    ]
+    for args in (["--thresholds", str(thresholds)], ["--old", "old", "--new", "metrics", "--thresholds", "t.yaml"]):
+        assert main(["compare", "--all", *args]) == 1
+        lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+        assert [row for row in expected if row not in lines] == [], lines
+        assert sum(line.startswith("metrics/finetune_dpo.json:") for line in lines) == 3 * 2 * 7 + 2 * 2 + 4
+        assert lines[-1].startswith("FAIL: 1 of 2 gated metrics regressed or missing")

@@ -230,3 +230,22 @@ def test_cli_instruct_file_errors_are_one_line_naming_the_flag(instruct_ckpt, tm
         assert main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(file)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.startswith(f"llm instruct: error: {message}") and err.count("\n") == 1
+
+
+def test_llm_instruct_answers_with_the_dpo_stages_checkpoint(dpo_ckpt, tmp_path, capsys):
+    """`llm instruct --model models/dpo`: the checkpoint finetune_dpo saves is an instruction model in the
+    Alpaca style it recorded, answered as `respond` answers, one instruction or a file of them."""
+    meta = checkpoint_meta(dpo_ckpt)
+    assert dpo_ckpt.name == "dpo" and meta["dpo"] == {"init": "models/instruct", "beta": 0.1}
+    assert recorded_prompt_style(meta) == "alpaca"
+    model = load_checkpoint(dpo_ckpt)
+    entry = {"instruction": "Rewrite the sentence politely.", "input": "Give me the salt."}
+    expected = "".join(respond(model, entry, "alpaca", 7))
+    argv = ["instruct", "--model", str(dpo_ckpt), entry["instruction"], "--input", entry["input"]]
+    assert main([*argv, "--max-new-tokens", "7"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    data, out = tmp_path / "q.jsonl", tmp_path / "r.json"
+    data.write_text(json.dumps(entry) + "\n")
+    assert main(["instruct", "--model", str(dpo_ckpt), "--file", str(data), "--output", str(out),
+                 "--max-new-tokens", "7"]) == 0  # fmt: skip
+    assert json.loads(out.read_text()) == [{**entry, "model_response": expected.strip()}]

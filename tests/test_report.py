@@ -6,7 +6,7 @@ from llm.pipeline.doc import markdown_table, number, text_table
 from llm.pipeline.params import Params
 from llm.pipeline.report import CURVES, ReportInputs, read_curve, read_json, write_report
 from llm.pipeline.validate import read_yaml
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dpo_metrics
 
 PARAMS = Params().model_dump()  # the committed defaults
 PLOTS = {pid: defn for entry in read_yaml(ROOT / "dvc.yaml")["plots"] for pid, defn in entry.items()}
@@ -27,6 +27,31 @@ def curve(n, lr=0.0004):
     ]
 
 
+def dpo_curve(n):
+    return [
+        dict(
+            row,
+            train_chosen_reward=row["step"] / 100,
+            train_rejected_reward=-row["step"] / 100,
+            val_chosen_reward=row["step"] / 200,
+            val_rejected_reward=-row["step"] / 200,
+            val_reward_margin=row["step"] / 100,
+        )
+        for row in curve(n, lr=5e-6)
+    ]
+
+
+DPO_RESPONSE = {
+    "instruction": "Rewrite | politely.",
+    "input": "Give me the salt.",
+    "output": "Could you pass the salt?",
+    "chosen": "Could you please pass the salt?",
+    "rejected": "Salt. Now.",
+    "reference_response": "Give salt.",
+    "policy_response": "Please pass the salt.",
+}
+
+
 def full_inputs():
     metrics = {
         name: json.loads((ROOT / f"ci/baseline/replicate-0/{name}.json").read_text())
@@ -42,6 +67,7 @@ def full_inputs():
     }
     metrics["finetune_spam"] = json.loads((ROOT / "ci/baseline/replicate-0/finetune_spam.json").read_text())
     metrics["finetune_instruct"] = json.loads((ROOT / "ci/baseline/replicate-0/finetune_instruct.json").read_text())
+    metrics["finetune_dpo"] = dpo_metrics()
     return ReportInputs(
         params=PARAMS,
         metrics=metrics,
@@ -53,6 +79,7 @@ def full_inputs():
                 {"epoch": 2, "train_accuracy": 0.97, "val_accuracy": 0.93},
             ],
             "metrics/curves/finetune_instruct.csv": curve(8),
+            "metrics/curves/finetune_dpo.csv": dpo_curve(6),
         },
         plots=PLOTS,
         confusion=[{"actual": "ham", "predicted": "ham"}] * 140 + [{"actual": "spam", "predicted": "ham"}] * 9,
@@ -67,6 +94,7 @@ def full_inputs():
             }
         ],
         responses=[{"instruction": "Name a | color.", "input": "", "output": "Red.", "model_response": "Blue."}] * 7,
+        dpo_responses=[DPO_RESPONSE] * 5,
         runs={
             "pretrain": {
                 "model": {"emb_dim": 256, "n_layers": 4, "n_heads": 4, "context_length": 256},
@@ -79,7 +107,7 @@ def full_inputs():
 
 def test_full_report(tmp_path):
     counts = write_report(full_inputs(), tmp_path)
-    assert counts == {"stages_reported": 5, "figures": 6}
+    assert counts == {"stages_reported": 6, "figures": 8}
     md = (tmp_path / "report.md").read_text()
     for figure in (
         "pretrain_loss",
@@ -88,6 +116,8 @@ def test_full_report(tmp_path):
         "finetune_spam_confusion",
         "finetune_spam_baseline",
         "finetune_instruct_loss",
+        "finetune_dpo_loss",
+        "finetune_dpo_rewards",
     ):
         png = tmp_path / "figures" / f"{figure}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(figures/{figure}.png)" in md
@@ -102,7 +132,7 @@ def test_full_report(tmp_path):
     assert md.count("| Name a") == 5  # the first five test instructions
     assert "Every effort moves you |x|" in md  # samples as preformatted text
     html = (tmp_path / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and html.count('<img src="data:image/png;base64,iVBORw0KGgo') == 6
+    assert html.startswith("<!DOCTYPE html>") and html.count('<img src="data:image/png;base64,iVBORw0KGgo') == 8
     assert "<td>Name a | color.</td>" in html
 
 
@@ -125,7 +155,7 @@ def test_the_curves_are_dvc_yamls_plot_definitions(tmp_path):
     inputs = full_inputs()
     inputs.plots = {k: v for k, v in PLOTS.items() if k != "finetune_spam_accuracy"}
     counts = write_report(inputs, tmp_path)
-    assert counts["figures"] == 5 and not (tmp_path / "figures/finetune_spam_accuracy.png").exists()
+    assert counts["figures"] == 7 and not (tmp_path / "figures/finetune_spam_accuracy.png").exists()
     md = (tmp_path / "report.md").read_text()
     assert f"![{PLOTS['pretrain_loss']['title']}](figures/pretrain_loss.png)" in md
 
@@ -141,14 +171,53 @@ def test_missing_stages_show_as_not_run(tmp_path):
     inputs = full_inputs()
     inputs.metrics = {"prepare_text": inputs.metrics["prepare_text"], "pretrain": inputs.metrics["pretrain"]}
     inputs.curves = {"metrics/curves/pretrain.csv": None}
-    inputs.samples = inputs.responses = None
+    inputs.samples = inputs.responses = inputs.dpo_responses = None
     inputs.runs = {}
     counts = write_report(inputs, tmp_path)
     assert counts == {"stages_reported": 2, "figures": 0}
     md = (tmp_path / "report.md").read_text()
-    for stage in ("eval", "finetune_spam", "finetune_instruct"):
+    for stage in ("eval", "finetune_spam", "finetune_instruct", "finetune_dpo"):
         assert f"_not run_: there is no `metrics/{stage}.json`." in md
-    assert "not run: eval, finetune_spam, finetune_instruct" in md
+    assert "not run: eval, finetune_spam, finetune_instruct, finetune_dpo" in md
+    assert "| finetune_dpo | preference accuracy | not run |" in md
+
+
+def test_the_dpo_section_shows_its_settings_curves_metrics_and_three_responses(tmp_path):
+    write_report(full_inputs(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## Preference tuning (DPO, chapter 7's bonus)") : md.index("## Parameters")]
+    assert (
+        "Settings (`finetune_dpo` in params.yaml): init instruct, beta 0.1, num_epochs 1, batch_size 8, lr 5e-06, "
+        "mask_prompt True, allowed_max_length null." in section
+    )
+    assert "Trainable parameters: 2,000 of 2,000 (100.00%); no LoRA." in section
+    for plot in ("finetune_dpo_loss", "finetune_dpo_rewards"):
+        assert f"![{PLOTS[plot]['title']}](figures/{plot}.png)" in section
+    header = "| metric | train before | train after | val before | val after | test before | test after |"
+    assert header in section
+    assert "| reward margin | 0 | 0.5 | 0 | 0.25 | 0 | 0.125 |" in section
+    assert "| preference accuracy | 0.0% | 90.0% | 0.0% | 75.0% | 0.0% | 62.5% |" in section
+    assert "| log-prob margin (chosen - rejected) | 0.25 | 0.75 | 0.25 | 0.5 | 0.25 | 0.375 |" in section
+    assert "| log-prob accuracy (chosen likelier) | 50.0% | 72.5% | 50.0% | 68.8% | 50.0% | 65.6% |" in section
+    assert "| DPO loss | 0.6931 | 0.6 | 0.6931 | 0.6 | 0.6931 | 0.6 |" in section
+    assert "| against chosen | 0.2 | 0.35 |" in section and "| against rejected | 0.3 | 0.15 |" in section
+    row = "| Rewrite \\| politely. (input: Give me the salt.) | Could you please pass the salt? | Salt. Now. "
+    row += "| Give salt. | Please pass the salt. |"
+    assert section.count(row) == 3  # the first three test responses, before and after
+    assert "| finetune_dpo | test preference accuracy / reward margin | 62.5% / 0.125 |" in md
+    png = tmp_path / "figures" / "finetune_dpo_rewards.png"
+    assert png.stat().st_size > 1000
+
+
+def test_the_dpo_section_builds_without_its_curve_and_responses(tmp_path):
+    """A stage that ran without leaving a curve or responses (an older run, a copied metrics file)."""
+    inputs = full_inputs()
+    inputs.curves["metrics/curves/finetune_dpo.csv"] = None
+    inputs.dpo_responses = None
+    counts = write_report(inputs, tmp_path)
+    assert counts == {"stages_reported": 6, "figures": 6}
+    md = (tmp_path / "report.md").read_text()
+    assert "| reward margin | 0 | 0.5 |" in md and "data/dpo/responses.json" not in md
 
 
 def test_readers_return_none_for_absent_files(tmp_path):

@@ -261,6 +261,21 @@ def test_a_system_message_is_the_instructions_input_and_earlier_turns_follow_it(
     assert got["content"] == _respond(instruct_ckpt, entry, 6)
 
 
+def test_the_dpo_stages_checkpoint_is_served_as_the_instruction_model_dpo(dpo_ckpt):
+    """`llm serve --model models/dpo`: named `dpo` after its folder, an instruction model (finetune_dpo
+    records the Alpaca prompt style) whose chat answers are `llm instruct`'s."""
+    from llm.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", str(dpo_ckpt)])
+    models = load_models(args.models)
+    with TestClient(create_app(models)) as c:
+        (card,) = c.get("/v1/models").json()["data"]
+        assert (card["id"], card["kind"], card["prompt_style"]) == ("dpo", "instruct", "alpaca")
+        body = {"model": "dpo", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 7}
+        data = c.post("/v1/chat/completions", json={**body, "temperature": 0}).json()
+    assert data["choices"][0]["message"]["content"] == _respond(dpo_ckpt, {"instruction": "Name a color."}, 7)
+
+
 def test_chat_takes_max_completion_tokens_and_defaults_to_what_fits(client):
     messages = [{"role": "user", "content": "Name a color."}]
     body = {"model": "ins", "messages": messages, "max_completion_tokens": 3, "temperature": 0}

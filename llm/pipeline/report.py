@@ -57,15 +57,38 @@ CURVES: dict[str, dict] = {
         "tokens seen",
         "cross-entropy loss",
     ),
+    "finetune_dpo_loss": _curve(
+        "Preference tuning (DPO) loss",
+        "tokens_seen",
+        "metrics/curves/finetune_dpo.csv",
+        LOSS,
+        "tokens seen",
+        "DPO loss",
+    ),
+    "finetune_dpo_rewards": _curve(
+        "Preference tuning (DPO) rewards and margin",
+        "tokens_seen",
+        "metrics/curves/finetune_dpo.csv",
+        [
+            "train_chosen_reward",
+            "train_rejected_reward",
+            "val_chosen_reward",
+            "val_rejected_reward",
+            "val_reward_margin",
+        ],
+        "tokens seen",
+        "reward (log-probability vs the reference)",
+    ),
 }
 
-STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct")
+STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo")
 _TITLES = {
     "prepare_text": "Data (chapter 2)",
     "pretrain": "Pretraining (chapter 5)",
     "eval": "Evaluation and samples (chapter 5)",
     "finetune_spam": "Spam classification (chapter 6)",
     "finetune_instruct": "Instruction finetuning (chapter 7)",
+    "finetune_dpo": "Preference tuning (DPO, chapter 7's bonus)",
 }
 
 
@@ -78,6 +101,7 @@ class ReportInputs:
     confusion: list[dict] | None = None  # the spam test set's {actual, predicted} rows (a DVC plot)
     samples: list[dict] | None = None  # data/eval/samples.json
     responses: list[dict] | None = None  # data/instruct/responses.json
+    dpo_responses: list[dict] | None = None  # data/dpo/responses.json
     runs: dict[str, dict] = field(default_factory=dict)  # stage -> what its checkpoint recorded
     environment: dict[str, str] = field(default_factory=dict)  # torch, python
 
@@ -209,6 +233,7 @@ def build(inputs: ReportInputs, out_dir: Path) -> Doc:
         "eval": _eval_section,
         "finetune_spam": _spam_section,
         "finetune_instruct": _instruct_section,
+        "finetune_dpo": _dpo_section,
     }
     for stage, section in sections.items():
         doc.heading(_TITLES[stage])
@@ -225,7 +250,7 @@ def build(inputs: ReportInputs, out_dir: Path) -> Doc:
 
 def _settings(doc: Doc, params: dict, name: str, keys: list[str]) -> None:
     section = params.get(name) or {}
-    shown = [f"{k} {section[k]}" for k in keys if k in section]
+    shown = [f"{k} {'null' if section[k] is None else section[k]}" for k in keys if k in section]
     if shown:
         doc.para(f"Settings (`{name}` in params.yaml): " + ", ".join(shown) + ".")
 
@@ -319,6 +344,80 @@ def _instruct_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
         )
 
 
+DPO_SPLITS = ("train", "val", "test")
+DPO_METRICS = {  # name in metrics/finetune_dpo.json -> the table's row
+    "reward_margin": "reward margin",
+    "preference_accuracy": "preference accuracy",
+    "chosen_reward": "chosen reward",
+    "rejected_reward": "rejected reward",
+    "logprob_margin": "log-prob margin (chosen - rejected)",
+    "logprob_accuracy": "log-prob accuracy (chosen likelier)",
+    "loss": "DPO loss",
+}
+
+
+def _share(value: Any) -> str:
+    return fmt(value) if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
+
+
+def _dpo_cell(m: dict, key: str) -> str:
+    """A flattened metric of finetune_dpo for the table: accuracies as percentages, "-" when absent."""
+    if key not in m:
+        return "-"
+    return _share(m[key]) if key.endswith("accuracy") else fmt(m[key])
+
+
+def _dpo_section(doc: Doc, inputs: ReportInputs, figures: Path) -> None:
+    m = inputs.metrics["finetune_dpo"]
+    keys = ["init", "beta", "num_epochs", "batch_size", "lr", "mask_prompt", "allowed_max_length"]
+    _settings(doc, inputs.params, "finetune_dpo", keys)
+    _trained(doc, inputs, "finetune_dpo")
+    doc.para(
+        "A pair's reward is the policy's mean log-probability of an answer minus the reference's (the starting "
+        "model, frozen); the margin is the chosen reward minus the rejected one, and the preference accuracy the "
+        "share of pairs whose margin is positive. Before tuning the policy is the reference, so its rewards are "
+        "0 and its loss ln 2 (0.6931). The log-prob margin and accuracy are the model's own preference for the "
+        "chosen answer, without the reference."
+    )
+    _curve_figure(doc, inputs, figures, "finetune_dpo_loss", "finetune_dpo", "finetune_dpo")
+    _curve_figure(doc, inputs, figures, "finetune_dpo_rewards", "finetune_dpo", "finetune_dpo")
+    columns = [(s, phase) for s in DPO_SPLITS for phase in ("before", "after")]
+    columns = [(s, phase) for s, phase in columns if any(k.startswith(f"{s}.{phase}.") for k in m)]
+    rows = [
+        [label] + [_dpo_cell(m, f"{s}.{phase}.{key}") for s, phase in columns]
+        for key, label in DPO_METRICS.items()
+        if any(f"{s}.{phase}.{key}" in m for s, phase in columns)
+    ]
+    if rows:
+        doc.para("Before (the reference) and after (the tuned policy), over every pair of each split:")
+        doc.table(["metric"] + [f"{s} {phase}" for s, phase in columns], rows)
+    rouge = [
+        (f"against {a}", m.get(f"test.before.rouge_l_{a}"), m.get(f"test.after.rouge_l_{a}"))
+        for a in ("chosen", "rejected")
+    ]
+    if any(before is not None or after is not None for _, before, after in rouge):
+        doc.para("How the answers to the test instructions moved: the mean ROUGE-L F1 of the model's answers")
+        doc.table(["ROUGE-L F1", "before", "after"], [[what, fmt(b), fmt(a)] for what, b, a in rouge])
+    if inputs.dpo_responses:
+        doc.para(
+            f"The first three test instructions (of {len(inputs.dpo_responses)} in `data/dpo/responses.json`), "
+            "answered before (by the reference) and after tuning:"
+        )
+        doc.table(
+            ["instruction", "chosen", "rejected", "before (reference)", "after (tuned)"],
+            [
+                [
+                    r["instruction"] + (f" (input: {r['input']})" if r.get("input") else ""),
+                    r.get("chosen", ""),
+                    r.get("rejected", ""),
+                    r.get("reference_response", ""),
+                    r.get("policy_response", ""),
+                ]
+                for r in inputs.dpo_responses[:3]
+            ],
+        )
+
+
 def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
     p, m, runs = inputs.params, inputs.metrics, inputs.runs
     rows = []
@@ -367,6 +466,17 @@ def _summary_rows(inputs: ReportInputs) -> list[list[str]]:
                 f"{fmt(mi['test.rouge_l'])} / {fmt(mi.get('test.response_loss'))}",
             ],
         ]
+    md = m.get("finetune_dpo")
+    if md is None:
+        rows.append(["finetune_dpo", "preference accuracy", "not run"])
+    else:
+        rows.append(
+            [
+                "finetune_dpo",
+                "test preference accuracy / reward margin",
+                f"{_share(md.get('test.after.preference_accuracy'))} / {fmt(md.get('test.after.reward_margin'))}",
+            ]
+        )
     env = inputs.environment
     rows.append(
         [

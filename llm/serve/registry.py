@@ -59,7 +59,8 @@ def split_spec(spec: str) -> tuple[str, str]:
 def load_model(spec: str, device="cpu") -> ServedModel:
     """Load one `--model` the way `llm generate`, `llm instruct` and `llm classify` do: a checkpoint
     whose config.json records classifier settings with `load_classifier`, anything else with
-    `load_checkpoint`; a recorded prompt style (finetune_instruct) makes it an instruction model."""
+    `load_checkpoint`; a recorded prompt style (finetune_instruct's, finetune_dpo's) makes it an instruction
+    model."""
     from llm.checkpoint import checkpoint_meta, load_checkpoint
     from llm.classifier import load_classifier
     from llm.prompts import recorded_prompt_style
