@@ -8,7 +8,7 @@
   and the tuned model, metrics nested by split and phase without NaN, the reward curves;
 - pairs whose answer does not fit are left out with a line, never a NaN loss; bad data is one line.
 DDP and LoRA for this stage are tested with the other finetuning stages (tests/test_distributed.py,
-tests/test_lora.py); resume is the Trainer's (tests/test_resume.py).
+tests/test_lora.py); resume is the Trainer's (tests/test_resume.py), checked here with the DPO loss.
 """
 
 import json
@@ -142,6 +142,48 @@ def test_the_stages_loop_gives_the_notebooks_losses_and_rewards_step_for_step(tm
     assert expected["train_losses"][-1] < expected["train_losses"][0] - 0.01  # it learned: the comparison can fail
     for (name, a), b in zip(policy.named_parameters(), book_policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_an_interrupted_dpo_run_resumes_bit_for_bit(tmp_path):
+    """Stopped after any of its steps (dropout on, mid-epoch and at the epoch's end) and resumed in a new
+    Trainer, the stage's loop ends with the weights, History and RNG of a run never stopped."""
+    from llm.trainer import TrainingInterrupted
+    from tests.test_resume import count_steps, outcome
+
+    data = json.loads((tmp_path / preferences(tmp_path, 22)).read_text())
+    pairs = PreferenceDataset(data, get_tokenizer())
+    torch.manual_seed(3)
+    start = GPTModel(cfg(drop_rate=0.2)).state_dict()
+    sets = [cached_reference(model_at(start).eval(), torch.utils.data.Subset(pairs, r), collate_with_reference, 4,
+                             "cpu") for r in (range(16), range(16, 22))]  # fmt: skip
+    settings = LoopSettings(num_epochs=2, batch_size=4, lr=3e-3, weight_decay=0.01, eval_freq=2, eval_iter=2,
+                            device="cpu")  # fmt: skip
+
+    def trainer(state):
+        torch.manual_seed(9)
+        return Trainer(model_at(start), make_loaders(*sets, settings, collate_with_reference), settings,
+                       loss_fn=DPOLoss(0.1, joint=True), count_fn=count_pairs, state_path=state, run_id="dpo",
+                       progress=False, log=lambda m: None)  # fmt: skip
+
+    full = trainer(tmp_path / "full.pt")
+    expected = outcome(full.model, full.fit(), torch.get_rng_state())
+    for k in (1, 4, 6):  # 4 steps an epoch: mid-epoch, the epoch's last step, the next epoch
+        state = tmp_path / f"s{k}.pt"
+        first = trainer(state)
+        count_steps(first, at=k, action="stop")
+        with pytest.raises(TrainingInterrupted):
+            first.fit()
+        again = trainer(state)
+        got = outcome(again.model, again.fit(), torch.get_rng_state())
+        for name, value in expected[0].items():
+            assert torch.equal(got[0][name], value), (k, name)
+        assert got[1] == expected[1] and torch.equal(got[2], expected[2]), k
+
+
+def model_at(state):
+    model = GPTModel(cfg(drop_rate=0.2))
+    model.load_state_dict(state)
+    return model
 
 
 # --- pairs that do not fit ------------------------------------------------------------------------------
