@@ -277,7 +277,7 @@ def cached_reference(
 
 
 def preference_metrics(
-    model: torch.nn.Module, dataset: CachedReference, collate_fn, batch_size: int, beta: float, device,
+    model: torch.nn.Module | None, dataset: CachedReference, collate_fn, batch_size: int, beta: float, device,
     precision: str = "fp32",
 ) -> dict[str, float]:  # fmt: skip
     """The metrics of `model` as a policy against the cached reference, over every pair of `dataset`
@@ -286,31 +286,38 @@ def preference_metrics(
     (the share of pairs whose chosen reward beats the rejected one), and the model's own preference,
     which the reference has too: `logprob_margin` (mean log-probability of the chosen answer minus the
     rejected one) and `logprob_accuracy` (the share of pairs where the chosen one is the likelier).
-    With `model` = the reference: loss ln 2, rewards, margin and preference accuracy 0."""
+    `model` None: the reference itself, read from the cache without a forward pass (loss ln 2; rewards,
+    margin and preference accuracy 0)."""
+    reference = dataset.logprobs
+    if model is None:
+        return summarize_pairs(reference, reference, beta)
     was_training = model.training
     model.eval()
-    loss = DPOLoss(beta, joint=True)
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("loss", "chosen", "rejected", "policy_chosen", "policy_rejected")}
+    loss, rows = DPOLoss(beta, joint=True), []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            policy = loss.policy_logprobs(model, batch, device, precision)
-            terms = dpo_loss(*policy, *loss.reference_logprobs(batch, device, precision), beta=beta)
-            values = (terms.losses, terms.chosen_rewards, terms.rejected_rewards, *policy)
-            for key, value in zip(parts, values, strict=True):
-                parts[key].append(value.float().cpu())
+            rows.append(torch.stack(loss.policy_logprobs(model, batch, device, precision), dim=1).float().cpu())
     model.train(was_training)
-    if not len(dataset):
+    return summarize_pairs(torch.cat(rows) if rows else torch.zeros((0, 2)), reference, beta)
+
+
+def summarize_pairs(policy: Tensor, reference: Tensor, beta: float) -> dict[str, float]:
+    """`preference_metrics` from the (chosen, rejected) log-probabilities of the policy and the reference,
+    shape (pairs, 2) each; {} without pairs."""
+    if not len(policy):
         return {}
-    t = {key: torch.cat(values).double() for key, values in parts.items()}
+    terms = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=beta)
+    chosen, rejected = terms.chosen_rewards.double(), terms.rejected_rewards.double()
+    own = policy.double()
     return {
-        "loss": t["loss"].mean().item(),
-        "chosen_reward": t["chosen"].mean().item(),
-        "rejected_reward": t["rejected"].mean().item(),
-        "reward_margin": (t["chosen"] - t["rejected"]).mean().item(),
-        "preference_accuracy": (t["chosen"] > t["rejected"]).double().mean().item(),
-        "logprob_margin": (t["policy_chosen"] - t["policy_rejected"]).mean().item(),
-        "logprob_accuracy": (t["policy_chosen"] > t["policy_rejected"]).double().mean().item(),
+        "loss": terms.losses.double().mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+        "reward_margin": (chosen - rejected).mean().item(),
+        "preference_accuracy": (chosen > rejected).double().mean().item(),
+        "logprob_margin": (own[:, 0] - own[:, 1]).mean().item(),
+        "logprob_accuracy": (own[:, 0] > own[:, 1]).double().mean().item(),
     }
 
 

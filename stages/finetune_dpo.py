@@ -122,12 +122,12 @@ class DPOStage(FinetuneStage):
 
     def evaluate(self, f, task, model, history, device) -> Evaluation:
         metrics: dict[str, Any] = {}
-        reference = read_checkpoint(init_source(f.init)).model(device)  # the starting weights, for the "before" side
-        for name, ds in task.sets.items():
+        for name, ds in task.sets.items():  # before: the reference's cached log-probabilities, no forward pass
             metrics[name] = {
-                "before": preference_metrics(reference, ds, task.collate_fn, f.batch_size, f.beta, device, f.precision),
+                "before": preference_metrics(None, ds, task.collate_fn, f.batch_size, f.beta, device),
                 "after": preference_metrics(model, ds, task.collate_fn, f.batch_size, f.beta, device, f.precision),
             }
+        reference = read_checkpoint(init_source(f.init)).model(device)  # the starting weights, to answer
         started = time.perf_counter()
         entries = [dict(e) for e in task.test_data]
         for who, m in (("reference", reference), ("policy", model)):

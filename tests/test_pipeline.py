@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import ROOT, committed_yaml, unavailable
 
 PROFILE = yaml.safe_load((ROOT / "ci" / "profile.yaml").read_text())  # the CI profile
-STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct", "report")
+STAGES = ("prepare_text", "pretrain", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo", "report")
 BIN = Path(sys.executable).parent
 
 
@@ -96,9 +96,11 @@ def test_pipeline_outputs(repo):
     assert len(confusion) == 300 and {"actual", "predicted"} == set(confusion[0])
     responses = json.loads((path / "data/instruct/responses.json").read_text())
     assert len(responses) == 110 and all("model_response" in r for r in responses)
-    assert m["report"] == {"stages_reported": 5, "figures": 6}
+    dpo = json.loads((path / "data/dpo/responses.json").read_text())
+    assert 50 < len(dpo) <= 110 and all("policy_response" in r and "reference_response" in r for r in dpo)
+    assert m["report"] == {"stages_reported": 6, "figures": 8}
     assert "not run" not in (path / "reports/report.md").read_text()
-    assert len(list((path / "reports/figures").glob("*.png"))) == 6 and (path / "reports/report.html").is_file()
+    assert len(list((path / "reports/figures").glob("*.png"))) == 8 and (path / "reports/report.html").is_file()
 
 
 def test_metrics_are_clean_json_without_timings(repo):
@@ -108,7 +110,7 @@ def test_metrics_are_clean_json_without_timings(repo):
         assert not any(c in text for c in ("NaN", "Infinity")), file.name  # strict JSON only
         json.loads(text)
         assert "seconds" not in text and "per_sec" not in text, file.name
-    for stage in ("pretrain", "finetune_spam", "finetune_instruct"):
+    for stage in ("pretrain", "finetune_spam", "finetune_instruct", "finetune_dpo"):
         assert json.loads((path / f"timings/{stage}.json").read_text())["train_seconds"] > 0
     assert "seconds" not in (path / "models/pretrain/config.json").read_text()
 
@@ -119,6 +121,8 @@ def test_the_ci_profile_learns_and_passes_its_gate(repo):
     assert m["pretrain"]["val"]["loss"] <= 10.82 - 2  # ln(50257): what an untrained model scores
     assert m["finetune_spam"]["test"]["accuracy"] >= 0.85
     assert m["finetune_instruct"]["test"]["response_loss"] is not None
+    held_out = m["finetune_dpo"]["val"]["after"]  # DPO on held-out pairs: the chosen answer pulls ahead
+    assert held_out["reward_margin"] > 0 and held_out["preference_accuracy"] > 0.5
     out = gate(path, env)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("OK:"), out.stdout
     committed = ROOT / "ci/baseline/replicate-0"  # ci/run_profile.py's replicate 0: the same bits here
@@ -167,11 +171,13 @@ def test_replicates_are_one_param_away_and_repeat_bit_for_bit(repo):
                 "finetune_spam": m["metrics/finetune_spam.json"]["val"]["loss"] != base["finetune_spam"]["val"]["loss"],
                 "finetune_instruct": m["metrics/finetune_instruct.json"]["val"]["loss"]
                 != base["finetune_instruct"]["val"]["loss"],
+                "finetune_dpo": m["metrics/finetune_dpo.json"]["val"]["after"]["loss"]
+                != base["finetune_dpo"]["val"]["after"]["loss"],
             }
             assert all(moved.values()), (r, moved)
         assert by_replicate[1] != by_replicate[2]
         committed = ROOT / "ci/baseline/replicate-1"
-        for stage in ("pretrain", "eval", "finetune_spam", "finetune_instruct"):
+        for stage in ("pretrain", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo"):
             assert by_replicate[1][f"metrics/{stage}.json"] == json.loads((committed / f"{stage}.json").read_text())
         reference, others = group_experiments(experiment_members(shown), ["train.lr"])
         assert len(reference.members) == 3 and not others  # the commit (replicate 0) and both replicates
@@ -216,7 +222,7 @@ def test_experiment_then_the_run_cache_restores_a_parameter_set_run_before(repo)
 
     out = sh(["dvc", "exp", "run", "-n", "lr-back", "-S", f"train.lr={lr}"], path, env).stdout
     assert "Running stage" not in out, out
-    for stage in ("pretrain", "eval", "finetune_spam", "finetune_instruct", "report"):
+    for stage in ("pretrain", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo", "report"):
         assert f"Stage '{stage}' is cached - skipping run" in out, stage
     assert metrics(path) == baseline
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
