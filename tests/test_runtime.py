@@ -2,6 +2,7 @@
 them the bits of what the stages write: the same params give the same bytes in another process beside a
 busy one, another thread count (or CPU instruction set) other ones."""
 
+import functools
 import json
 import re
 import subprocess
@@ -87,32 +88,38 @@ def test_another_thread_count_changes_the_bytes(default_run, tmp_path):
     assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], rel=1e-5) and a["steps"] == b["steps"]
 
 
-TRAIN_STEPS = """
-import hashlib, sys, torch
-from llm.model import GPTModel
-from tests.conftest import tiny_cfg
-threads, steps, deterministic = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-torch.set_num_threads(threads)
-torch.use_deterministic_algorithms(deterministic)
-torch.manual_seed(0)
-model = GPTModel(tiny_cfg(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-for _ in range(steps):
-    x = torch.randint(0, 97, (2, 9))
-    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
-"""
+def weights_after(threads: int, steps: int = 1, deterministic: bool = False) -> str:
+    """sha256 of a 1-layer model's weights after `steps` AdamW steps on `threads` torch threads."""
+    import hashlib
+
+    from llm.model import GPTModel
+    from tests.conftest import tiny_cfg
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        torch.manual_seed(0)
+        model = GPTModel(tiny_cfg(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            x = torch.randint(0, 97, (2, 9))
+            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(False)
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 
 
-def weights_after(threads: int, steps: int = 1, deterministic: bool = False, **env: str) -> str:
-    """sha256 of a 1-layer model's weights after `steps` AdamW steps, trained in a fresh process."""
-    out = subprocess.run(
-        [sys.executable, "-c", TRAIN_STEPS, str(threads), str(steps), str(int(deterministic))],
-        env={**STAGE_ENV, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+@functools.cache
+def weights_in_a_process(**env: str) -> str:
+    """`weights_after(2, steps=2)` in a fresh process with `env` added to its environment (once per env)."""
+    code = "from tests.test_runtime import weights_after; print(weights_after(2, steps=2))"
+    out = subprocess.run([sys.executable, "-c", code], env={**STAGE_ENV, **env}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
 
@@ -135,7 +142,7 @@ def test_other_cpu_code_changes_the_bits_at_the_same_thread_count(env):
         pytest.skip("this CPU runs AVX2 code already")
     if "MKL_CBWR" in env and not torch.backends.mkl.is_available():
         pytest.skip("this torch has no MKL")
-    assert weights_after(2, steps=2, **env) != weights_after(2, steps=2)
+    assert weights_in_a_process(**env) != weights_in_a_process() == weights_after(2, steps=2)
 
 
 @pytest.mark.parametrize("name", ["tpu", "cuda:", "cuda:x", "CPU", "cuda:0 "])
