@@ -37,6 +37,18 @@ MAX_CLASSIFY_INPUTS = 2048
 """The most messages one `llm serve` /v1/classify request may send (its `--max-classify-inputs`), as
 OpenAI's embeddings API takes at most 2048 inputs per request. Every message is padded to the
 classifier's max_length, so this bounds the tokens a request costs as well: 2048 x max_length."""
+MIN_STALL_TIMEOUT, STALL_TIMEOUT = 1.0, 60.0
+"""`llm serve --stall-timeout` (default STALL_TIMEOUT): /health answers 503 "stalled" once one model step
+has run longer. A step is one token, a prompt's whole first pass or a batch of 32 messages to classify:
+a 1024-token prompt's first pass through a 124M model took 14 s here on 2 busy cores (raise it for
+larger models on CPU). Under a second is no step's time but a typo for milliseconds."""
+
+
+def stall_timeout_problem(value: float) -> str | None:
+    """Why `value` cannot be a stall timeout in seconds, or None: finite and at least MIN_STALL_TIMEOUT."""
+    if not (math.isfinite(value) and value >= MIN_STALL_TIMEOUT):
+        return f"must be a number of seconds >= {MIN_STALL_TIMEOUT:g}, got {value}"
+    return None
 
 
 def temperature_problem(value: float) -> str | None:
