@@ -612,6 +612,21 @@ def test_health_says_stalled_while_one_step_runs_past_the_stall_timeout_and_ok_o
         assert (after.json()["last_step_seconds"], after.json()["steps"], after.json()["completed"]) == (2.0, 1, 1)
 
 
+def test_health_names_every_step_of_a_generation(models):
+    """What /health shows as the running step: each token of a generation, its end and its close."""
+    app = create_app(models)
+    scheduler, steps = app.state.scheduler, []
+    step_of = scheduler._step_of
+    scheduler._step_of = lambda what, fn, *args: steps.append(what) or step_of(what, fn, *args)
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 2
+        scheduler.close()
+        assert scheduler.join(60)
+    assert steps == ["tiny: token 1 of 2", "tiny: token 2 of 2", "tiny: the end", "tiny: close a generation"]
+    assert scheduler.steps == 4
+
+
 def test_requests_in_flight_take_turns_one_token_each(models):
     assert _interleaving(models, max_active=2) == "ab" * 6
     assert _interleaving(models, max_active=1) == "a" * 6 + "b" * 6  # the second waited for a turn

@@ -86,7 +86,8 @@ class Generation:
         counts = self.scheduler.counts
         try:
             while self.finish_reason is None:
-                what = f"{self.served.id}: token {self.completion_tokens + 1} of {self.max_new}"
+                n = self.completion_tokens + 1
+                what = f"{self.served.id}: " + (f"token {n} of {self.max_new}" if n <= self.max_new else "the end")
                 token = await self.scheduler.run(next, self._steps, None, what=what)
                 if token is None:  # the steps ended: max_new tokens, or <|endoftext|>
                     self.finish_reason = "length" if self.completion_tokens == self.max_new else "stop"
