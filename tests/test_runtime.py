@@ -115,9 +115,10 @@ def weights_after(threads: int, steps: int = 1, deterministic: bool = False) -> 
 
 
 @functools.cache
-def weights_in_a_process(**env: str) -> str:
-    """`weights_after(2, steps=2)` in a fresh process with `env` added to its environment (once per env)."""
-    code = "from tests.test_runtime import weights_after; print(weights_after(2, steps=2))"
+def weights_in_a_process(first: str = "", **env: str) -> str:
+    """`weights_after(2, steps=2)` in a fresh process with `env` added to its environment, after the
+    statement `first` (once per env and statement)."""
+    code = f"{first}\nfrom tests.test_runtime import weights_after; print(weights_after(2, steps=2))"
     out = subprocess.run([sys.executable, "-c", code], env={**STAGE_ENV, **env}, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -156,3 +157,10 @@ def test_a_device_name_params_yaml_refuses_is_refused_by_select_device_too(name)
         select_device(name)
     with pytest.raises(LLMError, match="train.device"):
         parse_params({"train": {"device": name}})
+
+
+def test_keeping_freed_memory_changes_no_bits():
+    """glibc's allocator setting of the stages (`llm.runtime.keep_freed_memory`, process-wide) serves
+    the same tensors from other addresses: the same weights."""
+    keep = "from llm.runtime import keep_freed_memory; assert keep_freed_memory()"
+    assert weights_in_a_process(keep) == weights_in_a_process() == weights_after(2, steps=2)
