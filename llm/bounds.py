@@ -41,6 +41,19 @@ MAX_DPO_BETA = 100.0
 """DPO's beta (the loss is -log sigmoid(beta * margin)): the notebook suggests 0.1 to 0.5; far above it the
 sigmoid saturates at the first step and the loss's gradient vanishes or overflows in float32."""
 
+MIN_STALL_TIMEOUT, STALL_TIMEOUT = 1.0, 60.0
+"""`llm serve --stall-timeout` (default STALL_TIMEOUT): /health answers 503 "stalled" once one model step
+has run longer. A step is one token, a prompt's whole first pass or a batch of 32 messages to classify:
+a 1024-token prompt's first pass through a 124M model took 14 s here on 2 busy cores (raise it for
+larger models on CPU). Under a second is no step's time but a typo for milliseconds."""
+
+
+def stall_timeout_problem(value: float) -> str | None:
+    """Why `value` cannot be a stall timeout in seconds, or None: finite and at least MIN_STALL_TIMEOUT."""
+    if not (math.isfinite(value) and value >= MIN_STALL_TIMEOUT):
+        return f"must be a number of seconds >= {MIN_STALL_TIMEOUT:g}, got {value}"
+    return None
+
 
 def temperature_problem(value: float) -> str | None:
     """Why `value` cannot be a sampling temperature ("must be ..."), or None when it can: finite,

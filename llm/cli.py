@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from llm.bounds import MAX_CLASSIFY_INPUTS, MAX_SEED
+from llm.bounds import MAX_CLASSIFY_INPUTS, MAX_SEED, STALL_TIMEOUT, stall_timeout_problem
 from llm.errors import LLMError, OneLineParser, report_error, reportable
 from llm.files import flush_stdout, read_text, write_stdout, writing
 
@@ -34,10 +34,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number_of_seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # argparse would say "invalid _seconds value"
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number_of_seconds(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def _stall_timeout(text: str) -> float:
+    value = _number_of_seconds(text)
+    problem = stall_timeout_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -173,6 +188,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help=f"most messages one /v1/classify request may send ({MAX_CLASSIFY_INPUTS}, as OpenAI's embeddings)",
     )  # fmt: skip
     srv.add_argument("--drain-timeout", type=_seconds, default=60.0, help="seconds to finish requests on stop (60)")
+    srv.add_argument(
+        "--stall-timeout", type=_stall_timeout, default=STALL_TIMEOUT,
+        help=f"seconds one model step may run before /health answers 503 'stalled' ({STALL_TIMEOUT:g})",
+    )  # fmt: skip
     srv.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     srv.set_defaults(func=cmd_serve)
 
@@ -401,7 +420,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes, args.max_classify_inputs)
+    limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes, args.max_classify_inputs,
+                    args.stall_timeout)  # fmt: skip
     app = create_app(models, api_key=api_key, limits=limits)
     prog = f"{args.prog} serve"
     if not is_loopback(args.host) and not api_key:

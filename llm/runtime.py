@@ -68,10 +68,29 @@ def autocast(device: torch.device, precision: str):
 
 
 def set_threads(threads: int) -> int:
-    """torch's CPU threads for this process (`runtime.threads`; 0 leaves torch's default); returns the count."""
+    """torch's CPU threads for this process (`runtime.threads`; 0 leaves torch's default); returns the count.
+
+    On CPU the count decides the bits: torch splits a sum (a matmul, a reduction, a gradient) into one
+    partial sum per thread, so another count adds the same numbers in another order and training ends
+    with other last digits (a step of a 1-layer model already differs between 1, 2 and 3 threads). The
+    same count gives the same bits in every process, however busy the machine: the split does not depend
+    on the load, and no CPU kernel used here is nondeterministic (`torch.use_deterministic_algorithms`
+    changes nothing). torch's default, one thread per core or OMP_NUM_THREADS, therefore gives every
+    machine its own numbers; a fixed count gives every machine of the same kind (CPU, torch build) the
+    same ones (`machine`; tests/test_runtime.py).
+    """
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def machine() -> dict[str, int | str]:
+    """What besides code, data and params decides the bits of a run on CPU, for its timings file: torch's
+    threads (`set_threads`) and the vector instructions its kernels use (`AVX512`, `AVX2`, ...: the same
+    run with ATEN_CPU_CAPABILITY=avx2 ends with other last digits). MKL, which runs the matmuls, also
+    picks its code for the CPU it finds (MKL_CBWR=COMPATIBLE, another choice, changes the bits too), so
+    the same capability on another CPU model is no promise of the same bits."""
+    return {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def set_seed(seed: int) -> None:

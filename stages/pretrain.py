@@ -28,7 +28,7 @@ from llm.loaders import make_loaders
 from llm.model import GPTModel
 from llm.pipeline.params import load_params
 from llm.resume import fingerprint, run_params
-from llm.runtime import keep_freed_memory, set_seed, set_threads
+from llm.runtime import keep_freed_memory, machine, set_seed, set_threads
 from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.trainer import Trainer
 
@@ -111,7 +111,7 @@ def write_outputs(model, trainer, history, params, run_id, wall: float) -> dict:
     save_checkpoint(model, MODEL_DIR, extra={"training": {**metrics, **info}})
     write_csv(CURVE, history.rows())
     write_json(METRICS, metrics)
-    write_json(TIMINGS, {**timings, "device": info["device"], "threads": torch.get_num_threads()})
+    write_json(TIMINGS, {**timings, "device": info["device"], **machine()})  # threads and CPU: they decide the bits
     return metrics
 
 

@@ -285,12 +285,15 @@ def test_with_dropout_a_resumed_run_equals_the_uninterrupted_one_on_as_many_proc
             assert torch.equal(resumed_rank["weights"][name], w), name
 
 
-def stage_project(tmp_path, **train):
-    """A project folder for `python -m stages.pretrain`: a tiny model and random token files."""
+def stage_project(tmp_path, threads: int | None = 1, **train):
+    """A project folder for `python -m stages.pretrain`: a tiny model and random token files. One torch
+    thread per process (`runtime.threads`; None: the committed value), as two ranks on 2 cores need."""
     raw = committed_yaml("params.yaml")
     raw["model"].update(context_length=16, emb_dim=16, n_heads=2, n_layers=1, vocab_size=97, drop_rate=0.0)
     defaults = dict(num_epochs=1, batch_size=2, max_length=8, stride=8, eval_freq=1, eval_iter=1, start_context="")
     raw["train"].update({**defaults, "device": "cpu", **train})
+    if threads is not None:
+        raw["runtime"]["threads"] = threads
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "params.yaml").write_text(json.dumps(raw))
     tokens = tmp_path / "data" / "tokens"
@@ -403,6 +406,7 @@ def finetune_project(folder, nproc: int, batch_size: int):
     raw["finetune_spam"].update(common)
     raw["finetune_instruct"].update(common, data=instructions(folder, 40), max_new_tokens=4)
     raw["finetune_dpo"].update(common, data=preferences(folder, 40), init="models/pretrain", max_new_tokens=4)
+    raw["runtime"]["threads"] = 1  # per process: two ranks on 2 cores
     (folder / "params.yaml").write_text(json.dumps(raw))
     return folder
 

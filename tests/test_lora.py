@@ -436,7 +436,8 @@ def lora_project(folder, **lora):
 @pytest.mark.parametrize("stage", ["finetune_spam", "finetune_instruct", "finetune_dpo"])
 def test_every_finetuning_stage_finetunes_with_lora_and_writes_both_checkpoints(tmp_path, stage):
     """LoRA on in the stage: only adapters (and the spam head) train; the metrics count them; the merged
-    model and the adapter checkpoint load to the same logits; the timings hold the peak memory."""
+    model and the adapter checkpoint load to the same logits; the timings hold the peak memory, the threads
+    and the CPU capability (docs/reliability.md)."""
     from tests.test_distributed import run_module
 
     project = lora_project(tmp_path / "p", rank=2, alpha=4.0, targets=["attention", "head"])
@@ -451,6 +452,8 @@ def test_every_finetuning_stage_finetunes_with_lora_and_writes_both_checkpoints(
     assert metrics["parameters"]["total"] > 10 * metrics["parameters"]["trainable"]
     timings = json.loads((project / "timings" / f"{stage}.json").read_text())
     assert timings["peak_rss_mib"] > 50
+    threads = json.loads((project / "params.yaml").read_text())["runtime"]["threads"]
+    assert (timings["threads"], timings["cpu_capability"]) == (threads, torch.backends.cpu.get_cpu_capability())
 
     model_dir = project / "models" / stage.removeprefix("finetune_")
     meta = json.loads((model_dir / "config.json").read_text())

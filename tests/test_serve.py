@@ -577,6 +577,71 @@ def test_a_closed_worker_is_not_waited_for_past_a_timeout(models):
     asyncio.run(run())
 
 
+def test_health_says_stalled_while_one_step_runs_past_the_stall_timeout_and_ok_once_it_ends(models, monkeypatch):
+    """A classification step that does not return (it waits on an Event) holds the worker: /health says
+    "ok" with the step and its age until the age passes --stall-timeout, then 503 "stalled" (before: "ok"
+    while every request waited behind it); once the step ends, "ok" again, idle. The scheduler's clock
+    is the test's, so no step's real time matters."""
+    import threading
+
+    import llm.serve.routes as routes
+
+    started, release, now = threading.Event(), threading.Event(), [100.0]
+
+    def stuck(model, info, texts, batch_size=32):
+        started.set()
+        release.wait(60)
+        return classify(model, info, texts, batch_size)
+
+    monkeypatch.setattr(routes, "classify", stuck)
+    app = create_app(models, limits=Limits(stall_timeout=5.0))
+    app.state.scheduler.clock = lambda: now[0]
+    with TestClient(app) as c:
+        idle = c.get("/health")
+        assert idle.status_code == 200 and idle.json()["status"] == "ok"
+        assert (idle.json()["step"], idle.json()["last_step_seconds"], idle.json()["steps"]) == (None, None, 0)
+        answers = []
+        request = threading.Thread(target=lambda: answers.append(c.post("/v1/classify", json={"input": "hi"})))
+        request.start()
+        try:
+            assert started.wait(60)
+            now[0] += 5.0  # at the stall timeout: not past it
+            health = c.get("/health")
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+            assert (health.json()["step"], health.json()["step_seconds"]) == ("spam: classify messages 1-1 of 1", 5.0)
+            now[0] += 0.5
+            stalled = c.get("/health")
+            assert stalled.status_code == 503, stalled.text
+            body = stalled.json()
+            assert (body["status"], body["step_seconds"], body["stall_timeout"]) == ("stalled", 5.5, 5.0)
+            assert body["active"] == 1
+            assert body["models"] == ["tiny", "ins", "spam"]
+        finally:
+            release.set()
+            request.join(60)
+        assert answers[0].status_code == 200 and answers[0].json()["data"][0]["label"] in ("spam", "not spam")
+        now[0] += 2.0
+        after = c.get("/health")
+        assert after.status_code == 200, after.text
+        assert (after.json()["status"], after.json()["step"], after.json()["step_seconds"]) == ("ok", None, 0.0)
+        assert (after.json()["last_step_seconds"], after.json()["steps"], after.json()["completed"]) == (2.0, 1, 1)
+
+
+def test_health_names_every_step_of_a_generation(models):
+    """What /health shows as the running step: each token of a generation, its end and its close."""
+    app = create_app(models)
+    scheduler, steps = app.state.scheduler, []
+    step_of = scheduler._step_of
+    scheduler._step_of = lambda what, fn, *args: steps.append(what) or step_of(what, fn, *args)
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 2
+        scheduler.close()
+        assert scheduler.join(60)
+    assert steps == ["tiny: token 1 of 2", "tiny: token 2 of 2", "tiny: the end", "tiny: close a generation"]
+    assert scheduler.steps == 4
+
+
 def test_requests_in_flight_take_turns_one_token_each(models):
     assert _interleaving(models, max_active=2) == "ab" * 6
     assert _interleaving(models, max_active=1) == "a" * 6 + "b" * 6  # the second waited for a turn
@@ -605,9 +670,15 @@ def test_a_bad_model_is_one_line_and_exit_2(capsys, ckpt, tmp_path):
         (["--drain-timeout", "nan"], "--drain-timeout: must be a number of seconds >= 0, got nan"),  # was accepted
         (["--drain-timeout", "-1"], "--drain-timeout: must be a number of seconds >= 0, got -1"),
         (["--drain-timeout", "inf"], "got inf"),
+        (["--drain-timeout", "soon"], "--drain-timeout: must be a number of seconds, got 'soon'"),  # was "_seconds"
+        (["--stall-timeout", "0.5"], "--stall-timeout: must be a number of seconds >= 1, got 0.5"),  # a typo for ms
+        (["--stall-timeout", "nan"], "--stall-timeout: must be a number of seconds >= 1, got nan"),
+        (["--stall-timeout", "inf"], "got inf"),
+        (["--stall-timeout", "-1"], "got -1"),
+        (["--stall-timeout", "1m"], "--stall-timeout: must be a number of seconds, got '1m'"),
     ],
 )
-def test_an_empty_api_key_or_a_drain_timeout_that_is_no_duration_is_one_line(capsys, ckpt, option, message):
+def test_an_empty_api_key_or_a_timeout_that_is_no_duration_is_one_line(capsys, ckpt, option, message):
     argv = ["serve", "--model", str(ckpt[0]), *option]
     if option[0] == "--api-key":
         return _one_line(capsys, argv, message)

@@ -24,7 +24,7 @@ PROMPT = "Every effort moves you"
 @pytest.fixture(scope="module")
 def server(ckpt, instruct_ckpt, classifier_ckpt):
     args = ["--model", f"tiny={ckpt[0]}", "--model", f"ins={instruct_ckpt}", "--model", f"spam={classifier_ckpt[0]}"]
-    with llm_serve(*args) as served:
+    with llm_serve(*args, "--stall-timeout", "90") as served:
         yield served
 
 
@@ -90,6 +90,15 @@ def _health(url: str, until=lambda h: True, timeout: float = 60) -> dict:
         if until(health) or time.monotonic() > end:
             return health
         time.sleep(0.05)
+
+
+def test_health_is_ok_with_the_stall_timeout_given(server, client):
+    """--stall-timeout reaches /health (a stalled worker: tests/test_serve.py); once a request is answered,
+    the worker is idle, its steps counted."""
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+    health = _health(server.url, until=lambda h: h["step"] is None)  # the generation's close may still run
+    assert (health["status"], health["stall_timeout"], health["step_seconds"]) == ("ok", 90.0, 0.0)
+    assert health["steps"] >= 5  # 3 tokens, the end and the close of the generation
 
 
 def test_a_client_that_goes_away_frees_its_turn_and_a_full_queue_is_a_503(long_ckpt):

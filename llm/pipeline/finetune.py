@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from llm import distributed
@@ -48,7 +47,7 @@ from llm.lora import adapter_state_dict, apply_lora, count_parameters, merge_lor
 from llm.model import GPTModel
 from llm.pipeline.params import LoopParams, LoraParams, Params, init_source, load_params
 from llm.resume import History, run_params
-from llm.runtime import keep_freed_memory, peak_memory_mib, select_device, set_seed, set_threads
+from llm.runtime import keep_freed_memory, machine, peak_memory_mib, select_device, set_seed, set_threads
 from llm.settings import LoopSettings
 from llm.tokenizer import get_tokenizer
 from llm.trainer import Trainer
@@ -229,6 +228,6 @@ class FinetuneStage:
             write_csv(out.curve, history.rows())
             write_json(out.metrics, metrics)
             write_json(out.timings, {"train_seconds": train_seconds, **evaluation.timings, "device": str(device),
-                                     "threads": torch.get_num_threads(), **peak_memory_mib(device)})  # fmt: skip
+                                     **machine(), **peak_memory_mib(device)})  # fmt: skip
         print(self.summary(evaluation, train_seconds))
         return metrics

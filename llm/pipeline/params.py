@@ -410,11 +410,14 @@ class RuntimeParams(Settings):
     every section's seed from (seed, r) (`replicate_seed`), so every random choice of every stage moves
     together. `dvc exp run --queue -S 'runtime.replicate=range(0, 3)'` queues the same experiment under 3
     seeds; `llm compare` reads replicates as the spread that a difference must exceed."""
-    threads: int = Field(0, ge=0, le=1024)
-    """CPU threads of torch in each process of the stages that run a model (torch.set_num_threads).
-    0 = torch's default: one per core, or OMP_NUM_THREADS (torchrun sets 1 per process). The numbers
-    are bit-identical for a given thread count; another count changes their last digits (the order of
-    float sums in CPU kernels), which is why it is a param. 1 for `dvc queue start -j 2` on 2 cores."""
+    threads: int = Field(2, ge=0, le=1024)
+    """CPU threads of torch in each process of the stages that run a model (torch.set_num_threads). The
+    count decides the last digits of every number those stages write (the order of float sums in CPU
+    kernels, `llm.runtime.set_threads`), which is why it is a param: with the same count every run on the
+    same kind of machine writes the same bytes, busy or idle. 2, the 2-core machine the committed outputs
+    come from, whatever the cores of this one; 0 = torch's default (one per core, or OMP_NUM_THREADS) gives
+    each machine its own digits. Per process: 1 for `dvc queue start -j 2` on 2 cores, or under DDP
+    with as many processes as cores."""
 
 
 class Params(Settings):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from llm.classifier import BATCH_SIZE, Scores, classify
 from llm.prompts import format_input, response_header
@@ -118,8 +118,13 @@ async def index():
 
 
 @api.get("/health")
-async def health(models: ModelsDep, scheduler: SchedulerDep):
-    return {"status": "ok", "models": list(models), **scheduler.stats()}
+async def health(models: ModelsDep, scheduler: SchedulerDep, limits: LimitsDep):
+    """200 with "status": "ok", or 503 with "stalled" while one model step has run longer than the stall
+    timeout (the worker is stuck: every request waits behind it); the models, the queue, the counts and
+    what the worker runs (`Scheduler.health`)."""
+    worker = scheduler.health(limits.stall_timeout)
+    body = {"status": worker.pop("status"), "models": list(models), **scheduler.stats(), **worker}
+    return JSONResponse(body, status_code=503 if body["status"] == "stalled" else 200)
 
 
 @api.get("/v1/models")
@@ -201,7 +206,8 @@ async def classify_in_steps(
         if await request.is_disconnected():
             return None
         batch = texts[start : start + BATCH_SIZE]
-        scores = await scheduler.run(classify, served.model, served.classifier, batch, BATCH_SIZE)
+        what = f"{served.id}: classify messages {start + 1}-{start + len(batch)} of {len(texts)}"
+        scores = await scheduler.run(classify, served.model, served.classifier, batch, BATCH_SIZE, what=what)
         probabilities += scores.spam_probability
         truncated += scores.truncated
     return Scores(probabilities, truncated)

@@ -1,9 +1,12 @@
 """The fair queue: one worker thread runs every model step, first in, first out; a bounded number of
-requests take turns on it and a bounded number wait for a turn (see `llm.serve`'s docstring)."""
+requests take turns on it and a bounded number wait for a turn (see `llm.serve`'s docstring). The
+scheduler also records what the worker runs and since when, so that /health tells a stalled worker
+(one step running past the stall timeout) from a healthy one (`Scheduler.health`)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -19,13 +22,18 @@ class Scheduler:
     """`reserve()` admits a request (QueueFull when `max_active` run and `max_queue` wait);
     `run(fn)` runs one step on the worker thread and returns its result."""
 
-    def __init__(self, max_active: int = 8, max_queue: int = 32):
+    def __init__(self, max_active: int = 8, max_queue: int = 32, clock: Callable[[], float] = time.monotonic):
         if max_active < 1 or max_queue < 0:
             raise ValueError("max_active must be >= 1 and max_queue >= 0")
         self.max_active, self.max_queue = max_active, max_queue
         self.active = 0  # requests holding a turn
         self.waiting = 0  # requests waiting for one
         self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "tokens": 0}
+        self.clock = clock  # seconds, for the steps' ages
+        self.steps = 0  # steps the worker finished
+        # Written by the worker thread, read by /health (one assignment each: no lock needed).
+        self._step: tuple[str, float] | None = None  # what the worker runs now, and when it began
+        self._last_end: float | None = None  # when it last finished a step
         self._turns: asyncio.Semaphore | None = None  # made in the server's event loop
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-serve")
         self._closed = False
@@ -41,22 +49,48 @@ class Scheduler:
         self.waiting += 1
         return Ticket(self)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the worker thread. Steps of different requests take turns there."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+    async def run(self, fn: Callable[..., T], *args: Any, what: str = "a step") -> T:
+        """`fn(*args)` on the worker thread; `what` names the step in /health while it runs. Steps of
+        different requests take turns there."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._step_of, what, fn, *args)
 
-    def later(self, fn: Callable[..., Any], *args: Any) -> None:
+    def later(self, fn: Callable[..., Any], *args: Any, what: str = "a cleanup") -> None:
         """Run `fn(*args)` on the worker thread after what is queued there, without waiting (closing
         a generator whose step may still be running); here at once when the worker has stopped, and
         not at all while a closed worker still runs a step (the server exits without it, see `join`)."""
         try:
-            self._worker.submit(fn, *args)
+            self._worker.submit(self._step_of, what, fn, *args)
         except RuntimeError:  # closed: nothing more runs there
             if self.join(0):
                 fn(*args)
 
+    def _step_of(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, recorded as the worker's current step while it runs (on the worker thread)."""
+        self._step = (what, self.clock())
+        try:
+            return fn(*args)
+        finally:
+            self._step, self._last_end = None, self.clock()
+            self.steps += 1
+
     def stats(self) -> dict[str, int]:
         return {"active": self.active, "queued": self.waiting, **self.counts}
+
+    def health(self, stall_timeout: float) -> dict[str, Any]:
+        """The worker's state for /health: "status" "stalled" while one step has run longer than
+        `stall_timeout` seconds (a model call that does not return: nothing else can run), else "ok";
+        the step running now (`step`, null when idle) and its age (`step_seconds`), the seconds since
+        the worker last finished a step (`last_step_seconds`, null before the first) and the steps done."""
+        step, last, now = self._step, self._last_end, self.clock()
+        age = now - step[1] if step is not None else 0.0
+        return {
+            "status": "stalled" if age > stall_timeout else "ok",
+            "step": step[0] if step is not None else None,
+            "step_seconds": round(age, 3),
+            "stall_timeout": stall_timeout,
+            "last_step_seconds": round(now - last, 3) if last is not None else None,
+            "steps": self.steps,
+        }
 
     def start(self) -> None:
         """Ready to serve in the running event loop (the app's startup; a test client may start it again)."""

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from llm.bounds import MAX_CLASSIFY_INPUTS
+from llm.bounds import MAX_CLASSIFY_INPUTS, STALL_TIMEOUT
 from llm.serve.registry import ServedModel
 from llm.serve.scheduler import Scheduler
 
@@ -21,6 +21,7 @@ class Limits:
     max_tokens: int = 1024  # the most tokens one request may ask for
     max_body_bytes: int = 1_000_000  # a larger request body is answered 413
     max_classify_inputs: int = MAX_CLASSIFY_INPUTS  # the most messages one /v1/classify request may send
+    stall_timeout: float = STALL_TIMEOUT  # seconds one model step may run before /health says "stalled" (503)
 
 
 # async: FastAPI runs a plain `def` dependency on a thread, which reading an attribute does not need

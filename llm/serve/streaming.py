@@ -86,7 +86,9 @@ class Generation:
         counts = self.scheduler.counts
         try:
             while self.finish_reason is None:
-                token = await self.scheduler.run(next, self._steps, None)
+                n = self.completion_tokens + 1
+                what = f"{self.served.id}: " + (f"token {n} of {self.max_new}" if n <= self.max_new else "the end")
+                token = await self.scheduler.run(next, self._steps, None, what=what)
                 if token is None:  # the steps ended: max_new tokens, or <|endoftext|>
                     self.finish_reason = "length" if self.completion_tokens == self.max_new else "stop"
                     text, stopped = self._stop.feed(decoder.decode(b"", final=True))
@@ -100,7 +102,8 @@ class Generation:
                 if text:
                     yield text
         finally:  # done, or the client went away: stop here (the ticket counts the request)
-            self.scheduler.later(self._steps.close)  # after a step that may still run on the worker
+            # after a step that may still run on the worker
+            self.scheduler.later(self._steps.close, what=f"{self.served.id}: close a generation")
 
     def usage(self) -> dict[str, int]:
         n, m = self.prompt_tokens, self.completion_tokens
