@@ -91,7 +91,6 @@ def module_paths(module) -> set[str]:
         if name.isupper():
             visit(value)
     from llm.pipeline.finetune import FinetuneStage
-
     from llm.pipeline.params import PRETRAINED, Params, init_source
 
     finetunes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, FinetuneStage)]
