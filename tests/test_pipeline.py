@@ -121,7 +121,7 @@ def test_the_ci_profile_learns_and_passes_its_gate(repo):
     assert m["pretrain"]["val"]["loss"] <= 10.82 - 2  # ln(50257): what an untrained model scores
     assert m["finetune_spam"]["test"]["accuracy"] >= 0.85
     assert m["finetune_instruct"]["test"]["response_loss"] is not None
-    held_out = m["finetune_dpo"]["val"]["after"]  # DPO on held-out pairs: the chosen answer pulls ahead
+    held_out = m["finetune_dpo"]["test"]["after"]  # DPO on held-out pairs: the chosen answer pulls ahead
     assert held_out["reward_margin"] > 0 and held_out["preference_accuracy"] > 0.5
     out = gate(path, env)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("OK:"), out.stdout
