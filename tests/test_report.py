@@ -187,7 +187,7 @@ def test_the_dpo_section_shows_its_settings_curves_metrics_and_three_responses(t
     md = (tmp_path / "report.md").read_text()
     section = md[md.index("## Preference tuning (DPO, chapter 7's bonus)") : md.index("## Parameters")]
     assert (
-        "Settings (`finetune_dpo` in params.yaml): init instruct, beta 0.1, num_epochs 1, batch_size 8, lr 5e-06, "
+        "Settings (`finetune_dpo` in params.yaml): init instruct, beta 0.1, num_epochs 1, batch_size 8, lr 2e-05, "
         "mask_prompt True, allowed_max_length null." in section
     )
     assert "Trainable parameters: 2,000 of 2,000 (100.00%); no LoRA." in section
