@@ -38,6 +38,15 @@ MAX_CLASSIFY_INPUTS = 2048
 OpenAI's embeddings API takes at most 2048 inputs per request. Every message is padded to the
 classifier's max_length, so this bounds the tokens a request costs as well: 2048 x max_length."""
 
+MAX_BATCH = 256
+"""The most sequences one generation step decodes together (`llm serve --max-batch`, `llm instruct --file
+--batch-size`). Each row holds a KV cache of n_layers x 2 x positions x emb_dim floats: 75 MB for GPT-2
+124M's full context of 1024 positions, so 256 rows may take 19 GB."""
+BATCH_SIZE = 16
+"""The sequences `llm.generate.generate_batch` (and so `llm instruct --file`, the stages answering a test set)
+decodes at once unless told: beside MAX_BATCH, its one definition. At 16 rows a step of the mini model
+yields ... (bench/bench_generate.py)."""
+
 
 def temperature_problem(value: float) -> str | None:
     """Why `value` cannot be a sampling temperature ("must be ..."), or None when it can: finite,

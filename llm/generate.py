@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llm.bounds import temperature_problem, top_p_problem
+from llm.bounds import BATCH_SIZE, temperature_problem, top_p_problem
 from llm.errors import LLMError
 from llm.model import GPTModel
 from llm.progress import progress_bar
@@ -162,9 +162,18 @@ def decode_stream(tokenizer, steps: Iterable[torch.Tensor]) -> Iterator[str]:
     """Text pieces of streamed (1, 1) token ids; BPE tokens can split a UTF-8 character, so the
     bytes are decoded incrementally. An id the tokenizer lacks (a model whose vocab_size is larger
     than GPT-2's 50257) comes out as U+FFFD (`llm.tokenizer.REPLACEMENT`)."""
+    return _pieces(tokenizer, (int(token[0, 0]) for token in steps))
+
+
+def decode_ids(tokenizer, ids: Iterable[int]) -> str:
+    """The text of token ids (a row of `generate_batch`), exactly as `decode_stream`'s pieces join."""
+    return "".join(_pieces(tokenizer, ids))
+
+
+def _pieces(tokenizer, ids: Iterable[int]) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in steps:
-        yield decoder.decode(token_bytes(int(token[0, 0]), tokenizer))
+    for token in ids:
+        yield decoder.decode(token_bytes(token, tokenizer))
     yield decoder.decode(b"", final=True)
 
 
@@ -324,8 +333,10 @@ class Batch:
         ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
         for i, w in enumerate(windows):
             ids[i, : len(w)] = torch.tensor(w)
-        last = torch.tensor(lengths, device=self.device) - 1
         view = self.cache.add(lengths)
+        if len(rows) == 1:  # the logits of every position, of which generate takes the last: its very sums
+            return self.model(ids.to(self.device), kv_cache=view)[:, -1, :].float()
+        last = torch.tensor(lengths, device=self.device) - 1
         return self.model(ids.to(self.device), kv_cache=view, last=last)[:, -1, :].float()
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
@@ -350,12 +361,12 @@ def generate_batch(
     max_new_tokens: int,
     context_size: int,
     eos_id: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt (lists of ids), in order: what `generate` adds to that prompt alone,
     without the prompt and without `eos_id`, `batch_size` prompts decoded at once (continuous batching:
@@ -364,7 +375,11 @@ def generate_batch(
     The settings are `generate`'s, the same for every prompt; `seed` seeds each prompt's own generator,
     so a sampled row is what `generate(..., seed=seed)` gives that prompt alone (without a seed, rows
     draw from torch's global generator in turn). Greedy rows are equal to `generate`'s to rounding (the
-    module's docstring). `progress` shows a bar of the prompts answered.
+    module's docstring). `progress` (a description, e.g. "responses") shows a bar of the prompts answered,
+    off a terminal a line at every tenth (`llm.progress`).
+
+        new = generate_batch(model, [encode(p)[-context:] for p in prompts], 64, context, eos_id=EOT_ID)
+        texts = [decode_ids(get_tokenizer(), ids) for ids in new]
     """
     if batch_size < 1:
         raise LLMError(f"batch_size must be >= 1, got {batch_size}")
@@ -372,7 +387,11 @@ def generate_batch(
     batch = Batch(model, context_size, batch_size)
     for row in rows:
         batch.add(row)
-    with progress_bar(total=len(rows), desc="generate", unit="prompt", disable=not progress) as bar:
-        while len(batch):
-            bar.update(sum(token is None for _, token in batch.step()))
+    # one tick per finished row, after a first one: a bar and `plain_lines` show an item once the next is asked for
+    ticks = iter(progress_bar(range(len(rows)), desc=progress, unit="prompt", lines=True, disable=progress is None))
+    next(ticks, None)
+    while len(batch):
+        for _, token in batch.step():
+            if token is None:
+                next(ticks, None)
     return [row.new for row in rows]

@@ -210,7 +210,9 @@ class BatchKVCache:
             raise LLMError(f"KV cache has room for 0 tokens in a row of {span - 1}")
         self._reserve(n, span)
         pos = torch.tensor(lengths, device=device)
-        allowed = (torch.arange(span, device=device) <= pos[:, None])[:, None, None, :]  # (n, 1, 1, span)
+        allowed = None  # rows of one length see every position, as KVCache's one new token does: no mask
+        if min(lengths) < span - 1:
+            allowed = (torch.arange(span, device=device) <= pos[:, None])[:, None, None, :]  # (n, 1, 1, span)
         self._decode = (torch.arange(n, device=device), pos, allowed, span)
         return pos[:, None]
 

@@ -15,13 +15,14 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
 from llm.errors import LLMError, run_main
 from llm.files import write_json
-from llm.generate import generate
+from llm.generate import generate_batch
 from llm.instruct import (
     InstructionDataset,
     extract_response,
@@ -36,8 +37,7 @@ from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
 from llm.pipeline.sources import is_location
-from llm.progress import progress_bar
-from llm.tokenizer import EOT_ID, check_token_ids, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import EOT_ID, check_token_ids, encode, token_ids_to_text
 
 RAW = Path("data/raw")
 RESPONSES = Path("data/instruct/responses.json")
@@ -114,12 +114,13 @@ class InstructStage(FinetuneStage):
         model.eval()
         entries = []
         started = time.perf_counter()
-        for entry in progress_bar(task.test_data, desc="responses", unit="entry", lines=True):
-            prompt = format_input(entry, f.prompt_style)
-            ids = text_to_token_ids(prompt, tokenizer)[:, -context:].to(device)
-            out = generate(model, ids, f.max_new_tokens, context, eos_id=f.eos_id)
+        prompts = [format_input(entry, f.prompt_style) for entry in task.test_data]
+        ids = [encode(prompt, tokenizer)[-context:] for prompt in prompts]  # a long prompt keeps its last tokens
+        # the test set answered in batches, each entry as `generate` answers it alone (llm.generate's docstring)
+        answers = generate_batch(model, ids, f.max_new_tokens, context, eos_id=f.eos_id, progress="responses")
+        for entry, prompt, new in zip(task.test_data, prompts, answers, strict=True):
             # decode only the new tokens: a prompt longer than the context was cut on the left
-            text = prompt + token_ids_to_text(out[:, ids.shape[1] :], tokenizer)
+            text = prompt + token_ids_to_text(torch.tensor([new], dtype=torch.long), tokenizer)
             entries.append({**entry, "model_response": extract_response(text, prompt, f.prompt_style)})
         generate_seconds = time.perf_counter() - started
         metrics["test"].update(response_metrics(entries))

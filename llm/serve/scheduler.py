@@ -1,5 +1,7 @@
 """The fair queue: one worker thread runs every model step, first in, first out; a bounded number of
-requests take turns on it and a bounded number wait for a turn (see `llm.serve`'s docstring)."""
+requests take turns on it and a bounded number wait for a turn (see `llm.serve`'s docstring). The
+requests generating with one model are rows of that model's `Batcher`: one step gives each its next token.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from llm.generate import Batch, Row
 
 T = TypeVar("T")
 
@@ -17,12 +21,14 @@ class QueueFull(Exception):
 
 class Scheduler:
     """`reserve()` admits a request (QueueFull when `max_active` run and `max_queue` wait);
-    `run(fn)` runs one step on the worker thread and returns its result."""
+    `run(fn)` runs one step on the worker thread and returns its result; `batcher(model)` is the batch
+    of that model's generations, at most `max_batch` rows."""
 
-    def __init__(self, max_active: int = 8, max_queue: int = 32):
-        if max_active < 1 or max_queue < 0:
-            raise ValueError("max_active must be >= 1 and max_queue >= 0")
-        self.max_active, self.max_queue = max_active, max_queue
+    def __init__(self, max_active: int = 32, max_queue: int = 32, max_batch: int = 32):
+        if max_active < 1 or max_queue < 0 or max_batch < 1:
+            raise ValueError("max_active and max_batch must be >= 1 and max_queue >= 0")
+        self.max_active, self.max_queue, self.max_batch = max_active, max_queue, max_batch
+        self._batchers: dict[int, Batcher] = {}
         self.active = 0  # requests holding a turn
         self.waiting = 0  # requests waiting for one
         self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "tokens": 0}
@@ -44,6 +50,13 @@ class Scheduler:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the worker thread. Steps of different requests take turns there."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def batcher(self, model, context_size: int) -> Batcher:
+        """The batch of the generations of `model` (one per model, made at its first request)."""
+        batcher = self._batchers.get(id(model))
+        if batcher is None:
+            batcher = self._batchers[id(model)] = Batcher(self, model, context_size)
+        return batcher
 
     def later(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the worker thread after what is queued there, without waiting (closing
@@ -110,3 +123,61 @@ class Ticket:
             self.scheduler._turns.release()
         self.scheduler.counts["completed" if self.completed else "cancelled"] += 1
         self.state = "done"
+
+
+class Batcher:
+    """The requests generating with one model, as rows of one `llm.generate.Batch`: a step on the worker
+    gives every row its next token, and rows join (`join`) and leave (`leave`) between steps. The steps run
+    while a row is in flight, one at a time, so a classification's batches and other models' steps queue
+    between them on the worker, first in, first out."""
+
+    def __init__(self, scheduler: Scheduler, model, context_size: int):
+        self.scheduler, self.model, self.context_size = scheduler, model, context_size
+        self.batch = Batch(model, context_size, scheduler.max_batch)
+        self._inbox: dict[Row, asyncio.Queue] = {}  # each row in flight: where its tokens go
+        self._joining: list[Row] = []
+        self._leaving: list[Row] = []
+        self._task: asyncio.Task | None = None
+
+    def join(self, row: Row) -> asyncio.Queue:
+        """Add `row` at the next step. Its tokens arrive in the queue returned, then None when it finished
+        (at `eos_id` or its `max_new_tokens`); the exception instead where a step failed."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._inbox[row] = queue
+        self._joining.append(row)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._steps())
+        return queue
+
+    def leave(self, row: Row) -> None:
+        """Stop `row` at the next step (its client went away, or a stop sequence ended its text); nothing
+        for a row that finished."""
+        if self._inbox.pop(row, None) is not None:
+            self._leaving.append(row)
+
+    async def _steps(self) -> None:
+        while self._inbox:
+            joining, self._joining = self._joining, []
+            leaving, self._leaving = self._leaving, []
+            try:
+                events = await self.scheduler.run(self._step, joining, leaving)
+            except Exception as exc:  # every row in flight gets it; the next rows start a new batch
+                for queue in self._inbox.values():
+                    queue.put_nowait(exc)
+                self._inbox.clear()
+                self.batch = Batch(self.model, self.context_size, self.scheduler.max_batch)
+                return
+            for row, token in events:
+                queue = self._inbox.get(row)
+                if queue is not None:
+                    queue.put_nowait(token)
+                    if token is None:
+                        del self._inbox[row]
+
+    def _step(self, joining: list[Row], leaving: list[Row]) -> list[tuple[Row, int | None]]:
+        """On the worker: the rows that came and went since the last step, then one step."""
+        for row in joining:
+            self.batch.add(row)
+        for row in leaving:
+            self.batch.cancel(row)
+        return self.batch.step()
