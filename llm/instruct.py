@@ -31,7 +31,7 @@ from llm.prompts import (  # noqa: F401 - the book's chapter-7 names, importable
     recorded_prompt_style,
     response_header,
 )
-from llm.tokenizer import EOT_ID, encode, get_tokenizer
+from llm.tokenizer import EOT_ID, encode, get_tokenizer, token_ids_to_text
 
 IGNORE_INDEX = -100
 
@@ -101,6 +101,30 @@ def respond_batch(
     prompts = [_prompt_ids(entry, style, context, tokenizer) for entry in entries]
     answers = generate_batch(model, prompts, max_new_tokens, context, eos_id=EOT_ID, batch_size=batch_size)
     return [decode_ids(tokenizer, ids) for ids in answers]
+
+
+def answer_test_set(
+    model,
+    entries: Sequence[dict],
+    style: str,
+    max_new_tokens: int,
+    eos_id: int | None = EOT_ID,
+    batch_size: int = BATCH_SIZE,
+    progress: str | None = None,
+) -> list[str]:
+    """The book's chapter-7 answers to a test set (the finetune_instruct stage's responses): each entry's
+    `format_input` prompt (its last context_length tokens), greedy to `max_new_tokens` or `eos_id`, and
+    the response extracted from the prompt followed by the new text. `batch_size` entries generate at
+    once (`llm.generate.generate_batch`), each as `generate` answers it alone."""
+    tokenizer = get_tokenizer()
+    context = model.cfg["context_length"]
+    prompts = [format_input(entry, style) for entry in entries]
+    ids = [encode(prompt, tokenizer)[-context:] for prompt in prompts]
+    answers = generate_batch(model, ids, max_new_tokens, context, eos_id, batch_size, progress=progress)
+    # decode only the new tokens: a prompt longer than the context was cut on the left
+    texts = [prompt + token_ids_to_text(torch.tensor([new], dtype=torch.long), tokenizer)
+             for prompt, new in zip(prompts, answers, strict=True)]  # fmt: skip
+    return [extract_response(text, prompt, style) for text, prompt in zip(texts, prompts, strict=True)]
 
 
 def _prompt_ids(entry: dict, style: str, context: int, tokenizer) -> list[int]:

@@ -15,18 +15,15 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
 from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
 from llm.errors import LLMError, run_main
 from llm.files import write_json
-from llm.generate import generate_batch
 from llm.instruct import (
     InstructionDataset,
-    extract_response,
-    format_input,
+    answer_test_set,
     load_instructions,
     make_collate,
     response_metrics,
@@ -37,7 +34,7 @@ from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.download import source_file
 from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
 from llm.pipeline.sources import is_location
-from llm.tokenizer import EOT_ID, check_token_ids, encode, token_ids_to_text
+from llm.tokenizer import EOT_ID, check_token_ids
 
 RAW = Path("data/raw")
 RESPONSES = Path("data/instruct/responses.json")
@@ -98,7 +95,7 @@ class InstructStage(FinetuneStage):
                             context=context, max_len=max_len)  # fmt: skip
 
     def evaluate(self, f, task, model, history, device) -> Evaluation:
-        collate, tokenizer, context = task.collate_fn, task.tokenizer, task.context
+        collate, tokenizer = task.collate_fn, task.tokenizer
         metrics = {}
         for name, ds in task.sets.items():
             loader = DataLoader(ds, batch_size=f.batch_size, shuffle=False, collate_fn=collate)
@@ -112,16 +109,11 @@ class InstructStage(FinetuneStage):
             print(f"test response loss: null: no response token of the test set fits in {task.max_len} tokens")
 
         model.eval()
-        entries = []
         started = time.perf_counter()
-        prompts = [format_input(entry, f.prompt_style) for entry in task.test_data]
-        ids = [encode(prompt, tokenizer)[-context:] for prompt in prompts]  # a long prompt keeps its last tokens
-        # the test set answered in batches, each entry as `generate` answers it alone (llm.generate's docstring)
-        answers = generate_batch(model, ids, f.max_new_tokens, context, eos_id=f.eos_id, progress="responses")
-        for entry, prompt, new in zip(task.test_data, prompts, answers, strict=True):
-            # decode only the new tokens: a prompt longer than the context was cut on the left
-            text = prompt + token_ids_to_text(torch.tensor([new], dtype=torch.long), tokenizer)
-            entries.append({**entry, "model_response": extract_response(text, prompt, f.prompt_style)})
+        answers = answer_test_set(
+            model, task.test_data, f.prompt_style, f.max_new_tokens, f.eos_id, progress="responses"
+        )
+        entries = [{**entry, "model_response": answer} for entry, answer in zip(task.test_data, answers, strict=True)]
         generate_seconds = time.perf_counter() - started
         metrics["test"].update(response_metrics(entries))
         if f.judge == "ollama":
