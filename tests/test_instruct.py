@@ -13,6 +13,7 @@ from llm.errors import LLMError
 from llm.generate import generate
 from llm.instruct import (
     InstructionDataset,
+    answer_test_set,
     custom_collate_fn,
     exact_match,
     extract_response,
@@ -164,6 +165,28 @@ def test_cli_instruct_streams_and_runs_files(instruct_ckpt, tmp_path, capsys):
     assert "the instruction is empty" in capsys.readouterr().err
 
 
+def test_cli_instruct_answers_a_file_in_batches_each_entry_as_alone(instruct_ckpt, tmp_path, capsys):
+    """`--file` generates `--batch-size` entries at once (prompts of different lengths, one longer than the
+    context): every answer is what `respond` (the command without --file) gives that entry alone."""
+    entries = [{"instruction": "Name a color."}, {"instruction": "Add", "input": "1 and 2"}, {"instruction": "Hi"},
+               {"instruction": "Rewrite the sentence. " * 9, "input": "The cake was baked by Sam."},
+               {"instruction": "Why?", "input": "Be brief."}]  # fmt: skip
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(entries))
+    model = load_checkpoint(instruct_ckpt)
+    expected = ["".join(respond(model, entry, "alpaca", 20)).strip() for entry in entries]
+    for batch in (["--batch-size", "2"], []):
+        capsys.readouterr()
+        assert main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(data), "--max-new-tokens", "20",
+                     *batch]) == 0  # fmt: skip
+        assert [r["model_response"] for r in json.loads(capsys.readouterr().out)] == expected
+    assert main(["instruct", "--checkpoint", str(instruct_ckpt), "Hi", "--batch-size", "2"]) == 2
+    assert "--batch-size is for --file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(data), "--batch-size", "0"])
+    assert "--batch-size: must be in [1, 256], got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
 def test_respond_streams_the_greedy_answer_after_the_response_header(style):
     torch.manual_seed(4)
@@ -230,3 +253,23 @@ def test_cli_instruct_file_errors_are_one_line_naming_the_flag(instruct_ckpt, tm
         assert main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(file)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.startswith(f"llm instruct: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_the_stages_answers_are_the_books_loop_entry_by_entry(style):
+    """`answer_test_set` (finetune_instruct's responses.json) answers in batches what the book's loop answered one
+    entry at a time: `generate` on the prompt's last context tokens, the response extracted from the text."""
+    from llm.tokenizer import text_to_token_ids, token_ids_to_text
+
+    torch.manual_seed(8)
+    model = GPTModel(tiny_cfg(context_length=40)).eval()
+    entries = [{"instruction": "Name a color."}, {"instruction": "Add", "input": "1 and 2"},
+               {"instruction": "Rewrite the sentence. " * 9, "input": "é"}, {"instruction": "Why?", "input": "x"},
+               {"instruction": "Translate to French", "input": "Good morning, how are you?"}]  # fmt: skip
+    expected = []
+    for entry in entries:
+        prompt = format_input(entry, style)
+        ids = text_to_token_ids(prompt)[:, -40:]
+        out = generate(model, ids, 12, 40, eos_id=EOT_ID)
+        expected.append(extract_response(prompt + token_ids_to_text(out[:, ids.shape[1] :]), prompt, style))
+    assert answer_test_set(model, entries, style, 12, EOT_ID, batch_size=3) == expected
