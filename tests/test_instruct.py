@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -122,6 +123,46 @@ class _Judge(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class _SlowJudge(BaseHTTPRequestHandler):
+    """Scores a response by its length, after 0.2 s; counts the requests in flight."""
+
+    lock = threading.Lock()
+    in_flight = most = 0
+
+    def do_POST(self):
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most = max(cls.most, cls.in_flight)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        response = body["messages"][0]["content"].split("score the model response `")[1].split("`")[0]
+        time.sleep(0.2)
+        with cls.lock:
+            cls.in_flight -= 1
+        data = json.dumps({"message": {"content": str(len(response)) if response != "?" else "no idea"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_judge_keeps_four_requests_in_flight_and_scores_every_entry():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        responses = ["a" * n for n in range(1, 12)] + ["?"]
+        entries = [{**ENTRY, "model_response": r} for r in responses]
+        result = judge_responses(entries, "llama3", f"http://127.0.0.1:{server.server_address[1]}")
+        assert result == {"judge_score": 6.0, "judge_scored": 11, "judge_invalid": 1}  # the mean of 1..11
+        assert _SlowJudge.most == 4
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_judge_against_a_local_ollama_api():
