@@ -412,6 +412,25 @@ def test_max_batch_bounds_the_rows_of_a_step(models, ckpt, monkeypatch):
     assert max(rows) == 2 and len(rows) >= 15  # 5 x 6 tokens, 2 rows a step
 
 
+def test_a_step_that_fails_answers_its_rows_500_and_the_next_request_starts_a_new_batch(models, ckpt, monkeypatch):
+    from llm.generate import Batch
+
+    step, failures = Batch.step, [RuntimeError("out of memory")]
+
+    def failing_once(self):
+        if failures:
+            raise failures.pop()
+        return step(self)
+
+    monkeypatch.setattr(Batch, "step", failing_once)
+    body = {"model": "tiny", "prompt": "Every effort", "max_tokens": 4, "temperature": 0}
+    with TestClient(create_app(models), raise_server_exceptions=False) as c:
+        _error(c.post("/v1/completions", json=body), 500, "internal error: RuntimeError: out of memory")
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == _greedy(ckpt[1], "Every effort", 4)
+        health = c.get("/health").json()
+    assert (health["completed"], health["cancelled"], health["active"]) == (1, 1, 0)
+
+
 def test_the_messages_per_classification_are_bounded_by_the_servers_limit(models):
     with TestClient(create_app(models, limits=Limits(max_classify_inputs=3))) as c:
         error = _error(c.post("/v1/classify", json={"input": ["a", "b", "c", "d"]}), 400)

@@ -145,8 +145,9 @@ class Batcher:
         queue: asyncio.Queue = asyncio.Queue()
         self._inbox[row] = queue
         self._joining.append(row)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._steps())
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:  # (a test's new loop)
+            self._task = loop.create_task(self._steps())
         return queue
 
     def leave(self, row: Row) -> None:
@@ -165,6 +166,7 @@ class Batcher:
                 for queue in self._inbox.values():
                     queue.put_nowait(exc)
                 self._inbox.clear()
+                self._joining, self._leaving = [], []
                 self.batch = Batch(self.model, self.context_size, self.scheduler.max_batch)
                 return
             for row, token in events:
