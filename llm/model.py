@@ -188,6 +188,8 @@ class BatchKVCache:
             self.k[:, dst, :, :span] = self.k[:, src, :, :span]
             self.v[:, dst, :, :span] = self.v[:, src, :, :span]
         self.lengths = [self.lengths[i] for i in order]
+        if not order:  # the last row left: give the memory back (a server between bursts)
+            self.k = self.v = torch.empty(0, device=self.device, dtype=self.dtype)
         return order
 
     def room(self) -> int:

@@ -226,6 +226,7 @@ def test_rows_of_different_lengths_decode_together_as_each_alone():
                 seqs = [seqs[3], seqs[1]]
         assert cache.lengths == [len(s) for s in seqs] == [10, 13]
         assert cache.k.shape[1] >= 4 and 10 <= cache.k.shape[3] <= 24
+        assert cache.drop({0, 1}) == [] and cache.k.numel() == 0  # the last rows left: the memory is given back
 
 
 def test_a_batch_cache_refuses_what_it_cannot_hold():
