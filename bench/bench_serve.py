@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client per round (default 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--over", type=int, default=64, help="clients of the last round, one request each (0: none)")
+    p.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.md"))
     args = p.parse_args(argv)
     use_mirrored_tiktoken()
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         model = _random_checkpoint(args.random, folder) if args.random else args.model
-        with llm_serve("--model", f"bench={model}") as served:
+        env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+        with llm_serve("--model", f"bench={model}", env=env) as served:
             asyncio.run(_round(served.url, 1, 1, 4))  # warm-up
             alone = asyncio.run(_alone(served.url, args.max_tokens))
             for clients, requests in rounds:
@@ -157,13 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     header = ["clients", "requests", "requests/s", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms",
               "latency p95 ms", "errors", "503", "answers = alone"]  # fmt: skip
-    import torch
-
     text = "\n".join([
         f"# `llm serve`: {args.max_tokens} tokens per streamed request, "
         + (f"the {args.random} preset with random weights" if args.random else f"`{args.model}`"),
         "",
-        f"- CPU: {cpu_name()}, os.cpu_count() = {os.cpu_count()}, torch threads = {torch.get_num_threads()}",
+        f"- CPU: {cpu_name()}, os.cpu_count() = {os.cpu_count()}, the server's torch threads = "
+        + (str(args.threads) if args.threads else "torch's default"),
         "- server defaults: 32 requests at once (one batch of at most 32 rows), 32 waiting"
         + (f"; the last row: {args.over} clients, one request each" if args.over else ""),
         f"- client i sends prompt i mod {len(PROMPTS)} (1 to 17 tokens); answers = alone: the answers equal to "

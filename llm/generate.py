@@ -282,8 +282,9 @@ class Batch:
                 joining.append(row)
         if not self.rows and not joining:
             return events
-        was_training = self.model.training
-        self.model.eval()
+        training = self.model.training  # switched only when on: walking the modules costs ~1 ms a step
+        if training:
+            self.model.eval()
         try:
             logits = []
             if self.rows:  # one new position for every row already in the cache
@@ -293,7 +294,8 @@ class Batch:
                 logits.append(self._prefill(group))
                 self.rows += group
         finally:
-            self.model.train(was_training)
+            if training:
+                self.model.train()
         for row, token in zip(self.rows, self._choose(torch.cat(logits)), strict=True):
             if token == row.eos_id:
                 row.finished = True
@@ -390,8 +392,13 @@ def generate_batch(
     # one tick per finished row, after a first one: a bar and `plain_lines` show an item once the next is asked for
     ticks = iter(progress_bar(range(len(rows)), desc=progress, unit="prompt", lines=True, disable=progress is None))
     next(ticks, None)
-    while len(batch):
-        for _, token in batch.step():
-            if token is None:
-                next(ticks, None)
+    training = model.training
+    model.eval()
+    try:
+        while len(batch):
+            for _, token in batch.step():
+                if token is None:
+                    next(ticks, None)
+    finally:
+        model.train(training)
     return [row.new for row in rows]
