@@ -159,32 +159,11 @@ def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: 
     return rows, line
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--prompt-tokens", type=int, default=10, help="prompt length (default 10)")
-    p.add_argument("--warmup-tokens", type=int, default=3, help="untimed warm-up run length (default 3)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per cached method (default 2)")
-    p.add_argument("--uncached-repeats", type=int, default=1, help="timed runs per uncached (slow) method (default 1)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all)")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--batches", default="1,4,16,64", help="batch sizes of the batched table ('' to skip it)")
-    p.add_argument("--batch-new-tokens", type=int, default=32, help="tokens per row in the batched table (32)")
-    p.add_argument("--batch-configs", default="124M,mini", help="configs of the batched table (124M,mini)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
-    args = p.parse_args(argv)
-    if args.new_tokens < 1 or args.prompt_tokens < 1:
-        p.error("--new-tokens and --prompt-tokens must be >= 1")
-    if args.repeats < 1 or args.uncached_repeats < 1:
-        p.error("--repeats and --uncached-repeats must be >= 1")
-
-    torch.set_num_threads(args.threads)
+def single(args) -> list[str]:
+    """The report's lines on one sequence: the book's, ours (with and without cache), transformers'."""
     book = book_reference
     cfg = {**GPT_CONFIG_124M, "drop_rate": 0.0}
     ctx = cfg["context_length"]
-    if args.prompt_tokens + args.new_tokens > ctx:
-        p.error(f"prompt + new tokens must fit the context of {ctx}")
-    start = time.perf_counter()
 
     log("building models ...")
     set_seed(args.seed)
@@ -261,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     cached = results["ours generate(use_cache=True)"]["tok_s"]
     uncached = results["ours generate(use_cache=False)"]["tok_s"]
-    report = [
-        "# Greedy generation throughput (CPU)",
-        "",
-        *machine_lines(torch.get_num_threads()),
+    return [
         f"- GPT_CONFIG_124M (context {ctx}, drop_rate 0, eval mode), random weights (seed {args.seed}) "
         "shared by all rows; transformers' GPT2LMHeadModel (sdpa, untied head) gets them by name mapping",
         f"- prompt: {args.prompt_tokens} random token ids; {args.new_tokens} new tokens, greedy, "
@@ -291,6 +267,36 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Ours cached / ours uncached: {cached / uncached:.2f}×.",
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--prompt-tokens", type=int, default=10, help="prompt length (default 10)")
+    p.add_argument("--warmup-tokens", type=int, default=3, help="untimed warm-up run length (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per cached method (default 2)")
+    p.add_argument("--uncached-repeats", type=int, default=1, help="timed runs per uncached (slow) method (default 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--batches", default="1,4,16,64", help="batch sizes of the batched table ('' to skip it)")
+    p.add_argument("--batch-new-tokens", type=int, default=32, help="tokens per row in the batched table (32)")
+    p.add_argument("--batch-configs", default="124M,mini", help="configs of the batched table (124M,mini)")
+    p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                   help="the one-sequence table (default; --no-single: only the batched one)")  # fmt: skip
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
+    args = p.parse_args(argv)
+    if args.new_tokens < 1 or args.prompt_tokens < 1:
+        p.error("--new-tokens and --prompt-tokens must be >= 1")
+    if args.repeats < 1 or args.uncached_repeats < 1:
+        p.error("--repeats and --uncached-repeats must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    if args.prompt_tokens + args.new_tokens > GPT_CONFIG_124M["context_length"]:
+        p.error(f"prompt + new tokens must fit the context of {GPT_CONFIG_124M['context_length']}")
+    start = time.perf_counter()
+    report = ["# Greedy generation throughput (CPU)", "", *machine_lines(torch.get_num_threads())]
+    if args.single:
+        report += single(args)
     batches = [int(b) for b in args.batches.split(",") if b]
     if batches:
         rows, lines = [], []
