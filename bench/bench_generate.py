@@ -1,5 +1,6 @@
 """Greedy generation throughput at GPT_CONFIG_124M: the book's `generate` vs the project's (with and
-without its KV cache) vs transformers' GPT2LMHeadModel.generate, all on the same weights.
+without its KV cache) vs transformers' GPT2LMHeadModel.generate, all on the same weights; then many
+prompts at once: `generate_batch` vs transformers' batched generate (left-padded, with an attention mask).
 
 The project's model is built once (seeded, random weights, drop_rate 0, eval mode); the book's
 GPTModel loads its state_dict and transformers' GPT-2 gets the same weights by name mapping, so
@@ -10,10 +11,17 @@ method that still has runs to do (`--repeats` for the cached methods, `--uncache
 slow uncached ones), the first method rotating each round, so the machine's drifts in speed hit
 every method alike. Each method reports its best run; every run's tokens must equal the book's.
 
+Batched (`--batches`, at `--batch-configs`): 64 prompts of 4 to 16 random tokens (seeded), each first
+generated alone with `generate` (the sequential loop, the "one sequence" rate, and the tokens every batched
+row must equal); then for each batch size B the first B prompts at once, `--batch-new-tokens` greedy tokens
+each (no eos: every row runs to the end), by `generate_batch(batch_size=B)` and by transformers' `generate`
+on the prompts left-padded with an attention mask, interleaved in `--repeats` rounds as above, best run.
+
 Run from the repository root (the book's code is `tests/book_reference.py`, imported as a module):
 
-    .venv/bin/python -m bench.bench_generate               # full run (~2.5 min), writes bench/results/generate.md
-    .venv/bin/python -m bench.bench_generate --new-tokens 5 --out /tmp/generate.md   # smoke test
+    .venv/bin/python -m bench.bench_generate               # full run (~8 min), writes bench/results/generate.md
+    .venv/bin/python -m bench.bench_generate --new-tokens 5 --batches 1,2 --batch-new-tokens 3 --batch-configs mini \
+        --out /tmp/generate.md                             # smoke test
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ from pathlib import Path
 import torch
 
 from bench._common import machine_lines, markdown_table, rotated, write_report
-from llm.generate import generate
-from llm.model import GPT_CONFIG_124M, GPTModel
+from llm.generate import generate, generate_batch
+from llm.model import GPT_CONFIG_124M, PRESETS, GPTModel
 from llm.runtime import set_seed
 from tests import book_reference
 
@@ -94,29 +102,68 @@ def transformers_peer(model: GPTModel):
     return hf
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--prompt-tokens", type=int, default=10, help="prompt length (default 10)")
-    p.add_argument("--warmup-tokens", type=int, default=3, help="untimed warm-up run length (default 3)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per cached method (default 2)")
-    p.add_argument("--uncached-repeats", type=int, default=1, help="timed runs per uncached (slow) method (default 1)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all)")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
-    args = p.parse_args(argv)
-    if args.new_tokens < 1 or args.prompt_tokens < 1:
-        p.error("--new-tokens and --prompt-tokens must be >= 1")
-    if args.repeats < 1 or args.uncached_repeats < 1:
-        p.error("--repeats and --uncached-repeats must be >= 1")
+BATCH_CONFIGS = {"124M": GPT_CONFIG_124M, "mini": PRESETS["mini"]}
 
-    torch.set_num_threads(args.threads)
+
+def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: int) -> tuple[list[list[str]], str]:
+    """Rows of the batched table for config `name`, and a line on the sequential loop."""
+    cfg = {**BATCH_CONFIGS[name], "drop_rate": 0.0}
+    ctx = cfg["context_length"]
+    set_seed(seed)
+    ours = GPTModel(cfg).eval()
+    hf = transformers_peer(ours)
+    pad = hf.generation_config.pad_token_id
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 17, (max(batches),), generator=g).tolist()
+    prompts = [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    generate(ours, torch.tensor([prompts[0]]), 2, ctx)  # warm-up
+    t0 = time.perf_counter()
+    alone = [generate(ours, torch.tensor([p]), new_tokens, ctx)[0, len(p) :].tolist() for p in prompts]
+    sequential = len(prompts) * new_tokens / (time.perf_counter() - t0)
+    log(f"  {name}: {len(prompts)} prompts one after another: {sequential:.1f} tok/s")
+
+    def ours_run(b: int) -> list[list[int]]:
+        return generate_batch(ours, prompts[:b], new_tokens, ctx, batch_size=b)
+
+    def hf_run(b: int) -> list[list[int]]:
+        width = max(lengths[:b])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts[:b]])
+        mask = (torch.arange(width) >= width - torch.tensor(lengths[:b])[:, None]).long()
+        out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, use_cache=True)
+        return out[:, width:].tolist()
+
+    runners = {f"{impl} B={b}": (run, b) for b in batches for impl, run in (("ours", ours_run), ("hf", hf_run))}
+    for run, _ in runners.values():  # warm-up: every shape once, untimed
+        run(1)
+    runs: dict[str, list[tuple[float, list[list[int]]]]] = {key: [] for key in runners}
+    for r in range(repeats):
+        for key in rotated(list(runners), r):
+            run, b = runners[key]
+            t = time.perf_counter()
+            out = run(b)
+            runs[key].append((time.perf_counter() - t, out))
+            log(f"  round {r + 1}: {name} {key:10s} {b * new_tokens / runs[key][-1][0]:8.1f} tok/s")
+    best = {key: min(t for t, _ in done) for key, done in runs.items()}
+    rate = {key: runners[key][1] * new_tokens / best[key] for key in runners}
+    rows = []
+    for b in batches:
+        for impl, label in (("ours", "ours generate_batch"), ("hf", "transformers generate, padded")):
+            key = f"{impl} B={b}"
+            same = sum(all(out[i] == alone[i] for _, out in runs[key]) for i in range(b))
+            rows.append([
+                name, str(b), label, f"{rate[key]:.1f}", f"{rate[key] / rate[f'{impl} B=1']:.2f}",
+                f"{rate[key] / sequential:.2f}", f"{rate[f'ours B={b}'] / rate[f'hf B={b}']:.2f}" if impl == "ours"
+                else "1.00", f"{same}/{b}",
+            ])  # fmt: skip
+    line = f"{name}: the {len(prompts)} prompts one after another with `generate`: {sequential:.1f} tokens/s."
+    return rows, line
+
+
+def single(args) -> list[str]:
+    """The report's lines on one sequence: the book's, ours (with and without cache), transformers'."""
     book = book_reference
     cfg = {**GPT_CONFIG_124M, "drop_rate": 0.0}
     ctx = cfg["context_length"]
-    if args.prompt_tokens + args.new_tokens > ctx:
-        p.error(f"prompt + new tokens must fit the context of {ctx}")
-    start = time.perf_counter()
 
     log("building models ...")
     set_seed(args.seed)
@@ -193,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     cached = results["ours generate(use_cache=True)"]["tok_s"]
     uncached = results["ours generate(use_cache=False)"]["tok_s"]
-    report = [
-        "# Greedy generation throughput (CPU)",
-        "",
-        *machine_lines(torch.get_num_threads()),
+    return [
         f"- GPT_CONFIG_124M (context {ctx}, drop_rate 0, eval mode), random weights (seed {args.seed}) "
         "shared by all rows; transformers' GPT2LMHeadModel (sdpa, untied head) gets them by name mapping",
         f"- prompt: {args.prompt_tokens} random token ids; {args.new_tokens} new tokens, greedy, "
@@ -222,9 +266,64 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
         f"Ours cached / ours uncached: {cached / uncached:.2f}×.",
-        "",
-        f"Total run time: {time.perf_counter() - start:.0f} s.",
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--prompt-tokens", type=int, default=10, help="prompt length (default 10)")
+    p.add_argument("--warmup-tokens", type=int, default=3, help="untimed warm-up run length (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per cached method (default 2)")
+    p.add_argument("--uncached-repeats", type=int, default=1, help="timed runs per uncached (slow) method (default 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--batches", default="1,4,16,64", help="batch sizes of the batched table ('' to skip it)")
+    p.add_argument("--batch-new-tokens", type=int, default=32, help="tokens per row in the batched table (32)")
+    p.add_argument("--batch-configs", default="124M,mini", help="configs of the batched table (124M,mini)")
+    p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                   help="the one-sequence table (default; --no-single: only the batched one)")  # fmt: skip
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.md"))
+    args = p.parse_args(argv)
+    if args.new_tokens < 1 or args.prompt_tokens < 1:
+        p.error("--new-tokens and --prompt-tokens must be >= 1")
+    if args.repeats < 1 or args.uncached_repeats < 1:
+        p.error("--repeats and --uncached-repeats must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    if args.prompt_tokens + args.new_tokens > GPT_CONFIG_124M["context_length"]:
+        p.error(f"prompt + new tokens must fit the context of {GPT_CONFIG_124M['context_length']}")
+    start = time.perf_counter()
+    report = ["# Greedy generation throughput (CPU)", "", *machine_lines(torch.get_num_threads())]
+    if args.single:
+        report += single(args)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if batches:
+        rows, lines = [], []
+        for name in args.batch_configs.split(","):
+            log(f"batched: {name} ...")
+            config_rows, line = batched(name, batches, args.batch_new_tokens, args.repeats, args.seed)
+            rows += config_rows
+            lines.append(line)
+        report += [
+            "",
+            "## Many prompts at once",
+            "",
+            f"- {max(batches)} prompts of 4 to 16 random token ids, {args.batch_new_tokens} new tokens each, greedy, "
+            "no eos; batch B takes the first B prompts; random weights (seed "
+            f"{args.seed}); each implementation's best of {args.repeats} interleaved runs",
+            "- × B=1: tokens/s over the same implementation's at batch 1; × alone: over our `generate` run on "
+            "the prompts one after another; rows = alone: rows whose tokens equal `generate`'s for that prompt "
+            "alone, in every run",
+            *(f"- {line}" for line in lines),
+            "",
+            markdown_table(
+                ["config", "batch", "implementation", "tokens/s", "× B=1", "× alone", "× transformers", "rows = alone"],
+                rows,
+                left=3,
+            ),  # fmt: skip
+        ]
+    report.append(f"\nTotal run time: {time.perf_counter() - start:.0f} s.")
     text = "\n".join(report) + "\n"
     print(text)
     write_report(args.out, text)

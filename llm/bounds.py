@@ -55,6 +55,16 @@ def stall_timeout_problem(value: float) -> str | None:
     return None
 
 
+MAX_BATCH = 256
+"""The most sequences one generation step decodes together (`llm serve --max-batch`, `llm instruct --file
+--batch-size`). Each row holds a KV cache of n_layers x 2 x positions x emb_dim floats: 75 MB for GPT-2
+124M's full context of 1024 positions, so 256 rows may take 19 GB."""
+BATCH_SIZE = 16
+"""The sequences `llm.generate.generate_batch` (and so `llm instruct --file`, the stages answering a test set)
+decodes at once unless told: beside MAX_BATCH, its one definition. At 16 rows a step of the mini model
+yields ... (bench/bench_generate.py)."""
+
+
 def temperature_problem(value: float) -> str | None:
     """Why `value` cannot be a sampling temperature ("must be ..."), or None when it can: finite,
     0 (greedy) or at least MIN_TEMPERATURE. NaN fails every comparison, so each test holds only for

@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from llm.bounds import MAX_CLASSIFY_INPUTS, MAX_SEED, STALL_TIMEOUT, stall_timeout_problem
+from llm.bounds import BATCH_SIZE, MAX_BATCH, MAX_CLASSIFY_INPUTS, MAX_SEED, STALL_TIMEOUT, stall_timeout_problem
 from llm.errors import LLMError, OneLineParser, report_error, reportable
 from llm.files import flush_stdout, read_text, write_stdout, writing
 
@@ -39,6 +39,13 @@ def _number_of_seconds(text: str) -> float:
         return float(text)
     except ValueError:  # argparse would say "invalid _seconds value"
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+
+
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_BATCH}], got {value}")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -153,6 +160,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ins.add_argument("--file", help="a JSON list or JSONL file of {instruction, input} entries")
     ins.add_argument("--output", help="JSON file for --file results (default: stdout)")
     ins.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    ins.add_argument(
+        "--batch-size", type=_batch_size, default=None,
+        help=f"--file: entries answered at once (default {BATCH_SIZE}; at most {MAX_BATCH})",
+    )  # fmt: skip
     ins.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     ins.set_defaults(func=cmd_instruct)
 
@@ -179,8 +190,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--api-key", default=None,
         help="require 'Authorization: Bearer KEY' on every API request (default: $LLM_API_KEY; none when unset)",
     )  # fmt: skip
-    srv.add_argument("--max-active", type=_positive_int, default=8, help="requests generating at once, in turns (8)")
+    srv.add_argument("--max-active", type=_positive_int, default=32, help="requests generating at once (32)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting for a turn; more get 503 (32)")
+    srv.add_argument(
+        "--max-batch", type=_batch_size, default=32,
+        help=f"most generations of one model decoded together in one step (32; at most {MAX_BATCH})",
+    )  # fmt: skip
     srv.add_argument("--max-tokens", type=_positive_int, default=1024, help="most tokens one request may ask (1024)")
     srv.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="largest request body (1 MB)")
     srv.add_argument(
@@ -347,7 +362,7 @@ def cmd_instruct(args: argparse.Namespace) -> None:
 
     from llm.checkpoint import checkpoint_meta, load_checkpoint
     from llm.files import write_json
-    from llm.instruct import load_instructions, respond
+    from llm.instruct import load_instructions, respond, respond_batch
     from llm.prompts import recorded_prompt_style
     from llm.runtime import select_device
 
@@ -361,18 +376,19 @@ def cmd_instruct(args: argparse.Namespace) -> None:
         entries = [dict(e) for e in load_instructions(Path(args.file), require_output=False, what="--file")]
     else:
         entries = [{"instruction": args.instruction, "input": args.input}]
+    if args.batch_size is not None and args.file is None:
+        raise LLMError("--batch-size is for --file: one instruction streams its answer alone")
     model = load_checkpoint(args.checkpoint, map_location=select_device(args.device))
     style = recorded_prompt_style(checkpoint_meta(args.checkpoint))
-    stream = args.file is None
-    for entry in entries:
-        pieces = []
+    if args.file is None:
+        (entry,) = entries
         for piece in respond(model, entry, style, args.max_new_tokens):
-            pieces.append(piece)
-            if stream:
-                write_stdout(piece, flush=True)
-        entry["model_response"] = "".join(pieces).strip()
-        if stream:
-            write_stdout("\n")
+            write_stdout(piece, flush=True)
+        write_stdout("\n")
+    else:  # answered in batches, each entry as it is alone (llm.generate's docstring)
+        answers = respond_batch(model, entries, style, args.max_new_tokens, args.batch_size or BATCH_SIZE)
+        for entry, answer in zip(entries, answers, strict=True):
+            entry["model_response"] = answer.strip()
     if args.file is not None:
         if args.output:
             with writing(f"--output {args.output}"):
@@ -420,8 +436,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    limits = Limits(args.max_active, args.max_queue, args.max_tokens, args.max_body_bytes, args.max_classify_inputs,
-                    args.stall_timeout)  # fmt: skip
+    limits = Limits(
+        args.max_active,
+        args.max_queue,
+        args.max_tokens,
+        args.max_body_bytes,
+        args.max_classify_inputs,
+        stall_timeout=args.stall_timeout,
+        max_batch=args.max_batch,
+    )
     app = create_app(models, api_key=api_key, limits=limits)
     prog = f"{args.prog} serve"
     if not is_loopback(args.host) and not api_key:

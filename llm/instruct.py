@@ -4,7 +4,8 @@ response extraction, and offline evaluation (loss on response tokens, ROUGE-L, e
 `format_input`, `InstructionDataset` and `custom_collate_fn` keep the book's names and outputs
 character for character and token for token; a second prompt style (Phi-3) and masking of the
 prompt tokens in the loss (the book's exercise 7.2) are options. `respond` streams a finetuned
-model's answer to one entry as text (what `llm instruct` prints).
+model's answer to one entry as text (what `llm instruct` prints), `respond_batch` the answers to a list
+(`llm instruct --file`), in batches.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from llm.bounds import BATCH_SIZE
 from llm.errors import LLMError
 from llm.files import read_text
-from llm.generate import decode_stream, generate_stream
+from llm.generate import decode_ids, decode_stream, generate_batch, generate_stream
 from llm.prompts import (  # noqa: F401 - the book's chapter-7 names, importable from here
     extract_response,
     format_input,
     recorded_prompt_style,
     response_header,
 )
-from llm.tokenizer import EOT_ID, encode, get_tokenizer
+from llm.tokenizer import EOT_ID, encode, get_tokenizer, token_ids_to_text
 
 IGNORE_INDEX = -100
 
@@ -85,10 +87,48 @@ def respond(model, entry: dict, style: str = "alpaca", max_new_tokens: int = 256
     """
     tokenizer = tokenizer or get_tokenizer()
     context = model.cfg["context_length"]
-    prompt = format_input(entry, style) + response_header(style)
-    ids = encode(prompt, tokenizer)[-context:]
-    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    idx = torch.tensor([_prompt_ids(entry, style, context, tokenizer)], device=next(model.parameters()).device)
     yield from decode_stream(tokenizer, generate_stream(model, idx, max_new_tokens, context, eos_id=EOT_ID))
+
+
+def respond_batch(
+    model, entries: Sequence[dict], style: str = "alpaca", max_new_tokens: int = 256, batch_size: int = BATCH_SIZE
+) -> list[str]:
+    """Each entry's answer, as `respond`'s pieces join, `batch_size` entries generated at once
+    (`llm.generate.generate_batch`)."""
+    tokenizer = get_tokenizer()
+    context = model.cfg["context_length"]
+    prompts = [_prompt_ids(entry, style, context, tokenizer) for entry in entries]
+    answers = generate_batch(model, prompts, max_new_tokens, context, eos_id=EOT_ID, batch_size=batch_size)
+    return [decode_ids(tokenizer, ids) for ids in answers]
+
+
+def answer_test_set(
+    model,
+    entries: Sequence[dict],
+    style: str,
+    max_new_tokens: int,
+    eos_id: int | None = EOT_ID,
+    batch_size: int = BATCH_SIZE,
+    progress: str | None = None,
+) -> list[str]:
+    """The book's chapter-7 answers to a test set (the finetune_instruct stage's responses): each entry's
+    `format_input` prompt (its last context_length tokens), greedy to `max_new_tokens` or `eos_id`, and
+    the response extracted from the prompt followed by the new text. `batch_size` entries generate at
+    once (`llm.generate.generate_batch`), each as `generate` answers it alone."""
+    tokenizer = get_tokenizer()
+    context = model.cfg["context_length"]
+    prompts = [format_input(entry, style) for entry in entries]
+    ids = [encode(prompt, tokenizer)[-context:] for prompt in prompts]
+    answers = generate_batch(model, ids, max_new_tokens, context, eos_id, batch_size, progress=progress)
+    # decode only the new tokens: a prompt longer than the context was cut on the left
+    texts = [prompt + token_ids_to_text(torch.tensor([new], dtype=torch.long), tokenizer)
+             for prompt, new in zip(prompts, answers, strict=True)]  # fmt: skip
+    return [extract_response(text, prompt, style) for text, prompt in zip(texts, prompts, strict=True)]
+
+
+def _prompt_ids(entry: dict, style: str, context: int, tokenizer) -> list[int]:
+    return encode(format_input(entry, style) + response_header(style), tokenizer)[-context:]
 
 
 class InstructionDataset(Dataset):

@@ -58,7 +58,8 @@ class FeedForward(nn.Module):
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated once.
 
-    `GPTModel.forward(idx, kv_cache=cache)` appends the new positions and advances `pos`.
+    `GPTModel.forward(idx, kv_cache=cache)` appends the new positions of every row and advances `pos`:
+    the rows of a batch share one length (`BatchKVCache` gives each its own).
     """
 
     def __init__(
@@ -76,17 +77,161 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """An empty cache that writes into `k` and `v` ([layers, batch, heads, max_len, head_dim], views of
+        a `BatchKVCache`'s rows: how rows of different lengths are prefilled there)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos = k, v, k.shape[3], 0
+        return cache
+
     def reset(self) -> None:
         self.pos = 0
 
     def room(self) -> int:
         return self.max_len - self.pos
 
+    def longest(self) -> int:
+        return self.pos
+
+    def start(self, batch_size: int, seq_len: int, device) -> torch.Tensor:
+        """The positions of a forward's `seq_len` new tokens (the same in every row)."""
+        return torch.arange(self.pos, self.pos + seq_len, device=device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Store the new positions' keys and values, then attend from the new queries to every cached position."""
+        past, t = self.pos, q.shape[2]
+        k, v = self.update(layer, k, v)
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if t == 1:  # one new token attends to every cached position: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        # several new tokens after a cached prefix: causal mask shifted by `past`
+        allowed = torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+    def advance(self, seq_len: int) -> None:
+        self.pos += seq_len
+
+
+class BatchKVCache:
+    """Keys and values of sequences of different lengths, for decoding them together (`llm.generate.Batch`).
+
+    Row i of a forward is row i here and holds `lengths[i]` positions: a forward of ids (n, 1) runs one new
+    token of each of the first n rows, at position `lengths[i]` of row i (its own position embedding, its
+    own place in the cache), attending to that row's positions alone. New rows are prefilled with `add`,
+    rows leave with `drop`. The storage grows as rows and positions need it (doubling, up to `max_len`
+    positions), so a batch of short sequences does not hold the memory of full contexts.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], max_len: int, device=None, dtype: torch.dtype = torch.float32):
+        self.cfg, self.max_len, self.device, self.dtype = cfg, max_len, device, dtype
+        self.lengths: list[int] = []
+        self.k = self.v = torch.empty(0, device=device, dtype=dtype)
+        self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Storage for at least `rows` rows of `length` positions (what is held is kept); each dimension
+        that must grow at least doubles, positions up to `max_len`."""
+        have_rows, have_len = (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
+        if rows <= have_rows and length <= have_len:
+            return
+        rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        length = min(max(length, 2 * have_len), self.max_len) if length > have_len else have_len
+        cfg = self.cfg
+        shape = (cfg["n_layers"], rows, cfg["n_heads"], length, cfg["emb_dim"] // cfg["n_heads"])
+        # zeros, not empty: a row's masked positions still meet the attention's matmul, where garbage
+        # could be NaN or inf (0 x NaN = NaN)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        n = len(self.lengths)
+        if n:
+            k[:, :n, :, :have_len] = self.k[:, :n]
+            v[:, :n, :, :have_len] = self.v[:, :n]
+        self.k, self.v = k, v
+
+    def add(self, lengths: list[int]) -> KVCache:
+        """Rows for sequences of these lengths, after the rows held: the `KVCache` to prefill them with (their
+        ids right-padded to the longest, so every row starts at position 0 and the causal mask keeps each
+        real position from the padding after it). What the padding writes is past a row's length: it is
+        masked out, then overwritten as the row grows."""
+        if max(lengths) > self.max_len:
+            raise LLMError(f"KV cache rows hold at most {self.max_len} positions, got {max(lengths)}")
+        first = len(self.lengths)
+        self._reserve(first + len(lengths), max(lengths) + 1)
+        self.lengths += lengths
+        rows = slice(first, first + len(lengths))
+        return KVCache.over(self.k[:, rows, :, : max(lengths)], self.v[:, rows, :, : max(lengths)])
+
+    def drop(self, gone: set[int]) -> list[int]:
+        """Free rows `gone`; the last rows move into their places, so rows in use stay first. Returns, for
+        each row now held, the index it had before."""
+        n = len(self.lengths)
+        kept = [i for i in range(n) if i not in gone]
+        order = list(range(len(kept)))
+        holes = [i for i in order if i in gone]
+        movers = [i for i in kept if i >= len(kept)]
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            src, dst = torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device)
+            span = max(self.lengths[i] for i in movers)
+            self.k[:, dst, :, :span] = self.k[:, src, :, :span]
+            self.v[:, dst, :, :span] = self.v[:, src, :, :span]
+        self.lengths = [self.lengths[i] for i in order]
+        if not order:  # the last row left: give the memory back (a server between bursts)
+            self.k = self.v = torch.empty(0, device=self.device, dtype=self.dtype)
+        return order
+
+    def room(self) -> int:
+        return self.max_len - max(self.lengths, default=0)
+
+    def longest(self) -> int:
+        return max(self.lengths, default=0)
+
+    def start(self, batch_size: int, seq_len: int, device) -> torch.Tensor:
+        """The position of the new token of each of the first `batch_size` rows, (n, 1); and what every
+        layer's `attend` needs: where to write, and which positions each row may see."""
+        n = batch_size
+        if seq_len != 1:
+            raise LLMError(f"a BatchKVCache decodes one token per row, got {seq_len}: prefill new rows with add()")
+        if not 0 < n <= len(self.lengths):
+            raise LLMError(f"a forward of {n} rows, the cache holds {len(self.lengths)}")
+        lengths = self.lengths[:n]
+        span = max(lengths) + 1
+        if span > self.max_len:
+            raise LLMError(f"KV cache has room for 0 tokens in a row of {span - 1}")
+        self._reserve(n, span)
+        pos = torch.tensor(lengths, device=device)
+        allowed = None  # rows of one length see every position, as KVCache's one new token does: no mask
+        if min(lengths) < span - 1:
+            allowed = (torch.arange(span, device=device) <= pos[:, None])[:, None, None, :]  # (n, 1, 1, span)
+        self._decode = (torch.arange(n, device=device), pos, allowed, span)
+        return pos[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        rows, pos, allowed, span = self._decode
+        n = q.shape[0]
+        keys, values = self.k[layer], self.v[layer]
+        keys[rows, :, pos] = k[:, :, 0]
+        values[rows, :, pos] = v[:, :, 0]
+        return F.scaled_dot_product_attention(
+            q, keys[:n, :, :span], values[:n, :, :span], attn_mask=allowed, dropout_p=dropout_p
+        )
+
+    def advance(self, seq_len: int) -> None:
+        n = len(self._decode[0])
+        self.lengths[:n] = [length + seq_len for length in self.lengths[:n]]
+        self._decode = None
 
 
 # The book's causal-mask buffer: MultiHeadAttention emits it in `state_dict()` under this name,
@@ -136,24 +281,17 @@ class MultiHeadAttention(nn.Module):
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | BatchKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.W_query(x).view(shape).transpose(1, 2)
         k = self.W_key(x).view(shape).transpose(1, 2)
         v = self.W_value(x).view(shape).transpose(1, 2)
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)
         dropout_p = self.dropout.p if self.training else 0.0
-        if past == 0:
+        if kv_cache is None:
             ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif t == 1:  # one new token attends to every cached position: no mask needed
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:  # several new tokens after a cached prefix: causal mask shifted by `past`
-            allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        else:  # the cache stores the new keys and values and knows which positions each query sees
+            ctx = kv_cache.attend(self.layer_idx, q, k, v, dropout_p)
         ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)
         return self.out_proj(ctx)
 
@@ -176,7 +314,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | BatchKVCache | None = None) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
@@ -198,7 +336,14 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         self._head_t: tuple[tuple, torch.Tensor] | None = None  # see _cached_logits; not in state_dict
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        kv_cache: KVCache | BatchKVCache | None = None,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) of every position; with `last` (B,), only those of position `last[i]` of
+        row i, (B, 1, vocab): the next-token logits of right-padded prompts of different lengths."""
         # Only shapes are checked here, never the ids' values: reading them back would stop a CUDA
         # device on every call and split a compiled graph. Ids are checked where they enter
         # (`llm.tokenizer.check_token_ids`); an id outside the vocabulary that reaches `tok_emb` on CPU
@@ -206,19 +351,24 @@ class GPTModel(nn.Module):
         if in_idx.dim() != 2:
             raise LLMError(f"token ids must have shape (batch, seq_len), got {tuple(in_idx.shape)}")
         seq_len = in_idx.shape[1]
-        start = kv_cache.pos if kv_cache is not None else 0
+        start = kv_cache.longest() if kv_cache is not None else 0
         if seq_len == 0:
             raise LLMError("cannot run the model on an empty sequence of token ids")
         if start + seq_len > self.cfg["context_length"]:
             raise LLMError(f"sequence of {start + seq_len} tokens exceeds context_length {self.cfg['context_length']}")
         if kv_cache is not None and seq_len > kv_cache.room():
             raise LLMError(f"KV cache has room for {kv_cache.room()} tokens, got {seq_len}")
-        positions = torch.arange(start, start + seq_len, device=in_idx.device)
+        if kv_cache is None:
+            positions = torch.arange(seq_len, device=in_idx.device)
+        else:
+            positions = kv_cache.start(in_idx.shape[0], seq_len, in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
         for block in self.trf_blocks:
             x = block(x, kv_cache)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
         if kv_cache is not None:
-            kv_cache.pos += seq_len
+            kv_cache.advance(seq_len)
             if not torch.is_grad_enabled() and isinstance(self.out_head, nn.Linear):  # not under a LoRA adapter
                 return self._cached_logits(self.final_norm(x))
         return self.out_head(self.final_norm(x))
@@ -241,6 +391,11 @@ class GPTModel(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def new_batch_kv_cache(self, max_len: int | None = None) -> BatchKVCache:
+        """An empty `BatchKVCache` whose rows hold up to `max_len` positions (default: the context)."""
+        p = self.tok_emb.weight
+        return BatchKVCache(self.cfg, max_len or self.cfg["context_length"], device=p.device, dtype=p.dtype)
 
     def num_params(self, matmul_only: bool = False) -> int:
         """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token): every matrix
@@ -265,6 +420,7 @@ __all__ = [
     "model_config",
     "FeedForward",
     "GELU",
+    "BatchKVCache",
     "GPTModel",
     "KVCache",
     "LayerNorm",

@@ -12,11 +12,11 @@ from llm.checkpoint import load_checkpoint
 from llm.data import TokenWindowDataset, read_tokens
 from llm.errors import run_main
 from llm.files import write_json
-from llm.generate import generate
+from llm.generate import generate_batch
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.params import init_source, load_params
 from llm.runtime import select_device, set_threads
-from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import encode, get_tokenizer, token_ids_to_text
 
 TOKENS = Path("data/tokens")
 SAMPLES = Path("data/eval/samples.json")
@@ -39,17 +39,20 @@ def main(params_path: str = "params.yaml") -> dict:
 
     tokenizer = get_tokenizer()
     context = model.cfg["context_length"]
+    prompts = [encode(prompt, tokenizer) for prompt in e.prompts]
+    # every prompt at once, each answered as `generate` answers it alone (the sampled ones each with a generator
+    # seeded e.seed, as `generate(..., seed=e.seed)` seeds its own)
+    greedy = generate_batch(model, prompts, e.max_new_tokens, context)
+    sampled = generate_batch(model, prompts, e.max_new_tokens, context, temperature=e.temperature, top_k=e.top_k,
+                             seed=e.seed)  # fmt: skip
     samples = []
-    for prompt in e.prompts:
-        idx = text_to_token_ids(prompt, tokenizer).to(device)
-        greedy = generate(model, idx, e.max_new_tokens, context)
-        sampled = generate(model, idx, e.max_new_tokens, context, temperature=e.temperature, top_k=e.top_k, seed=e.seed)
+    for prompt, ids, g, s in zip(e.prompts, prompts, greedy, sampled, strict=True):
         samples.append(
             {
                 "model": e.init,
                 "prompt": prompt,
-                "greedy": token_ids_to_text(greedy, tokenizer),
-                "sampled": token_ids_to_text(sampled, tokenizer),
+                "greedy": token_ids_to_text(torch.tensor([ids + g]), tokenizer),
+                "sampled": token_ids_to_text(torch.tensor([ids + s]), tokenizer),
                 "temperature": e.temperature,
                 "top_k": e.top_k,
                 "seed": e.seed,

@@ -21,11 +21,9 @@ from llm.bounds import check_split_sizes
 from llm.checkpoint import save_checkpoint
 from llm.errors import run_main
 from llm.files import write_json
-from llm.generate import generate
 from llm.instruct import (
     InstructionDataset,
-    extract_response,
-    format_input,
+    answer_test_set,
     load_instructions,
     make_collate,
     response_metrics,
@@ -35,8 +33,7 @@ from llm.judge import judge_responses
 from llm.losses import calc_loss_loader, perplexity
 from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
 from llm.pipeline.sources import data_file
-from llm.progress import progress_bar
-from llm.tokenizer import EOT_ID, check_token_ids, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import EOT_ID, check_token_ids
 
 RAW = Path("data/raw")
 RESPONSES = Path("data/instruct/responses.json")
@@ -88,7 +85,7 @@ class InstructStage(FinetuneStage):
                             context=context, max_len=max_len)  # fmt: skip
 
     def evaluate(self, f, task, model, history, device) -> Evaluation:
-        collate, tokenizer, context = task.collate_fn, task.tokenizer, task.context
+        collate, tokenizer = task.collate_fn, task.tokenizer
         metrics = {}
         for name, ds in task.sets.items():
             loader = DataLoader(ds, batch_size=f.batch_size, shuffle=False, collate_fn=collate)
@@ -102,15 +99,11 @@ class InstructStage(FinetuneStage):
             print(f"test response loss: null: no response token of the test set fits in {task.max_len} tokens")
 
         model.eval()
-        entries = []
         started = time.perf_counter()
-        for entry in progress_bar(task.test_data, desc="responses", unit="entry", lines=True):
-            prompt = format_input(entry, f.prompt_style)
-            ids = text_to_token_ids(prompt, tokenizer)[:, -context:].to(device)
-            out = generate(model, ids, f.max_new_tokens, context, eos_id=f.eos_id)
-            # decode only the new tokens: a prompt longer than the context was cut on the left
-            text = prompt + token_ids_to_text(out[:, ids.shape[1] :], tokenizer)
-            entries.append({**entry, "model_response": extract_response(text, prompt, f.prompt_style)})
+        answers = answer_test_set(
+            model, task.test_data, f.prompt_style, f.max_new_tokens, f.eos_id, progress="responses"
+        )
+        entries = [{**entry, "model_response": answer} for entry, answer in zip(task.test_data, answers, strict=True)]
         generate_seconds = time.perf_counter() - started
         metrics["test"].update(response_metrics(entries))
         if f.judge == "ollama":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm.errors import LLMError
-from llm.generate import _filter_logits, generate, generate_stream
+from llm.generate import Batch, _filter_logits, generate, generate_batch, generate_stream, new_row
 from llm.model import GPTModel
 from tests import book_reference as book
 from tests.conftest import tiny_cfg
@@ -230,3 +230,122 @@ def test_a_tiny_top_p_samples_the_most_likely_token_alone(pair, top_p):
     greedy = generate(ours, torch.tensor([[1, 2]]), 6, cfg["context_length"])
     nucleus = generate(ours, torch.tensor([[1, 2]]), 6, cfg["context_length"], temperature=1.0, top_p=top_p, seed=3)
     assert torch.equal(nucleus, greedy)
+
+
+# --- many prompts at once: generate_batch and Batch ---------------------------------------------------
+def _alone(model, prompt, new, context_size, **settings) -> list[int]:
+    """What `generate` adds to `prompt` alone (without the eos it stops at)."""
+    out = generate(model, torch.tensor([prompt]), new, context_size, **settings)
+    return out[0, len(prompt) :].tolist()
+
+
+def _prompts(n: int, longest: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, 50257, (length,), generator=g).tolist() for length in lengths]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 64])
+def test_a_batch_gives_every_prompt_what_generate_gives_it_alone(pair, batch_size):
+    """Prompts of 1 to 16 tokens (the context), 20 new tokens each: most outgrow the window and slide as
+    `generate` slides; with fewer places than prompts, finished rows hand their place on between steps."""
+    cfg, _, ours = pair
+    prompts = _prompts(24, 16)
+    expected = [_alone(ours, p, 20, 16) for p in prompts]
+    assert generate_batch(ours, prompts, 20, 16, batch_size=batch_size) == expected
+    shorter = [_alone(ours, p, 12, 7) for p in prompts]  # a context_size below the model's
+    assert generate_batch(ours, prompts, 12, 7, batch_size=batch_size) == shorter
+
+
+def test_rows_stop_at_eos_alone_and_leave_the_batch(pair):
+    cfg, _, ours = pair
+    prompts = _prompts(12, 10, seed=1)
+    eos = _alone(ours, prompts[0], 5, 16)[2]  # the first prompt's third token
+    expected = [_alone(ours, p, 15, 16, eos_id=eos) for p in prompts]
+    assert len(expected[0]) == 2 and any(len(e) == 15 for e in expected)
+    assert generate_batch(ours, prompts, 15, 16, eos_id=eos, batch_size=4) == expected
+
+
+def test_sampling_in_a_batch_is_each_prompts_seeded_sampling_alone(pair):
+    cfg, _, ours = pair
+    prompts = _prompts(10, 12, seed=2)
+    settings = {"temperature": 1.4, "top_k": 30, "top_p": 0.95, "seed": 123}
+    expected = [_alone(ours, p, 18, 16, **settings) for p in prompts]
+    assert generate_batch(ours, prompts, 18, 16, batch_size=4, **settings) == expected
+    assert generate_batch(ours, prompts, 18, 16, batch_size=7, **settings) == expected  # whatever the batch
+
+
+def test_rows_with_their_own_settings_join_and_leave_between_steps(pair):
+    """`Batch`: rows added while others run, each with its settings and seed, one cancelled half-way: every
+    row that runs to its end is what `generate` gives its prompt alone; the cancelled one stops there."""
+    cfg, _, ours = pair
+    prompts = _prompts(6, 9, seed=3)
+    eos = _alone(ours, prompts[4], 3, 16)[1]
+    settings = [{}, {"temperature": 1.0, "seed": 1}, {"top_k": 3}, {"temperature": 2.0, "top_p": 0.5, "seed": 9},
+                {"eos_id": eos}, {"temperature": 0.7, "top_k": 5, "seed": 4}]  # fmt: skip
+    batch = Batch(ours, 16, max_rows=3)
+    rows = [new_row(ours, p, 10, 16, **s) for p, s in zip(prompts, settings, strict=True)]
+    events = []
+    for step in range(40):
+        if step < len(rows):
+            batch.add(rows[step])  # one more row at every step
+        if step == 4:
+            batch.cancel(rows[2])
+        events += batch.step()
+    assert len(batch) == 0
+    for i, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+        if i != 2:
+            assert row.new == _alone(ours, prompt, 10, 16, **settings[i])
+            assert [t for r, t in events if r is row] == [*row.new, None]  # each token once, then the end
+    assert rows[2].finished and 0 < len(rows[2].new) < 10
+    assert None not in [t for r, t in events if r is rows[2]]  # cancelled: no end of its own
+
+
+def test_a_row_alone_computes_generates_very_logits(pair):
+    """One row in the batch runs the forwards `generate` runs (the whole prompt, then a token at a time, no
+    mask): its logits are equal bit for bit, so it never differs in a near-tie (a lone request of `llm serve`)."""
+    cfg, _, ours = pair
+    prompt = torch.randint(0, 50257, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        cache = ours.new_kv_cache(1, 16)
+        expected = [ours(prompt, kv_cache=cache)[:, -1].float()]
+        for _ in range(4):
+            expected.append(ours(expected[-1].argmax(-1, keepdim=True), kv_cache=cache)[:, -1].float())
+    batch = Batch(ours, 16, max_rows=4)
+    got = []
+    choose = batch._choose
+    batch._choose = lambda logits: got.append(logits.clone()) or choose(logits)
+    batch.add(new_row(ours, prompt[0].tolist(), 5, 16))
+    while len(batch):
+        batch.step()
+    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_generate_batch_checks_its_arguments(pair):
+    cfg, _, ours = pair
+    assert generate_batch(ours, [[1, 2], [3]], 0, 16) == [[], []]
+    assert generate_batch(ours, [], 5, 16) == []
+    for kwargs, message in [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"context_size": 17}, "context_size must be in"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ]:
+        with pytest.raises(LLMError, match=message):
+            generate_batch(ours, [[1, 2]], **{"max_new_tokens": 3, "context_size": 16, **kwargs})
+    with pytest.raises(LLMError, match="prompt must hold at least one token id"):
+        generate_batch(ours, [[1], []], 3, 16)
+    with pytest.raises(LLMError, match="the prompt: token id 50257 is outside"):
+        generate_batch(ours, [[1], [50257]], 3, 16)
+
+
+def test_generate_batch_shows_the_prompts_answered_and_restores_training_mode(pair, capsys, monkeypatch):
+    cfg, _, ours = pair
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    ours.train()
+    generate_batch(ours, _prompts(10, 5), 3, 16, batch_size=4, progress="responses")
+    assert ours.training
+    ours.eval()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("responses: 10/10 prompts (100%)")

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,6 +14,7 @@ from llm.errors import LLMError
 from llm.generate import generate
 from llm.instruct import (
     InstructionDataset,
+    answer_test_set,
     custom_collate_fn,
     exact_match,
     extract_response,
@@ -123,6 +125,46 @@ class _Judge(BaseHTTPRequestHandler):
         pass
 
 
+class _SlowJudge(BaseHTTPRequestHandler):
+    """Scores a response by its length, after 0.2 s; counts the requests in flight."""
+
+    lock = threading.Lock()
+    in_flight = most = 0
+
+    def do_POST(self):
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most = max(cls.most, cls.in_flight)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        response = body["messages"][0]["content"].split("score the model response `")[1].split("`")[0]
+        time.sleep(0.2)
+        with cls.lock:
+            cls.in_flight -= 1
+        data = json.dumps({"message": {"content": str(len(response)) if response != "?" else "no idea"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_judge_keeps_four_requests_in_flight_and_scores_every_entry():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        responses = ["a" * n for n in range(1, 12)] + ["?"]
+        entries = [{**ENTRY, "model_response": r} for r in responses]
+        result = judge_responses(entries, "llama3", f"http://127.0.0.1:{server.server_address[1]}")
+        assert result == {"judge_score": 6.0, "judge_scored": 11, "judge_invalid": 1}  # the mean of 1..11
+        assert _SlowJudge.most == 4
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_judge_against_a_local_ollama_api():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -162,6 +204,28 @@ def test_cli_instruct_streams_and_runs_files(instruct_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert main(["instruct", "--checkpoint", str(instruct_ckpt), " "]) == 2
     assert "the instruction is empty" in capsys.readouterr().err
+
+
+def test_cli_instruct_answers_a_file_in_batches_each_entry_as_alone(instruct_ckpt, tmp_path, capsys):
+    """`--file` generates `--batch-size` entries at once (prompts of different lengths, one longer than the
+    context): every answer is what `respond` (the command without --file) gives that entry alone."""
+    entries = [{"instruction": "Name a color."}, {"instruction": "Add", "input": "1 and 2"}, {"instruction": "Hi"},
+               {"instruction": "Rewrite the sentence. " * 9, "input": "The cake was baked by Sam."},
+               {"instruction": "Why?", "input": "Be brief."}]  # fmt: skip
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(entries))
+    model = load_checkpoint(instruct_ckpt)
+    expected = ["".join(respond(model, entry, "alpaca", 20)).strip() for entry in entries]
+    for batch in (["--batch-size", "2"], []):
+        capsys.readouterr()
+        assert main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(data), "--max-new-tokens", "20",
+                     *batch]) == 0  # fmt: skip
+        assert [r["model_response"] for r in json.loads(capsys.readouterr().out)] == expected
+    assert main(["instruct", "--checkpoint", str(instruct_ckpt), "Hi", "--batch-size", "2"]) == 2
+    assert "--batch-size is for --file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["instruct", "--checkpoint", str(instruct_ckpt), "--file", str(data), "--batch-size", "0"])
+    assert "--batch-size: must be in [1, 256], got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
@@ -249,3 +313,23 @@ def test_llm_instruct_answers_with_the_dpo_stages_checkpoint(dpo_ckpt, tmp_path,
     assert main(["instruct", "--model", str(dpo_ckpt), "--file", str(data), "--output", str(out),
                  "--max-new-tokens", "7"]) == 0  # fmt: skip
     assert json.loads(out.read_text()) == [{**entry, "model_response": expected.strip()}]
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_the_stages_answers_are_the_books_loop_entry_by_entry(style):
+    """`answer_test_set` (finetune_instruct's responses.json) answers in batches what the book's loop answered one
+    entry at a time: `generate` on the prompt's last context tokens, the response extracted from the text."""
+    from llm.tokenizer import text_to_token_ids, token_ids_to_text
+
+    torch.manual_seed(8)
+    model = GPTModel(tiny_cfg(context_length=40)).eval()
+    entries = [{"instruction": "Name a color."}, {"instruction": "Add", "input": "1 and 2"},
+               {"instruction": "Rewrite the sentence. " * 9, "input": "é"}, {"instruction": "Why?", "input": "x"},
+               {"instruction": "Translate to French", "input": "Good morning, how are you?"}]  # fmt: skip
+    expected = []
+    for entry in entries:
+        prompt = format_input(entry, style)
+        ids = text_to_token_ids(prompt)[:, -40:]
+        out = generate(model, ids, 12, 40, eos_id=EOT_ID)
+        expected.append(extract_response(prompt + token_ids_to_text(out[:, ids.shape[1] :]), prompt, style))
+    assert answer_test_set(model, entries, style, 12, EOT_ID, batch_size=3) == expected

@@ -196,3 +196,52 @@ def test_forward_reads_nothing_back_to_the_host():
     torch.manual_seed(1)
     assert torch.equal(out, model(ids))  # the same dropout masks: the same function
     out.sum().backward()
+
+
+# --- BatchKVCache: rows of different lengths decoded together ------------------------------------------
+def test_rows_of_different_lengths_decode_together_as_each_alone():
+    """Prefilled right-padded, then a token per row per forward: each row's logits are its own full
+    forward's (to rounding), at its own position, whatever the other rows' lengths; rows leave and the
+    last ones move into their places; the storage grows as rows and positions need it."""
+    torch.manual_seed(5)
+    model = GPTModel(tiny_cfg(context_length=24)).eval()
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    with torch.inference_mode():
+        cache = model.new_batch_kv_cache()
+        padded = torch.tensor([s + [0] * (9 - len(s)) for s in seqs])
+        lengths = [len(s) for s in seqs]
+        first = model(padded, kv_cache=cache.add(lengths), last=torch.tensor(lengths) - 1)
+        assert first.shape == (4, 1, 50257) and cache.lengths == lengths
+        for row, s in enumerate(seqs):
+            assert torch.allclose(first[row, 0], model(torch.tensor([s]))[0, -1], atol=1e-4)
+        for step in range(4):
+            nxt = torch.randint(0, 50257, (len(seqs), 1), generator=g)
+            logits = model(nxt, kv_cache=cache)
+            for row, s in enumerate(seqs):
+                s.append(int(nxt[row, 0]))
+                assert torch.allclose(logits[row, 0], model(torch.tensor([s]))[0, -1], atol=1e-4)
+            if step == 1:  # rows 0 and 2 leave: row 3 moves into place 0, row 1 stays
+                assert cache.drop({0, 2}) == [3, 1]
+                seqs = [seqs[3], seqs[1]]
+        assert cache.lengths == [len(s) for s in seqs] == [10, 13]
+        assert cache.k.shape[1] >= 4 and 10 <= cache.k.shape[3] <= 24
+        assert cache.drop({0, 1}) == [] and cache.k.numel() == 0  # the last rows left: the memory is given back
+
+
+def test_a_batch_cache_refuses_what_it_cannot_hold():
+    model = GPTModel(tiny_cfg(context_length=24)).eval()
+    with torch.inference_mode():
+        cache = model.new_batch_kv_cache(max_len=8)
+        with pytest.raises(LLMError, match="KV cache rows hold at most 8 positions, got 9"):
+            cache.add([2, 9])
+        model(torch.ones(2, 5, dtype=torch.long), kv_cache=cache.add([5, 2]), last=torch.tensor([4, 1]))
+        with pytest.raises(LLMError, match="a BatchKVCache decodes one token per row, got 2"):
+            model(torch.ones(2, 2, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(LLMError, match="a forward of 3 rows, the cache holds 2"):
+            model(torch.ones(3, 1, dtype=torch.long), kv_cache=cache)
+        for _ in range(3):
+            model(torch.ones(2, 1, dtype=torch.long), kv_cache=cache)
+        assert cache.lengths == [8, 5]
+        with pytest.raises(LLMError, match="KV cache has room for 0 tokens, got 1"):
+            model(torch.ones(2, 1, dtype=torch.long), kv_cache=cache)  # the first row is full

@@ -353,6 +353,99 @@ def test_a_long_classification_takes_turns_with_a_completion_sent_meanwhile(mode
     assert (health["completed"], health["cancelled"]) == (2, 0)
 
 
+def _rows_per_step(monkeypatch) -> list[int]:
+    """The rows of every batch step from now on (`llm.generate.Batch.step`, wrapped)."""
+    from llm.generate import Batch
+
+    rows, step = [], Batch.step
+
+    def counted(self):
+        events = step(self)
+        rows.append(len({id(row) for row, _ in events}))
+        return events
+
+    monkeypatch.setattr(Batch, "step", counted)
+    return rows
+
+
+def _completions_at_once(app, bodies: list[dict]) -> list[dict]:
+    """POST every body to /v1/completions at once; the answers in order (streamed ones as their joined text)."""
+    import httpx
+
+    async def run():
+        app.state.scheduler.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=None) as c:
+            responses = await asyncio.gather(*(c.post("/v1/completions", json=body) for body in bodies))
+        app.state.scheduler.close()
+        return responses
+
+    answers = []
+    for body, response in zip(bodies, asyncio.run(run()), strict=True):
+        assert response.status_code == 200, response.text
+        if body.get("stream"):
+            chunks = _events(response)[:-1]
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            answers.append({"text": text, "finish_reason": chunks[-1]["choices"][0]["finish_reason"]})
+        else:
+            answers.append(response.json()["choices"][0])
+    return answers
+
+
+def test_requests_at_once_are_decoded_together_each_as_it_is_alone(models, ckpt, monkeypatch):
+    """Twelve completions sent together, prompts of 1 to 25 tokens, greedy or seeded, streamed or not, one with a
+    stop sequence: they share steps (rows join as they come, leave as they finish) and every answer is the
+    text the request gets alone, `llm generate`'s."""
+    rows = _rows_per_step(monkeypatch)
+    prompts = ["Hi", "Every effort moves you", "word " * 24, "The cat", "Once upon a time", "a, b, c, d, e, f"] * 2
+    bodies = []
+    for i, prompt in enumerate(prompts):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": min(12, 32 - len(encode(prompt))), "temperature": 0}
+        if i % 3 == 1:
+            body |= {"temperature": 1.2, "top_k": 20, "seed": i}
+        bodies.append(body | {"stream": i % 2 == 0})
+    bodies[0]["stop"] = _greedy(ckpt[1], "Hi", 12)[5:8]  # greedy and streamed
+    answers = _completions_at_once(create_app(models), bodies)
+    for body, answer in zip(bodies, answers, strict=True):
+        sampling = {k: body[k] for k in ("temperature", "top_k", "seed") if k in body and body["temperature"]}
+        expected = _greedy(ckpt[1], body["prompt"], body["max_tokens"], **sampling)
+        if "stop" in body:
+            expected = expected[: expected.index(body["stop"])]
+        assert answer["text"] == expected
+    assert answers[0]["finish_reason"] == "stop"
+    assert max(rows) == 12 and len(rows) < sum(b["max_tokens"] for b in bodies)  # together, not in turn
+
+
+def test_max_batch_bounds_the_rows_of_a_step(models, ckpt, monkeypatch):
+    """`--max-batch 2`: five requests at once take turns two rows at a time, each still its text alone."""
+    rows = _rows_per_step(monkeypatch)
+    bodies = [
+        {"model": "tiny", "prompt": p, "max_tokens": 6, "temperature": 0} for p in ["A", "B c", "D e f", "G", "H"]
+    ]
+    answers = _completions_at_once(create_app(models, limits=Limits(max_batch=2)), bodies)
+    assert [a["text"] for a in answers] == [_greedy(ckpt[1], b["prompt"], 6) for b in bodies]
+    assert max(rows) == 2 and len(rows) >= 15  # 5 x 6 tokens, 2 rows a step
+
+
+def test_a_step_that_fails_answers_its_rows_500_and_the_next_request_starts_a_new_batch(models, ckpt, monkeypatch):
+    from llm.generate import Batch
+
+    step, failures = Batch.step, [RuntimeError("out of memory")]
+
+    def failing_once(self):
+        if failures:
+            raise failures.pop()
+        return step(self)
+
+    monkeypatch.setattr(Batch, "step", failing_once)
+    body = {"model": "tiny", "prompt": "Every effort", "max_tokens": 4, "temperature": 0}
+    with TestClient(create_app(models), raise_server_exceptions=False) as c:
+        _error(c.post("/v1/completions", json=body), 500, "internal error: RuntimeError: out of memory")
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == _greedy(ckpt[1], "Every effort", 4)
+        health = c.get("/health").json()
+    assert (health["completed"], health["cancelled"], health["active"]) == (1, 1, 0)
+
+
 def test_the_messages_per_classification_are_bounded_by_the_servers_limit(models):
     with TestClient(create_app(models, limits=Limits(max_classify_inputs=3))) as c:
         error = _error(c.post("/v1/classify", json={"input": ["a", "b", "c", "d"]}), 400)
@@ -628,7 +721,9 @@ def test_health_says_stalled_while_one_step_runs_past_the_stall_timeout_and_ok_o
 
 
 def test_health_names_every_step_of_a_generation(models):
-    """What /health shows as the running step: each token of a generation, its end and its close."""
+    """What /health shows as the running step: each step of the model's batch, its rows and those that join
+    it in that step (a generation is a row of its model's batch; it finished with its last token, so it
+    leaves without a step of its own)."""
     app = create_app(models)
     scheduler, steps = app.state.scheduler, []
     step_of = scheduler._step_of
@@ -638,8 +733,30 @@ def test_health_names_every_step_of_a_generation(models):
         assert c.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 2
         scheduler.close()
         assert scheduler.join(60)
-    assert steps == ["tiny: token 1 of 2", "tiny: token 2 of 2", "tiny: the end", "tiny: close a generation"]
-    assert scheduler.steps == 4
+    assert steps == ["tiny: a batch step of 1 row, 1 joining", "tiny: a batch step of 1 row"]
+    assert scheduler.steps == 2
+
+
+def test_health_names_a_batch_step_by_its_rows(models):
+    """Two generations of one model started together are one step's two rows, in every step /health names."""
+    served, steps = models["tiny"], []
+
+    async def run():
+        scheduler = Scheduler(max_active=2, max_queue=4)
+        step_of = scheduler._step_of
+        scheduler._step_of = lambda what, fn, *args: steps.append(what) or step_of(what, fn, *args)
+        scheduler.start()
+
+        async def one():
+            req = CompletionRequest(prompt="Hi", temperature=0, ignore_eos=True)
+            async for _ in Generation(scheduler, served, encode("Hi"), req, 3, []).pieces():
+                pass
+
+        await asyncio.gather(one(), one())
+        scheduler.close()
+
+    asyncio.run(run())
+    assert steps == ["tiny: a batch step of 2 rows, 2 joining"] + ["tiny: a batch step of 2 rows"] * 2
 
 
 def test_requests_in_flight_take_turns_one_token_each(models):
@@ -676,9 +793,13 @@ def test_a_bad_model_is_one_line_and_exit_2(capsys, ckpt, tmp_path):
         (["--stall-timeout", "inf"], "got inf"),
         (["--stall-timeout", "-1"], "got -1"),
         (["--stall-timeout", "1m"], "--stall-timeout: must be a number of seconds, got '1m'"),
+        (["--max-batch", "0"], "--max-batch: must be in [1, 256], got 0"),
+        (["--max-batch", "257"], "--max-batch: must be in [1, 256], got 257"),  # bounds.MAX_BATCH
     ],
 )
-def test_an_empty_api_key_or_a_timeout_that_is_no_duration_is_one_line(capsys, ckpt, option, message):
+def test_an_empty_api_key_a_timeout_that_is_no_duration_or_a_batch_out_of_bounds_is_one_line(
+    capsys, ckpt, option, message
+):
     argv = ["serve", "--model", str(ckpt[0]), *option]
     if option[0] == "--api-key":
         return _one_line(capsys, argv, message)

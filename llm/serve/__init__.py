@@ -10,19 +10,19 @@ or, for a spam classifier, `llm.classifier.load_classifier`, the loaders of `llm
 - `POST /v1/classify` (an extension) for classifiers;
 - `GET /`: a page to try them (`index.html`, plain HTML and JavaScript, nothing fetched from elsewhere).
 
-Concurrency: a fair queue, token by token (`llm.serve.scheduler`). Every generation step (one
-token of one request, through its own KV cache) and every classification step (a batch of 32 messages)
-runs on one worker thread, whose tasks are taken first in, first out; a request submits its next step
-only when the previous one is done, so N requests in flight take turns one step each and all stream at
-once, and a long list to classify does not hold back a short completion. This is not
-batching: the book's KV cache keeps one position for the whole batch, so prompts of different lengths
-would need padding masks the model does not have, and a request in a batch would no longer give the
-tokens `llm generate` gives. Round-robin keeps every request's output exactly what `llm generate`
-(`llm instruct`) would print, lets a short request finish while a long one runs, and costs one thread
-hand-off per token. At most `max_active` requests take turns; up to `max_queue` more wait for a turn;
-beyond that a request is answered 503 with `Retry-After`; a classification sends at most
-`max_classify_inputs` messages. A client that disconnects stops its generation at the next token (its
-classification at the next batch) and frees its turn.
+Concurrency: a fair queue and continuous batching (`llm.serve.scheduler`). Every model step runs on one
+worker thread, first in, first out. The requests generating with one model are the rows of that model's
+batch (`llm.generate.Batch`): one step gives every row its next token in one forward, new requests join
+between steps (their prompts prefilled together) and finished ones leave, so N requests stream at once
+for little more than the cost of one. A classification step (a batch of 32 messages) and other models'
+steps queue between a batch's steps, so a long list to classify does not hold back a short completion.
+Each row follows `llm generate`'s steps for its prompt alone, with its own settings and seed: a lone request
+gets `llm generate`'s very logits; among others, its logits are equal to rounding, so a greedy answer can
+differ from `llm generate`'s where two tokens tie to within that rounding (measured: docs/performance.md).
+At most `max_active` requests take turns, and a model's batch holds at most `max_batch` of them (the others
+wait for a row); up to `max_queue` more wait for a turn; beyond that a request is answered 503 with
+`Retry-After`; a classification sends at most `max_classify_inputs` messages. A client that disconnects
+stops its generation at the next step (its classification at the next batch) and frees its turn.
 
 The page and each endpoint are described in the README (section "Serving the models").
 """

@@ -47,7 +47,7 @@ def create_app(models: Mapping[str, ServedModel], api_key: str | None = None, li
         exception_handlers=HANDLERS,
     )
     app.state.models, app.state.limits = models, limits
-    app.state.scheduler = Scheduler(limits.max_active, limits.max_queue)
+    app.state.scheduler = Scheduler(limits.max_active, limits.max_queue, limits.max_batch)
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     app.include_router(page)
     app.include_router(api)

@@ -1,7 +1,8 @@
 """The fair queue: one worker thread runs every model step, first in, first out; a bounded number of
 requests take turns on it and a bounded number wait for a turn (see `llm.serve`'s docstring). The
-scheduler also records what the worker runs and since when, so that /health tells a stalled worker
-(one step running past the stall timeout) from a healthy one (`Scheduler.health`)."""
+requests generating with one model are rows of that model's `Batcher`: one step gives each its next token.
+The scheduler also records what the worker runs and since when (a batch step too), so that /health tells a
+stalled worker (one step running past the stall timeout) from a healthy one (`Scheduler.health`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from llm.generate import Batch, Row
 
 T = TypeVar("T")
 
@@ -20,12 +23,20 @@ class QueueFull(Exception):
 
 class Scheduler:
     """`reserve()` admits a request (QueueFull when `max_active` run and `max_queue` wait);
-    `run(fn)` runs one step on the worker thread and returns its result."""
+    `run(fn)` runs one step on the worker thread and returns its result; `batcher(model)` is the batch
+    of that model's generations, at most `max_batch` rows."""
 
-    def __init__(self, max_active: int = 8, max_queue: int = 32, clock: Callable[[], float] = time.monotonic):
-        if max_active < 1 or max_queue < 0:
-            raise ValueError("max_active must be >= 1 and max_queue >= 0")
-        self.max_active, self.max_queue = max_active, max_queue
+    def __init__(
+        self,
+        max_active: int = 32,
+        max_queue: int = 32,
+        max_batch: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_active < 1 or max_queue < 0 or max_batch < 1:
+            raise ValueError("max_active and max_batch must be >= 1 and max_queue >= 0")
+        self.max_active, self.max_queue, self.max_batch = max_active, max_queue, max_batch
+        self._batchers: dict[int, Batcher] = {}
         self.active = 0  # requests holding a turn
         self.waiting = 0  # requests waiting for one
         self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "tokens": 0}
@@ -53,6 +64,14 @@ class Scheduler:
         """`fn(*args)` on the worker thread; `what` names the step in /health while it runs. Steps of
         different requests take turns there."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, self._step_of, what, fn, *args)
+
+    def batcher(self, model, context_size: int, name: str = "a model") -> Batcher:
+        """The batch of the generations of `model` (one per model, made at its first request); `name`
+        names its steps in /health."""
+        batcher = self._batchers.get(id(model))
+        if batcher is None:
+            batcher = self._batchers[id(model)] = Batcher(self, model, context_size, name)
+        return batcher
 
     def later(self, fn: Callable[..., Any], *args: Any, what: str = "a cleanup") -> None:
         """Run `fn(*args)` on the worker thread after what is queued there, without waiting (closing
@@ -144,3 +163,70 @@ class Ticket:
             self.scheduler._turns.release()
         self.scheduler.counts["completed" if self.completed else "cancelled"] += 1
         self.state = "done"
+
+
+class Batcher:
+    """The requests generating with one model, as rows of one `llm.generate.Batch`: a step on the worker
+    gives every row its next token, and rows join (`join`) and leave (`leave`) between steps. The steps run
+    while a row is in flight, one at a time, so a classification's batches and other models' steps queue
+    between them on the worker, first in, first out."""
+
+    def __init__(self, scheduler: Scheduler, model, context_size: int, name: str = "a model"):
+        self.scheduler, self.model, self.context_size, self.name = scheduler, model, context_size, name
+        self.batch = Batch(model, context_size, scheduler.max_batch)
+        self._inbox: dict[Row, asyncio.Queue] = {}  # each row in flight: where its tokens go
+        self._joining: list[Row] = []
+        self._leaving: list[Row] = []
+        self._task: asyncio.Task | None = None
+
+    def join(self, row: Row) -> asyncio.Queue:
+        """Add `row` at the next step. Its tokens arrive in the queue returned, then None when it finished
+        (at `eos_id` or its `max_new_tokens`); the exception instead where a step failed."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._inbox[row] = queue
+        self._joining.append(row)
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:  # (a test's new loop)
+            self._task = loop.create_task(self._steps())
+        return queue
+
+    def leave(self, row: Row) -> None:
+        """Stop `row` at the next step (its client went away, or a stop sequence ended its text); nothing
+        for a row that finished."""
+        if self._inbox.pop(row, None) is not None:
+            self._leaving.append(row)
+
+    async def _steps(self) -> None:
+        while self._inbox:
+            joining, self._joining = self._joining, []
+            leaving, self._leaving = self._leaving, []
+            try:
+                events = await self.scheduler.run(self._step, joining, leaving, what=self._what(joining))
+            except Exception as exc:  # every row in flight gets it; the next rows start a new batch
+                for queue in self._inbox.values():
+                    queue.put_nowait(exc)
+                self._inbox.clear()
+                self._joining, self._leaving = [], []
+                self.batch = Batch(self.model, self.context_size, self.scheduler.max_batch)
+                return
+            for row, token in events:
+                queue = self._inbox.get(row)
+                if queue is not None:
+                    queue.put_nowait(token)
+                    if token is None:
+                        del self._inbox[row]
+
+    def _what(self, joining: list[Row]) -> str:
+        """The next step, as /health names it while it runs: how many rows it steps (those in flight, at
+        most the batch's places) and how many of them join the batch in it (prefilled first)."""
+        rows = min(len(self._inbox), self.batch.max_rows)
+        text = f"{self.name}: a batch step of {rows} row{'' if rows == 1 else 's'}"
+        return text + (f", {len(joining)} joining" if joining else "")
+
+    def _step(self, joining: list[Row], leaving: list[Row]) -> list[tuple[Row, int | None]]:
+        """On the worker: the rows that came and went since the last step, then one step."""
+        for row in joining:
+            self.batch.add(row)
+        for row in leaving:
+            self.batch.cancel(row)
+        return self.batch.step()

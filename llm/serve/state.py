@@ -16,12 +16,13 @@ from llm.serve.scheduler import Scheduler
 
 @dataclass(frozen=True)
 class Limits:
-    max_active: int = 8  # requests taking turns on the worker
+    max_active: int = 32  # requests taking turns on the worker
     max_queue: int = 32  # requests waiting for a turn; more are answered 503
     max_tokens: int = 1024  # the most tokens one request may ask for
     max_body_bytes: int = 1_000_000  # a larger request body is answered 413
     max_classify_inputs: int = MAX_CLASSIFY_INPUTS  # the most messages one /v1/classify request may send
     stall_timeout: float = STALL_TIMEOUT  # seconds one model step may run before /health says "stalled" (503)
+    max_batch: int = 32  # the most generations of one model that one step decodes together
 
 
 # async: FastAPI runs a plain `def` dependency on a thread, which reading an attribute does not need

@@ -1,7 +1,8 @@
 """A request's generation and its answer: streamed as server-sent events, or collected into one body.
 
-`Generation` runs the steps of `llm generate` a token at a time on the scheduler's worker and decodes
-them to text, cut at a stop sequence (`StopText`). `respond` is the one answer both text endpoints give:
+`Generation` is a row of its model's batch (`llm.serve.scheduler.Batcher`): the steps of `llm generate`
+for its prompt, a token per step of the batch on the scheduler's worker, decoded to text and cut at a
+stop sequence (`StopText`). `respond` is the one answer both text endpoints give:
 with `"stream": true` an `EventStream` of chunks, the finish reason, the usage when asked, `[DONE]`;
 without, the whole text once the generation ends. Either way a client that goes away stops the
 generation at its next token and gives back its turn.
@@ -15,11 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llm.generate import generate_stream
+from llm.generate import new_row
 from llm.serve.registry import ServedModel
 from llm.serve.scheduler import Scheduler, Ticket
 from llm.serve.schemas import ChatRequest, CompletionRequest
@@ -57,19 +57,18 @@ class StopText:
 
 
 class Generation:
-    """One request's tokens: `generate_stream` (KV cache, the same steps as `llm generate`) run a token at a
-    time on the scheduler's worker, decoded to text. `finish_reason` is "stop" (<|endoftext|>, unless the
-    request sets `ignore_eos`, or a stop sequence) or "length" once `pieces()` is done."""
+    """One request's tokens: a row of its model's batch (`llm.generate.Batch`, the same steps as `llm generate`
+    with a KV cache), decoded to text. `finish_reason` is "stop" (<|endoftext|>, unless the request sets
+    `ignore_eos`, or a stop sequence) or "length" once `pieces()` is done."""
 
     def __init__(self, scheduler: Scheduler, served: ServedModel, ids: list[int], req, max_new: int, stops):
         self.scheduler, self.served = scheduler, served
         self.prompt_tokens, self.max_new = len(ids), max_new
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        device = next(served.model.parameters()).device
-        self._steps = generate_stream(  # checks the settings here, before any step (an LLMError: 400)
+        self._row = new_row(  # checks the settings here, before any step (an LLMError: 400)
             served.model,
-            torch.tensor([ids], device=device),
+            ids,
             max_new_tokens=max_new,
             context_size=served.context_length,
             temperature=req.temperature,
@@ -84,26 +83,27 @@ class Generation:
         tokenizer = get_tokenizer()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         counts = self.scheduler.counts
+        batcher = self.scheduler.batcher(self.served.model, self.served.context_length, self.served.id)
+        tokens = batcher.join(self._row)
         try:
             while self.finish_reason is None:
-                n = self.completion_tokens + 1
-                what = f"{self.served.id}: " + (f"token {n} of {self.max_new}" if n <= self.max_new else "the end")
-                token = await self.scheduler.run(next, self._steps, None, what=what)
-                if token is None:  # the steps ended: max_new tokens, or <|endoftext|>
+                token = await tokens.get()
+                if isinstance(token, BaseException):  # the step failed
+                    raise token
+                if token is None:  # the row finished: max_new tokens, or <|endoftext|>
                     self.finish_reason = "length" if self.completion_tokens == self.max_new else "stop"
                     text, stopped = self._stop.feed(decoder.decode(b"", final=True))
                     text += "" if stopped else self._stop.flush()
                 else:
                     self.completion_tokens += 1
                     counts["tokens"] += 1
-                    text, stopped = self._stop.feed(decoder.decode(token_bytes(int(token[0, 0]), tokenizer)))
+                    text, stopped = self._stop.feed(decoder.decode(token_bytes(token, tokenizer)))
                     if stopped:
                         self.finish_reason = "stop"
                 if text:
                     yield text
-        finally:  # done, or the client went away: stop here (the ticket counts the request)
-            # after a step that may still run on the worker
-            self.scheduler.later(self._steps.close, what=f"{self.served.id}: close a generation")
+        finally:  # done, or the client went away: the row leaves the batch at its next step
+            batcher.leave(self._row)
 
     def usage(self) -> dict[str, int]:
         n, m = self.prompt_tokens, self.completion_tokens
