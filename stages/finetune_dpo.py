@@ -31,14 +31,12 @@ from llm.dpo import (
 )
 from llm.errors import ConfigError, run_main
 from llm.files import write_json
-from llm.generate import generate
-from llm.instruct import extract_response, format_input, split_instructions
+from llm.instruct import answer_test_set, split_instructions
 from llm.pipeline.finetune import Evaluation, FinetuneStage, Outputs, TaskData
 from llm.pipeline.params import init_source
 from llm.pipeline.sources import data_file
-from llm.progress import progress_bar
 from llm.runtime import select_device
-from llm.tokenizer import EOT_ID, check_token_ids, text_to_token_ids, token_ids_to_text
+from llm.tokenizer import EOT_ID, check_token_ids
 
 RAW = Path("data/raw")
 RESPONSES = Path("data/dpo/responses.json")
@@ -130,10 +128,11 @@ class DPOStage(FinetuneStage):
         reference = read_checkpoint(init_source(f.init)).model(device)  # the starting weights, to answer
         started = time.perf_counter()
         entries = [dict(e) for e in task.test_data]
-        for who, m in (("reference", reference), ("policy", model)):
+        for who, m in (("reference", reference), ("policy", model)):  # in batches, each as `generate` alone
             m.eval()
-            for entry in progress_bar(entries, desc=f"{who} responses", unit="entry", lines=True):
-                entry[f"{who}_response"] = self.answer(f, m, entry, task, device)
+            answers = answer_test_set(m, entries, "alpaca", f.max_new_tokens, f.eos_id, progress=f"{who} responses")
+            for entry, answer in zip(entries, answers, strict=True):
+                entry[f"{who}_response"] = answer
         generate_seconds = time.perf_counter() - started
         moves = response_moves(entries)
         metrics["test"]["before"].update(moves["before"])
@@ -141,14 +140,6 @@ class DPOStage(FinetuneStage):
         metrics.update({"steps": history.steps, "tokens_seen": history.total_tokens})
         timings = {"reference_seconds": task.reference_seconds, "generate_seconds": generate_seconds}
         return Evaluation(metrics, timings, {"responses": entries})
-
-    def answer(self, f, model, entry, task, device) -> str:
-        """The model's greedy answer to one test instruction (the Alpaca prompt of the book's DPO data)."""
-        prompt = format_input(entry)
-        ids = text_to_token_ids(prompt, task.tokenizer)[:, -task.context :].to(device)
-        out = generate(model, ids, f.max_new_tokens, task.context, eos_id=f.eos_id)
-        text = prompt + token_ids_to_text(out[:, ids.shape[1] :], task.tokenizer)
-        return extract_response(text, prompt, "alpaca")
 
     def save(self, f, task, model, init, evaluation):
         start = checkpoint_meta(init) if Path(init).is_dir() else {}
