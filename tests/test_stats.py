@@ -410,17 +410,21 @@ def test_the_calibration_tables_are_what_the_committed_replicates_give():
     assert rows and all(line in doc for line in rows)
 
 
-def test_the_docs_example_output_is_what_llm_compare_prints(capsys):
+def test_the_docs_example_output_is_what_llm_compare_prints(capsys, tmp_path):
     """docs/experiments.md's `llm compare` example: every line it shows is a line of the real output on
-    the committed runs (the baseline's replicates and the lr x10 run kept in docs/pr-comment/head)."""
+    the committed runs (the baseline's replicates and the lr x10 run kept in docs/pr-comment/head), under
+    the gates of the stages that run held (it was made before finetune_dpo existed)."""
     olds = sorted((ROOT / "ci" / "baseline").glob("replicate-*"), key=lambda p: int(p.name[10:]))
     news = sorted((ROOT / "docs" / "pr-comment" / "head").glob("replicate-*"), key=lambda p: int(p.name[10:]))
     import os
 
+    thresholds = tmp_path / "thresholds.yaml"
+    thresholds.write_text(json.dumps(example_gates()))  # JSON is YAML
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        code = main(["compare", "--old", *[str(p.relative_to(ROOT)) for p in olds], "--new", *map(str, news)])
+        code = main(["compare", "--old", *[str(p.relative_to(ROOT)) for p in olds], "--new", *map(str, news),
+                     "--thresholds", str(thresholds)])  # fmt: skip
     finally:
         os.chdir(cwd)
     out = capsys.readouterr().out.splitlines()
@@ -435,3 +439,12 @@ def test_the_docs_example_output_is_what_llm_compare_prints(capsys):
             assert out[0].startswith("metrics ci/baseline/replicate-0"), out[0]
             continue
         assert line in out, line
+
+
+def example_gates() -> dict:
+    """thresholds.yaml's gates on the stages docs/pr-comment's runs hold, as thresholds.yaml writes them."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "thresholds.yaml").read_text(encoding="utf-8"))
+    held = {f"metrics/{p.name}" for p in (ROOT / "docs" / "pr-comment" / "head" / "replicate-0").glob("*.json")}
+    return {file: gates for file, gates in raw.items() if file in held}
