@@ -140,9 +140,8 @@ def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: 
             t = time.perf_counter()
             out = runners[key](key[1])
             runs[key].append((time.perf_counter() - t, out))
-            log(
-                f"  round {r + 1}: {name} {key[0]:4s} B={key[1]:<3d} {key[1] * new_tokens / runs[key][-1][0]:8.1f} tok/s"
-            )
+            tok_s = key[1] * new_tokens / runs[key][-1][0]
+            log(f"  round {r + 1}: {name} {key[0]:4s} B={key[1]:<3d} {tok_s:8.1f} tok/s")
     rate = {key: key[1] * new_tokens / min(t for t, _ in done) for key, done in runs.items()}
     alone = runs[("loop", max(batches))][0][1]  # each prompt's tokens alone
     labels = {"ours": "ours generate_batch", "hf": "transformers generate, padded", "loop": "ours generate, one by one"}
