@@ -655,7 +655,8 @@ def test_a_closed_worker_is_not_waited_for_past_a_timeout(models):
     asyncio.run(run())
 
 
-def test_requests_in_flight_take_turns_one_token_each(models):
+def test_requests_in_flight_get_a_token_each_per_step(models):
+    """Two requests in one batch: every step gives each its next token; with one turn, the second waits."""
     assert _interleaving(models, max_active=2) == "ab" * 6
     assert _interleaving(models, max_active=1) == "a" * 6 + "b" * 6  # the second waited for a turn
 
