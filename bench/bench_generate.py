@@ -11,11 +11,11 @@ method that still has runs to do (`--repeats` for the cached methods, `--uncache
 slow uncached ones), the first method rotating each round, so the machine's drifts in speed hit
 every method alike. Each method reports its best run; every run's tokens must equal the book's.
 
-Batched (`--batches`, at `--batch-configs`): 64 prompts of 4 to 16 random tokens (seeded), each first
-generated alone with `generate` (the sequential loop, the "one sequence" rate, and the tokens every batched
-row must equal); then for each batch size B the first B prompts at once, `--batch-new-tokens` greedy tokens
-each (no eos: every row runs to the end), by `generate_batch(batch_size=B)` and by transformers' `generate`
-on the prompts left-padded with an attention mask, interleaved in `--repeats` rounds as above, best run.
+Batched (`--batches`, at `--batch-configs`): 64 prompts of 4 to 16 random tokens (seeded); for each batch
+size B the first B prompts, `--batch-new-tokens` greedy tokens each (no eos: every row runs to the end), by
+`generate_batch(batch_size=B)`, by transformers' `generate` on the prompts left-padded with an attention
+mask, and by `generate` on one prompt after another (the unbatched loop, whose tokens every batched row
+must equal), interleaved in `--repeats` rounds as above, best run.
 
 Run from the repository root (the book's code is `tests/book_reference.py`, imported as a module):
 
@@ -105,8 +105,8 @@ def transformers_peer(model: GPTModel):
 BATCH_CONFIGS = {"124M": GPT_CONFIG_124M, "mini": PRESETS["mini"]}
 
 
-def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: int) -> tuple[list[list[str]], str]:
-    """Rows of the batched table for config `name`, and a line on the sequential loop."""
+def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: int) -> list[list[str]]:
+    """Rows of the batched table for config `name`."""
     cfg = {**BATCH_CONFIGS[name], "drop_rate": 0.0}
     ctx = cfg["context_length"]
     set_seed(seed)
@@ -116,11 +116,9 @@ def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(4, 17, (max(batches),), generator=g).tolist()
     prompts = [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
-    generate(ours, torch.tensor([prompts[0]]), 2, ctx)  # warm-up
-    t0 = time.perf_counter()
-    alone = [generate(ours, torch.tensor([p]), new_tokens, ctx)[0, len(p) :].tolist() for p in prompts]
-    sequential = len(prompts) * new_tokens / (time.perf_counter() - t0)
-    log(f"  {name}: {len(prompts)} prompts one after another: {sequential:.1f} tok/s")
+
+    def loop_run(b: int) -> list[list[int]]:
+        return [generate(ours, torch.tensor([p]), new_tokens, ctx)[0, len(p) :].tolist() for p in prompts[:b]]
 
     def ours_run(b: int) -> list[list[int]]:
         return generate_batch(ours, prompts[:b], new_tokens, ctx, batch_size=b)
@@ -132,31 +130,30 @@ def batched(name: str, batches: list[int], new_tokens: int, repeats: int, seed: 
         out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, use_cache=True)
         return out[:, width:].tolist()
 
-    runners = {f"{impl} B={b}": (run, b) for b in batches for impl, run in (("ours", ours_run), ("hf", hf_run))}
-    for run, _ in runners.values():  # warm-up: every shape once, untimed
+    impls = {"ours": ours_run, "hf": hf_run, "loop": loop_run}
+    runners = {(impl, b): run for b in batches for impl, run in impls.items()}
+    for run in impls.values():  # warm-up, untimed
         run(1)
-    runs: dict[str, list[tuple[float, list[list[int]]]]] = {key: [] for key in runners}
+    runs: dict[tuple[str, int], list[tuple[float, list[list[int]]]]] = {key: [] for key in runners}
     for r in range(repeats):
         for key in rotated(list(runners), r):
-            run, b = runners[key]
             t = time.perf_counter()
-            out = run(b)
+            out = runners[key](key[1])
             runs[key].append((time.perf_counter() - t, out))
-            log(f"  round {r + 1}: {name} {key:10s} {b * new_tokens / runs[key][-1][0]:8.1f} tok/s")
-    best = {key: min(t for t, _ in done) for key, done in runs.items()}
-    rate = {key: runners[key][1] * new_tokens / best[key] for key in runners}
+            tok_s = key[1] * new_tokens / runs[key][-1][0]
+            log(f"  round {r + 1}: {name} {key[0]:4s} B={key[1]:<3d} {tok_s:8.1f} tok/s")
+    rate = {key: key[1] * new_tokens / min(t for t, _ in done) for key, done in runs.items()}
+    alone = runs[("loop", max(batches))][0][1]  # each prompt's tokens alone
+    labels = {"ours": "ours generate_batch", "hf": "transformers generate, padded", "loop": "ours generate, one by one"}
     rows = []
     for b in batches:
-        for impl, label in (("ours", "ours generate_batch"), ("hf", "transformers generate, padded")):
-            key = f"{impl} B={b}"
-            same = sum(all(out[i] == alone[i] for _, out in runs[key]) for i in range(b))
+        for impl in impls:
+            same = sum(all(out[i] == alone[i] for _, out in runs[(impl, b)]) for i in range(b))
             rows.append([
-                name, str(b), label, f"{rate[key]:.1f}", f"{rate[key] / rate[f'{impl} B=1']:.2f}",
-                f"{rate[key] / sequential:.2f}", f"{rate[f'ours B={b}'] / rate[f'hf B={b}']:.2f}" if impl == "ours"
-                else "1.00", f"{same}/{b}",
+                name, str(b), labels[impl], f"{rate[(impl, b)]:.1f}", f"{rate[(impl, b)] / rate[(impl, 1)]:.2f}",
+                f"{rate[(impl, b)] / rate[('loop', b)]:.2f}", f"{rate[(impl, b)] / rate[('hf', b)]:.2f}", f"{same}/{b}",
             ])  # fmt: skip
-    line = f"{name}: the {len(prompts)} prompts one after another with `generate`: {sequential:.1f} tokens/s."
-    return rows, line
+    return rows
 
 
 def single(args) -> list[str]:
@@ -299,26 +296,32 @@ def main(argv: list[str] | None = None) -> int:
         report += single(args)
     batches = [int(b) for b in args.batches.split(",") if b]
     if batches:
-        rows, lines = [], []
+        rows = []
         for name in args.batch_configs.split(","):
             log(f"batched: {name} ...")
-            config_rows, line = batched(name, batches, args.batch_new_tokens, args.repeats, args.seed)
-            rows += config_rows
-            lines.append(line)
+            rows += batched(name, batches, args.batch_new_tokens, args.repeats, args.seed)
         report += [
             "",
             "## Many prompts at once",
             "",
             f"- {max(batches)} prompts of 4 to 16 random token ids, {args.batch_new_tokens} new tokens each, greedy, "
-            "no eos; batch B takes the first B prompts; random weights (seed "
-            f"{args.seed}); each implementation's best of {args.repeats} interleaved runs",
-            "- × B=1: tokens/s over the same implementation's at batch 1; × alone: over our `generate` run on "
-            "the prompts one after another; rows = alone: rows whose tokens equal `generate`'s for that prompt "
-            "alone, in every run",
-            *(f"- {line}" for line in lines),
+            f"no eos; batch B takes the first B prompts; random weights (seed {args.seed}); each row's best of "
+            f"{args.repeats} interleaved runs after an untimed warm-up",
+            "- ours generate, one by one: `generate` on the B prompts one after another (no batching); "
+            "× B=1: tokens/s over the same implementation's at batch 1; × one by one: over that loop's at the same B; "
+            "rows = alone: rows whose tokens equal `generate`'s for that prompt alone, in every run",
             "",
             markdown_table(
-                ["config", "batch", "implementation", "tokens/s", "× B=1", "× alone", "× transformers", "rows = alone"],
+                [
+                    "config",
+                    "batch",
+                    "implementation",
+                    "tokens/s",
+                    "× B=1",
+                    "× one by one",
+                    "× transformers",
+                    "rows = alone",
+                ],
                 rows,
                 left=3,
             ),  # fmt: skip

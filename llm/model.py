@@ -234,6 +234,8 @@ class BatchKVCache:
         self._decode = None
 
 
+ROWS_HEAD_MAX = 8  # see GPTModel._rows_logits
+
 # The book's causal-mask buffer: MultiHeadAttention emits it in `state_dict()` under this name,
 # so in a GPTModel's state dict its keys end in MASK_SUFFIX (`trf_blocks.<i>.att.mask`).
 MASK_NAME = "mask"
@@ -370,8 +372,23 @@ class GPTModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(seq_len)
             if not torch.is_grad_enabled() and isinstance(self.out_head, nn.Linear):  # not under a LoRA adapter
-                return self._cached_logits(self.final_norm(x))
+                x = self.final_norm(x)
+                if 1 < x.shape[0] * x.shape[1] <= ROWS_HEAD_MAX and (
+                    last is not None or isinstance(kv_cache, BatchKVCache)
+                ):
+                    return self._rows_logits(x)
+                return self._cached_logits(x)
         return self.out_head(self.final_norm(x))
+
+    def _rows_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head for one position of each of 2 to ROWS_HEAD_MAX rows (`BatchKVCache` decoding, a batched
+        prefill's last positions): `weight @ x.T`, which streams the [vocab, emb] weight once for all the rows,
+        where `x @ weight.T` (and `_cached_logits`'s copy) runs MKL's general product at about a row's cost
+        each: at 4 rows it takes half the time (docs/performance.md, Many prompts at once). One row keeps
+        `_cached_logits`, `generate`'s own sums; more rows than ROWS_HEAD_MAX gain nothing from it."""
+        b, t, emb = x.shape
+        out = (self.out_head.weight @ x.reshape(b * t, emb).t()).t().reshape(b, t, -1)
+        return out if self.out_head.bias is None else out + self.out_head.bias
 
     def _cached_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head for KV-cache decoding, from a transposed copy of its weight.

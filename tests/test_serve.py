@@ -759,7 +759,8 @@ def test_health_names_a_batch_step_by_its_rows(models):
     assert steps == ["tiny: a batch step of 2 rows, 2 joining"] + ["tiny: a batch step of 2 rows"] * 2
 
 
-def test_requests_in_flight_take_turns_one_token_each(models):
+def test_requests_in_flight_get_a_token_each_per_step(models):
+    """Two requests in one batch: every step gives each its next token; with one turn, the second waits."""
     assert _interleaving(models, max_active=2) == "ab" * 6
     assert _interleaving(models, max_active=1) == "a" * 6 + "b" * 6  # the second waited for a turn
 

@@ -147,6 +147,41 @@ def test_health_counts_every_request_once_even_one_whose_client_left_while_queue
         assert (health["completed"], health["cancelled"], health["active"], health["queued"]) == (1, 2, 0, 0), health
 
 
+def test_a_client_that_leaves_a_batch_stops_its_row_and_the_others_get_their_whole_text(long_ckpt):
+    """Three streams decoded together; one client goes away after its first event: its row leaves the batch
+    (its tokens stop, it is counted cancelled) and the two others finish, each the text it gets alone."""
+    body = {"model": "long", "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True}
+    prompts = ["Hi", "Every effort moves you", "The verdict"]
+    with llm_serve("--model", str(long_ckpt)) as served:
+        alone = {}
+        for prompt in prompts[1:]:
+            plain = {**body, "prompt": prompt, "stream": False}
+            alone[prompt] = httpx.post(served.url + "/v1/completions", json=plain, timeout=60).json()
+        texts = {}
+
+        def stream(prompt: str):
+            sent = {**body, "prompt": prompt} | ({"max_tokens": 1000} if prompt == "Hi" else {})
+            with httpx.Client(base_url=served.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                                   json=sent) as r:  # fmt: skip
+                lines = r.iter_lines()
+                first = _first_event(lines)["choices"][0]["text"]
+                if prompt == "Hi":
+                    return  # gone after one token: the block closes the response
+                rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                texts[prompt] = first + "".join(e["choices"][0]["text"] for e in rest)
+
+        threads = [threading.Thread(target=stream, args=(p,), daemon=True) for p in prompts[1:]]
+        for thread in threads:
+            thread.start()
+        stream("Hi")
+        for thread in threads:
+            thread.join(timeout=120)
+        assert texts == {p: alone[p]["choices"][0]["text"] for p in prompts[1:]}
+        health = _health(served.url, until=lambda h: h["active"] == 0 and h["cancelled"] == 1)
+        assert (health["completed"], health["cancelled"]) == (4, 1), health
+        assert health["tokens"] < 4 * 40 + 1000  # the row that left stopped early
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_finish_the_requests_in_flight_and_exit_0(long_ckpt, sig):
     body = {"model": "long", "prompt": "Hi", "max_tokens": 600, "temperature": 0, "stream": True, "ignore_eos": True}

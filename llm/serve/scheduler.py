@@ -23,8 +23,8 @@ class QueueFull(Exception):
 
 class Scheduler:
     """`reserve()` admits a request (QueueFull when `max_active` run and `max_queue` wait);
-    `run(fn)` runs one step on the worker thread and returns its result; `batcher(model)` is the batch
-    of that model's generations, at most `max_batch` rows."""
+    `run(fn)` runs one step on the worker thread and returns its result; `batcher(model, context_size)` is
+    the batch of that model's generations, at most `max_batch` rows."""
 
     def __init__(
         self,
