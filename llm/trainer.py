@@ -335,7 +335,7 @@ class Trainer:
         loss function's own metrics per split (`train_<name>`, `val_<name>`), then `evaluate_fn`'s."""
         self.model.eval()
         train = self._means(self.loaders.train_eval, num_batches)
-        val = self._means(self.loaders.val, num_batches, names=sorted(train))
+        val = self._means(self.loaders.val, num_batches, names=list(train))
         extra = {f"{split}_{name}": value for split, means in (("train", train), ("val", val))
                  for name, value in means.items() if name != "loss"}  # fmt: skip
         if self.evaluate_fn:
@@ -351,7 +351,7 @@ class Trainer:
         if self.world_size == 1:
             return means
         n = len(loader) if num_batches is None else min(num_batches, len(loader))  # batches this rank ran
-        names = names or sorted(means)
+        names = names or list(means)  # the loss function's order: the curve's columns as with one process
         *totals, count = distributed.sum_over_ranks(*(means[k] * n if n else 0.0 for k in names), n)
         return {k: total / count if count else float("nan") for k, total in zip(names, totals, strict=True)}
 
