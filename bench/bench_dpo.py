@@ -75,6 +75,7 @@ def run_book(cfg, state, train, val, settings, seed):
 
 
 def run_stage(cfg, state, train, val, settings, seed):
+    from llm.book.ch07_dpo import tracking
     from llm.dpo import DPOLoss, cached_reference, collate_with_reference, count_pairs
     from llm.loaders import make_loaders
     from llm.model import GPTModel
@@ -94,17 +95,7 @@ def run_stage(cfg, state, train, val, settings, seed):
     trainer = Trainer(model, loaders, loop, loss_fn=DPOLoss(settings["beta"], joint=True), count_fn=count_pairs,
                       progress=False, log=lambda m: None)  # fmt: skip
     history = trainer.fit()
-    seconds = time.perf_counter() - started
-    extra = history.extra
-    return seconds, {
-        "train_losses": history.train_loss,
-        "train_chosen_rewards": extra["train_chosen_reward"],
-        "train_rejected_rewards": extra["train_rejected_reward"],
-        "val_losses": history.val_loss,
-        "val_chosen_rewards": extra["val_chosen_reward"],
-        "val_rejected_rewards": extra["val_rejected_reward"],
-        "tokens_seen": history.tokens_seen,
-    }
+    return time.perf_counter() - started, tracking(history)
 
 
 _TOKENIZER = None

@@ -161,7 +161,11 @@ def train_model_dpo_simple(
         log=lambda message: None,  # the notebook's line above, with the reward margins
         optimizer=optimizer,
     )
-    history = trainer.fit()
+    return tracking(trainer.fit())
+
+
+def tracking(history) -> dict[str, list]:
+    """The notebook's `tracking` dict from a Trainer's History of a DPO run (`llm.dpo.DPOLoss`)."""
     extra = history.extra
     return {
         "train_losses": history.train_loss,
