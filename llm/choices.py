@@ -20,6 +20,9 @@ PRECISIONS = ("fp32", "bf16-mixed")
 LR_SCHEDULES = ("constant", "cosine")
 """constant: the book's fixed rate; cosine: half a cosine from lr down to min_lr after the warmup
 (`llm.schedule.lr_at`)."""
+OPTIMIZERS = ("adamw", "muon")
+"""adamw: the book's, for every weight; muon: `torch.optim.Muon` for the transformer blocks' matrices and
+AdamW for the rest (embeddings, head, norms, biases), one lr for both (`llm.optim.make_optimizer`)."""
 JUDGES = ("none", "ollama")
 """`finetune_instruct.judge`: none, or the book's judge through a local Ollama server (`llm.judge`)."""
 

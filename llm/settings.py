@@ -20,6 +20,7 @@ class LoopSettings:
     device: str
     lr: float = 4e-4
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw (the book) or muon (`llm.optim`)
     batch_size: int = 1  # per process; read by `llm.data.make_loaders`, not by the loop
     seed: int | None = None  # not read by the loop: the caller seeds torch
     warmup_steps: int = 0

@@ -34,6 +34,7 @@ from llm.checkpoint import weights_state_dict
 from llm.errors import LLMError, first_line
 from llm.loaders import Loaders
 from llm.losses import calc_loss_batch, loader_means, split_loss
+from llm.optim import make_optimizer
 from llm.progress import progress_bar, write
 from llm.resume import SAVE_ERRORS, History, StateStore, TrainState, run_fingerprint
 from llm.runtime import select_device
@@ -76,18 +77,6 @@ class NonFiniteLoss(LLMError):
 def lm_loss(model, batch, device, precision):
     """Next-token cross-entropy over every position (the book's `calc_loss_batch`)."""
     return calc_loss_batch(batch[0], batch[1], model, device, precision)
-
-
-def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW as in the book, fused into one kernel where the device supports it.
-
-    The per-parameter (foreach) AdamW step makes many passes over memory; the fused kernel does the
-    same update in one (bench/bench_train.py measures the step).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device.type if params else "cpu"
-    fused = device in ("cpu", "cuda", "mps")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def _quiet(message: str) -> None:
@@ -191,7 +180,7 @@ class Trainer:
         self.loss_fn, self.count_fn, self.evaluate_fn = loss_fn, count_fn, evaluate_fn
         self.on_epoch_end, self.on_record = on_epoch_end, on_record
         if optimizer is None:
-            optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay)
+            optimizer = make_optimizer(self.model, settings.lr, settings.weight_decay, settings.optimizer)
         self.optimizer = optimizer
         # A constant rate without warmup is never written into the optimizer: a given optimizer keeps its own.
         self.scheduled = bool(settings.warmup_steps) or settings.lr_schedule != "constant"
@@ -356,8 +345,10 @@ class Trainer:
         return {k: total / count if count else float("nan") for k, total in zip(names, totals, strict=True)}
 
     def _record(self, lr: float, bar) -> None:
+        started = time.perf_counter()
         train_loss, val_loss, extra = self.evaluate(self.s.eval_iter)
         self.history.record(self.step, self.epoch + 1, train_loss, val_loss, lr, extra)
+        self.history.eval_seconds += time.perf_counter() - started
         if self.on_record and self.is_main:
             self.on_record(self.history)
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")

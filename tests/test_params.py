@@ -136,6 +136,7 @@ def test_preset_and_overrides():
         ("model.n_heads", 5, "divisible"),
         ("train.precision", "fp16", "train.precision must be one of fp32, bf16-mixed; got 'fp16'"),
         ("train.lr_schedule", "linear", "train.lr_schedule must be one of constant, cosine; got 'linear'"),
+        ("finetune_dpo.optimizer", "sgd", "finetune_dpo.optimizer must be one of adamw, muon; got 'sgd'"),
         ("eval.top_k", 0, "eval.top_k must be > 0"),
         (
             "finetune_spam.train_frac",

@@ -89,6 +89,7 @@ def count_steps(trainer, at=None, action=None):
 def outcome(model, history, rng):
     h = dict(history.__dict__)
     h.pop("train_seconds")
+    h.pop("eval_seconds")
     return {k: v.clone() for k, v in model.state_dict().items()}, h, rng
 
 

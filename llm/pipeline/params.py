@@ -44,6 +44,7 @@ from llm.choices import (
     LORA_ALL_TARGETS,
     LORA_TARGETS,
     LR_SCHEDULES,
+    OPTIMIZERS,
     POOLINGS,
     PRECISIONS,
     PROMPT_STYLES,
@@ -161,6 +162,9 @@ class LoopParams(Settings):
     """AdamW's learning rate, in (0, 1]."""
     weight_decay: float = Field(0.1, ge=0, le=MAX_WEIGHT_DECAY)
     """AdamW's decoupled weight decay, in [0, 1]; lr * weight_decay must be < 1."""
+    optimizer: Literal[OPTIMIZERS] = "adamw"
+    """adamw (the book) or muon: torch.optim.Muon for the transformer blocks' matrices, AdamW for the
+    embeddings, head, norms and biases, both at lr (llm/optim.py)."""
     eval_freq: int = Field(..., gt=0)
     """Optimizer steps between evaluations."""
     eval_iter: int = Field(..., gt=0)

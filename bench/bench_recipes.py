@@ -1,0 +1,313 @@
+"""Time to quality: how long each training recipe takes to reach the validation loss the book's recipe
+reaches in a fixed budget, on tinyshakespeare, in one run.
+
+Every recipe is a set of `-S` values over params.yaml (the pipeline's own keys, so a row of the table is
+a `dvc exp run` line) and trains the pretrain stage's model, `llm.model.GPTModel` of `model.*`, with the
+pipeline's loop (`llm.trainer.Trainer`) on the same windows of the same split:
+
+- data: tinyshakespeare (sources.yaml; the mirror offline), split 90/10 on characters as the book splits
+  the-verdict, GPT-2's tokenizer, windows of `train.max_length` (256) tokens, stride 256. Every recipe
+  keeps the tokenizer, so losses are nats per GPT-2 token; the table also gives bits per byte of the
+  validation text (loss / ln 2 x tokens / bytes), the unit that would stay comparable if one did not.
+- the target: the book's recipe (params.yaml as committed: AdamW at a constant 4e-4, batch 2, fp32, an
+  untied head) trains for `--budget` seconds; its validation loss at the end is the target.
+- each other recipe trains until its own `train.max_steps` or the budget, whichever comes first; its time
+  to target is when its validation loss first reaches the target, interpolated linearly between the two
+  evaluations around it (in training seconds and in tokens).
+- evaluation: every `--eval-tokens` training tokens, the mean loss over every validation window
+  (fp32, eval mode, weighted by tokens): the same number for every recipe. Its time is not counted: the
+  clock is the loop's wall time less `History.eval_seconds`. Compilation (`train.compile`) is counted.
+- the machine: runtime.threads (2) torch threads; the load average before and after each run is in the
+  report: a number measured beside another job says so.
+
+    .venv/bin/python -m bench.bench_recipes                        # every recipe, 300 s budget
+    .venv/bin/python -m bench.bench_recipes --recipes book,fast --budget 600
+    .venv/bin/python -m bench.bench_recipes --target 5.9 --recipes muon   # against a known target
+
+Writes bench/results/recipes.md (the tables, samples of the book's and the fast recipe's models),
+recipes.csv (every evaluation of every recipe) and recipes.png (the curves), and rewrites the record
+table in docs/training.md between its `recipes` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench._common import ROOT, cpu_name, markdown_table
+from llm.data import TokenWindowDataset
+from llm.generate import generate
+from llm.loaders import make_loaders
+from llm.model import GPTModel
+from llm.pipeline.download import fetch_source
+from llm.pipeline.params import parse_params
+from llm.pipeline.sources import load_sources
+from llm.pipeline.validate import read_yaml
+from llm.runtime import keep_freed_memory, set_seed, set_threads
+from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from llm.trainer import Trainer, TrainingInterrupted
+
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "training.md"
+BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
+
+# Each recipe: the `-S` values it sets over params.yaml. `book` sets nothing: the faithful default.
+# The single changes come first (the ablation), then `fast`, the recipe this benchmark chose: what paid.
+RECIPES: dict[str, dict[str, object]] = {
+    "book": {},
+    "cosine": {"train.warmup_steps": 50, "train.lr_schedule": "cosine", "train.min_lr": 4e-5, "train.max_steps": 800},
+    "lr+batch": {"train.batch_size": 8, "train.lr": 2e-3},
+    "bf16": {"train.precision": "bf16-mixed"},
+    "tied": {"model.tie_embeddings": True},
+    "muon": {"train.optimizer": "muon"},
+    "compile": {"train.compile": True},
+    "fast": {
+        "train.batch_size": 8,
+        "train.lr": 2e-3,
+        "train.warmup_steps": 20,
+        "train.lr_schedule": "cosine",
+        "train.min_lr": 2e-4,
+        "train.max_steps": 150,
+        "train.precision": "bf16-mixed",
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def shakespeare(train_ratio: float = 0.9) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train ids, val ids, val bytes) of tinyshakespeare, split on characters as the book splits its text."""
+    src = load_sources(ROOT / "sources.yaml")["tinyshakespeare"]
+    cache = Path(os.environ.get("LLM_BENCH_CACHE", "/tmp/llm-bench-recipes"))
+    cache.mkdir(parents=True, exist_ok=True)
+    text = fetch_source(src, cache).read_text(encoding="utf-8")
+    split = int(train_ratio * len(text))
+    tokenizer = get_tokenizer()
+    ids = [np.array(tokenizer.encode(part, allowed_special={"<|endoftext|>"}), dtype=np.uint16)
+           for part in (text[:split], text[split:])]  # fmt: skip
+    return ids[0], ids[1], len(text[split:].encode("utf-8"))
+
+
+def recipe_params(sets: dict[str, object]):
+    """params.yaml with `sets` applied, validated as a stage would read it."""
+    raw = read_yaml(ROOT / "params.yaml")
+    for key, value in sets.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return parse_params(raw)
+
+
+@torch.no_grad()
+def val_loss(model: GPTModel, val_set: TokenWindowDataset, batch: int = 16) -> float:
+    """Mean next-token loss over every validation window, fp32, weighted by tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(val_set), batch):
+        xs, ys = zip(*(val_set[i] for i in range(start, min(start + batch, len(val_set)))), strict=True)
+        logits = model(torch.stack(xs).to(device))
+        y = torch.stack(ys).to(device)
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    return total / count
+
+
+def train_recipe(name: str, sets: dict, train_set, val_set, budget: float, eval_tokens: int) -> dict:
+    """Train one recipe for `budget` seconds (or its max_steps); its curve of (seconds, tokens, val loss)."""
+    params = recipe_params(sets)
+    t = params.train
+    set_threads(params.runtime.threads)
+    set_seed(t.seed)  # as the pretrain stage: the model's init, then the data order and dropout
+    model = GPTModel(params.model.config())
+    tokens_per_step = t.batch_size * t.grad_accum_steps * t.max_length
+    loop = dataclasses.replace(
+        t.settings(),
+        eval_freq=max(1, round(eval_tokens / tokens_per_step)),
+        eval_iter=1,  # the loop's own estimate stays cheap: val_loss below is the measure
+        num_epochs=10_000,  # the budget or max_steps ends training
+    )
+    curve: list[dict] = []
+    clock = {"start": None}
+
+    def record(history) -> None:
+        seconds = time.perf_counter() - clock["start"] - history.eval_seconds
+        curve.append({"recipe": name, "step": history.step[-1], "seconds": seconds,
+                      "tokens": history.tokens_seen[-1], "val_loss": history.extra["val_full"][-1]})  # fmt: skip
+        log(f"  {name}: {seconds:7.1f} s, {history.tokens_seen[-1]:>9,} tokens, val {curve[-1]['val_loss']:.4f}")
+        if seconds >= budget:
+            trainer.request_stop()
+
+    trainer = Trainer(model, make_loaders(train_set, val_set, loop), loop, progress=False, log=lambda m: None,
+                      evaluate_fn=lambda m: {"val_full": val_loss(m, val_set)}, on_record=record)  # fmt: skip
+    load = os.getloadavg()[0]
+    clock["start"] = time.perf_counter()
+    try:
+        history = trainer.fit()
+    except TrainingInterrupted:
+        history = trainer.history
+    if not curve or curve[-1]["step"] != history.steps:  # the end of max_steps: one last evaluation
+        model.eval()
+        started = time.perf_counter()
+        loss = val_loss(model, val_set)
+        history.eval_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - clock["start"] - history.eval_seconds
+        curve.append({"recipe": name, "step": history.steps, "seconds": seconds, "tokens": history.total_tokens,
+                      "val_loss": loss})  # fmt: skip
+    return {"name": name, "sets": sets, "curve": curve, "model": model, "load": (load, os.getloadavg()[0]),
+            "tokens_per_sec": history.total_tokens / max(curve[-1]["seconds"], 1e-9)}  # fmt: skip
+
+
+def reach(curve: list[dict], target: float) -> tuple[float, float] | None:
+    """(seconds, tokens) at which the curve first reaches `target`, linear between evaluations."""
+    for before, after in zip([None, *curve], curve, strict=False):
+        if after["val_loss"] > target:
+            continue
+        if before is None or before["val_loss"] == after["val_loss"]:
+            return after["seconds"], after["tokens"]
+        f = (before["val_loss"] - target) / (before["val_loss"] - after["val_loss"])
+        return tuple(before[k] + f * (after[k] - before[k]) for k in ("seconds", "tokens"))
+    return None
+
+
+def sample(model: GPTModel, prompt: str, temperature: float) -> str:
+    tokenizer = get_tokenizer()
+    torch.manual_seed(123)
+    idx = text_to_token_ids(prompt, tokenizer)
+    out = generate(model.eval(), idx, 60, model.cfg["context_length"], temperature=temperature,
+                   top_k=25 if temperature else None)  # fmt: skip
+    return token_ids_to_text(out, tokenizer)
+
+
+def sets_text(sets: dict) -> str:
+    if not sets:
+        return "(params.yaml as committed)"
+    return " ".join(f"-S {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sets.items())
+
+
+def plot(runs: list[dict], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for run in runs:
+        xs = [p["seconds"] for p in run["curve"]]
+        ks = [p["tokens"] / 1e3 for p in run["curve"]]
+        ys = [p["val_loss"] for p in run["curve"]]
+        style = {"linewidth": 2.5} if run["name"] in ("book", "fast") else {"linewidth": 1, "alpha": 0.8}
+        axes[0].plot(xs, ys, label=run["name"], **style)
+        axes[1].plot(ks, ys, label=run["name"], **style)
+    for ax, label in zip(axes, ("training seconds (evaluations not counted)", "training tokens (thousands)"), strict=True):
+        ax.axhline(target, color="black", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss (nats per token)")
+    axes[0].set_ylim(top=min(8.0, max(p["val_loss"] for r in runs for p in r["curve"])))
+    axes[1].legend()
+    fig.suptitle(f"tinyshakespeare, time to the book's loss after its budget ({target:.3f}, dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=300.0, help="training seconds of the book's recipe (default 300)")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (book first sets the target)")
+    ap.add_argument("--target", type=float, help="a known target loss instead of running the book's recipe first")
+    ap.add_argument("--eval-tokens", type=int, default=16_384, help="training tokens between evaluations")
+    ap.add_argument("--out", type=Path, default=RESULTS / "recipes.md")
+    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/training.md's record table")
+    args = ap.parse_args(argv)
+    names = args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"bench_recipes: unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
+    if args.target is None and names[0] != "book":
+        raise SystemExit("bench_recipes: the book's recipe runs first to set the target (or pass --target)")
+    keep_freed_memory()
+    train_ids, val_ids, val_bytes = shakespeare()
+    window = recipe_params({}).train.max_length
+    train_set, val_set = TokenWindowDataset(train_ids, window, window), TokenWindowDataset(val_ids, window, window)
+    log(f"tinyshakespeare: {len(train_ids):,} train / {len(val_ids):,} val tokens, {len(val_set)} val windows")
+    bpb = len(val_ids) / val_bytes / math.log(2)  # nats per token -> bits per byte
+    runs, target = [], args.target
+    for name in names:
+        log(f"{name}: {sets_text(RECIPES[name])}")
+        run = train_recipe(name, RECIPES[name], train_set, val_set, args.budget, args.eval_tokens)
+        runs.append(run)
+        if name == "book" and args.target is None:
+            target = run["curve"][-1]["val_loss"]
+            log(f"target: {target:.4f} (the book's recipe after {run['curve'][-1]['seconds']:.0f} s)")
+    book = next((r for r in runs if r["name"] == "book"), None)
+    book_at = reach(book["curve"], target) if book else None
+    rows, record = [], {}
+    for run in runs:
+        hit = reach(run["curve"], target)
+        last = run["curve"][-1]
+        speedup = f"{book_at[0] / hit[0]:.2f}x" if hit and book_at else "—"
+        rows.append([run["name"], f"{hit[0]:.0f}" if hit else "not reached", f"{hit[1]:,.0f}" if hit else "—", speedup,
+                     f"{last['val_loss']:.3f}", f"{last['val_loss'] * bpb:.3f}", f"{last['seconds']:.0f}",
+                     f"{run['tokens_per_sec']:,.0f}", f"{run['load'][0]:.1f} / {run['load'][1]:.1f}",
+                     sets_text(run["sets"])])  # fmt: skip
+        record[run["name"]] = {"seconds": hit[0] if hit else None, "tokens": hit[1] if hit else None,
+                               "speedup": book_at[0] / hit[0] if hit and book_at else None,
+                               "final_loss": last["val_loss"], "seconds_trained": last["seconds"]}  # fmt: skip
+    header = ["recipe", "s to target", "tokens to target", "× book", "final val loss", "bits/byte", "s trained",
+              "tokens/s", "load before / after", "settings"]  # fmt: skip
+    table = markdown_table(header, rows)
+    now = datetime.date.today().isoformat()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    lines = [
+        "# Time to the book's validation loss (bench/bench_recipes.py)",
+        "",
+        f"- {now}; {machine}",
+        f"- tinyshakespeare: {len(train_ids):,} train / {len(val_ids):,} val GPT-2 tokens ({val_bytes:,} val bytes); "
+        f"model: params.yaml's (mini unless -S model.* says otherwise)",
+        f"- target: {target:.4f} nats per token = {target * bpb:.3f} bits per byte"
+        + (f", the book's recipe after {args.budget:.0f} s of training" if book else " (given)"),
+        f"- evaluation every {args.eval_tokens:,} training tokens over all {len(val_set)} validation windows "
+        "(not counted in the seconds); time to target interpolated between evaluations",
+        "",
+        table,
+        "",
+        "![curves](recipes.png)",
+    ]
+    fast = next((r for r in runs if r["name"] == "fast"), None)
+    for run in filter(None, (book, fast)):
+        for temperature in (0.0, 1.0):
+            kind = "greedy" if temperature == 0 else "sampled (temperature 1, top-k 25, seed 123)"
+            text = sample(run["model"], "ROMEO:", temperature)
+            lines += ["", f"{run['name']}, {kind}:", "", "```", text, "```"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(args.out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["recipe", "step", "seconds", "tokens", "val_loss"])
+        writer.writeheader()
+        for run in runs:
+            writer.writerows(run["curve"])
+    plot(runs, target, args.out.with_suffix(".png"))
+    if not args.no_doc and DOC.exists():
+        doc = DOC.read_text(encoding="utf-8")
+        if BEGIN in doc and END in doc:
+            head, rest = doc.split(BEGIN, 1)
+            block = "\n".join([BEGIN, "", lines[2], lines[4], "", table, "", END])
+            DOC.write_text(head + block + rest.split(END, 1)[1], encoding="utf-8")
+    print("\n".join(lines))
+    return {"target": target, "record": record}
+
+
+if __name__ == "__main__":
+    main()
