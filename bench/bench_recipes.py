@@ -209,7 +209,9 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
         style = {"linewidth": 2.5} if run["name"] in ("book", "fast") else {"linewidth": 1, "alpha": 0.8}
         axes[0].plot(xs, ys, label=run["name"], **style)
         axes[1].plot(ks, ys, label=run["name"], **style)
-    for ax, label in zip(axes, ("training seconds (evaluations not counted)", "training tokens (thousands)"), strict=True):
+    for ax, label in zip(
+        axes, ("training seconds (evaluations not counted)", "training tokens (thousands)"), strict=True
+    ):
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
@@ -269,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
               "tokens/s", "load before / after", "settings"]  # fmt: skip
     table = markdown_table(header, rows)
     now = datetime.date.today().isoformat()
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
     lines = [
         "# Time to the book's validation loss (bench/bench_recipes.py)",
         "",

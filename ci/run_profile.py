@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 
 import yaml
-from ruamel.yaml.error import YAMLError
 
-from llm.errors import LLMError, first_line, report_error
+from llm.errors import LLMError, report_error
 from llm.pipeline.compare import load_gates
 from llm.pipeline.prcomment import write_comment
+from llm.pipeline.profiles import parse_set, with_profile  # noqa: F401 (parse_set: the CLI's -S check)
 from llm.pipeline.validate import parse_yaml, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,35 +75,6 @@ def project_files(root: Path) -> list[str]:
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.split("\0")
     return [rel for rel in listed if rel and (root / rel).is_file() and not rel.startswith(("data/", "models/"))]
-
-
-def parse_set(text: str) -> tuple[list[str], object]:
-    """`-S section.key=value` as DVC reads it: the dotted key, and the value as YAML 1.2."""
-    key, sep, value = text.partition("=")
-    path = key.strip().split(".")
-    if not sep or len(path) < 2 or not all(path):
-        raise LLMError(f"-S {text!r}: give section.key=value, e.g. -S train.lr=0.03")
-    try:
-        return path, parse_yaml(value)
-    except YAMLError as exc:
-        raise LLMError(f"-S {text!r}: the value is not YAML: {first_line(exc)}") from None
-
-
-def with_profile(params: dict, profile: dict, sets: list[str] = ()) -> dict:
-    """`params` with each section of `profile` updated, then each `-S section.key=value` applied;
-    a `-S` key that params.yaml lacks is an error (a typo would silently change nothing)."""
-    for section, values in profile.items():
-        params[section].update(values)
-    for text in sets:
-        path, value = parse_set(text)
-        node = params
-        for i, name in enumerate(path):
-            if not isinstance(node, dict) or name not in node:
-                raise LLMError(f"-S {text!r}: params.yaml has no {'.'.join(path[: i + 1])}")
-            if i < len(path) - 1:
-                node = node[name]
-        node[path[-1]] = value
-    return params
 
 
 def _git(dest: Path, *args: str) -> str:
