@@ -146,6 +146,7 @@ def train_recipe(name: str, sets: dict, train_set, val_set, budget: float, eval_
                       "tokens": history.tokens_seen[-1], "val_loss": history.extra["val_full"][-1]})  # fmt: skip
         log(f"  {name}: {seconds:7.1f} s, {history.tokens_seen[-1]:>9,} tokens, val {curve[-1]['val_loss']:.4f}")
         if seconds >= budget:
+            clock["budget_spent"] = True
             trainer.request_stop()
 
     trainer = Trainer(model, make_loaders(train_set, val_set, loop), loop, progress=False, log=lambda m: None,
@@ -155,6 +156,8 @@ def train_recipe(name: str, sets: dict, train_set, val_set, budget: float, eval_
     try:
         history = trainer.fit()
     except TrainingInterrupted:
+        if not clock.get("budget_spent"):  # Ctrl-C or SIGTERM: stop the benchmark, not just this recipe
+            raise
         history = trainer.history
     if not curve or curve[-1]["step"] != history.steps:  # the end of max_steps: one last evaluation
         model.eval()
