@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ from llm.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from llm.trainer import Trainer, TrainingInterrupted
 
 RESULTS = ROOT / "bench" / "results"
-DOC = ROOT / "docs" / "training.md"
+DOC = ROOT / "docs" / "recipes.md"
 BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 
 # Each recipe: the `-S` values it sets over params.yaml. `book` sets nothing: the faithful default.
@@ -126,7 +127,7 @@ def val_loss(model: GPTModel, val_set: TokenWindowDataset, batch: int = 16) -> f
 def train_recipe(name: str, sets: dict, train_set, val_set, budget: float, eval_tokens: int) -> dict:
     """Train one recipe for `budget` seconds (or its max_steps); its curve of (seconds, tokens, val loss)."""
     params = recipe_params(sets)
-    t = params.train
+    t, replicate = params.train, params.runtime.replicate
     set_threads(params.runtime.threads)
     set_seed(t.seed)  # as the pretrain stage: the model's init, then the data order and dropout
     model = GPTModel(params.model.config())
@@ -142,7 +143,7 @@ def train_recipe(name: str, sets: dict, train_set, val_set, budget: float, eval_
 
     def record(history) -> None:
         seconds = time.perf_counter() - clock["start"] - history.eval_seconds
-        curve.append({"recipe": name, "step": history.step[-1], "seconds": seconds,
+        curve.append({"recipe": name, "replicate": replicate, "step": history.step[-1], "seconds": seconds,
                       "tokens": history.tokens_seen[-1], "val_loss": history.extra["val_full"][-1]})  # fmt: skip
         log(f"  {name}: {seconds:7.1f} s, {history.tokens_seen[-1]:>9,} tokens, val {curve[-1]['val_loss']:.4f}")
         if seconds >= budget:
@@ -165,7 +166,8 @@ def train_recipe(name: str, sets: dict, train_set, val_set, budget: float, eval_
         loss = val_loss(model, val_set)
         history.eval_seconds += time.perf_counter() - started
         seconds = time.perf_counter() - clock["start"] - history.eval_seconds
-        curve.append({"recipe": name, "step": history.steps, "seconds": seconds, "tokens": history.total_tokens,
+        curve.append({"recipe": name, "replicate": replicate, "step": history.steps, "seconds": seconds,
+                      "tokens": history.total_tokens,
                       "val_loss": loss})  # fmt: skip
     return {"name": name, "sets": sets, "curve": curve, "model": model, "load": (load, os.getloadavg()[0]),
             "tokens_per_sec": history.total_tokens / max(curve[-1]["seconds"], 1e-9)}  # fmt: skip
@@ -205,13 +207,17 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["name"] for r in runs))}
+    labelled = set()
     for run in runs:
         xs = [p["seconds"] for p in run["curve"]]
         ks = [p["tokens"] / 1e3 for p in run["curve"]]
         ys = [p["val_loss"] for p in run["curve"]]
-        style = {"linewidth": 2.5} if run["name"] in ("book", "fast") else {"linewidth": 1, "alpha": 0.8}
-        axes[0].plot(xs, ys, label=run["name"], **style)
-        axes[1].plot(ks, ys, label=run["name"], **style)
+        style = {"linewidth": 2.2} if run["name"] in ("book", "fast") else {"linewidth": 1, "alpha": 0.8}
+        label = None if run["name"] in labelled else run["name"]  # one entry per recipe, every seed drawn
+        labelled.add(run["name"])
+        axes[0].plot(xs, ys, label=label, color=colors[run["name"]], **style)
+        axes[1].plot(ks, ys, label=label, color=colors[run["name"]], **style)
     for ax, label in zip(
         axes, ("training seconds (evaluations not counted)", "training tokens (thousands)"), strict=True
     ):
@@ -227,17 +233,63 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
+def spread(values: list[float], fmt: str) -> str:
+    """The median, and the min-max of several replicates."""
+    mid = format(statistics.median(values), fmt)
+    return mid if len(values) == 1 else f"{mid} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def summarize(runs: list[dict], target: float, bpb: float) -> tuple[list[list[str]], dict]:
+    """One row per recipe over its replicates: time and tokens to target, the ratio to the book's, and whether
+    the recipe's slowest replicate still beats the book's fastest (the difference exceeds the seeds' spread)."""
+    by_name: dict[str, list[dict]] = {}
+    for run in runs:
+        by_name.setdefault(run["name"], []).append(run)
+    hits = {name: [reach(r["curve"], target) for r in group] for name, group in by_name.items()}
+    book = [h[0] for h in hits.get("book", []) if h]
+    rows, record = [], {}
+    for name, group in by_name.items():
+        reached = [h for h in hits[name] if h]
+        seconds = [h[0] for h in reached]
+        finals = [r["curve"][-1]["val_loss"] for r in group]
+        ratio = statistics.median(book) / statistics.median(seconds) if seconds and book else None
+        if name == "book" or not seconds or not book:
+            beyond = "—"
+        elif len(reached) < len(group):
+            beyond = "no: a seed missed the target"
+        elif len(group) > 1 and len(book) > 1:
+            beyond = "yes" if (max(seconds) < min(book) or min(seconds) > max(book)) else "no"
+        else:
+            beyond = "one seed: unknown"
+        missed = "" if len(reached) == len(group) else f", {len(group) - len(reached)} of {len(group)} missed"
+        rows.append([
+            name, str(len(group)),
+            (spread(seconds, ".0f") + missed) if seconds else "not reached",
+            spread([h[1] for h in reached], ",.0f") if reached else "—",
+            f"{ratio:.2f}x" if ratio else "—", beyond,
+            spread(finals, ".3f"), spread([f * bpb for f in finals], ".3f"),
+            spread([r["curve"][-1]["seconds"] for r in group], ".0f"),
+            spread([r["tokens_per_sec"] for r in group], ",.0f"),
+            f"{max(r['load'][0] for r in group):.1f} / {max(r['load'][1] for r in group):.1f}",
+            sets_text(group[0]["sets"]),
+        ])  # fmt: skip
+        record[name] = {"replicates": len(group), "seconds": seconds, "speedup": ratio, "final_loss": finals}
+    return rows, record
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds of the book's recipe (default 300)")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (book first sets the target)")
+    ap.add_argument("--replicates", type=int, default=3, help="seeds (runtime.replicate 0..N-1) of --replicated")
+    ap.add_argument("--replicated", default="book,fast", help="the recipes run under every seed; others under one")
     ap.add_argument("--target", type=float, help="a known target loss instead of running the book's recipe first")
     ap.add_argument("--eval-tokens", type=int, default=16_384, help="training tokens between evaluations")
     ap.add_argument("--out", type=Path, default=RESULTS / "recipes.md")
-    ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/training.md's record table")
+    ap.add_argument("--no-doc", action="store_true", help=f"do not rewrite the record table in {DOC.name}")
     args = ap.parse_args(argv)
     names = args.recipes.split(",")
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names + args.replicated.split(",") if n and n not in RECIPES]
     if unknown:
         raise SystemExit(f"bench_recipes: unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
     if args.target is None and names[0] != "book":
@@ -250,33 +302,27 @@ def main(argv: list[str] | None = None) -> dict:
     bpb = len(val_ids) / val_bytes / math.log(2)  # nats per token -> bits per byte
     runs, target = [], args.target
     for name in names:
-        log(f"{name}: {sets_text(RECIPES[name])}")
-        run = train_recipe(name, RECIPES[name], train_set, val_set, args.budget, args.eval_tokens)
-        runs.append(run)
-        if name == "book" and args.target is None:
-            target = run["curve"][-1]["val_loss"]
-            log(f"target: {target:.4f} (the book's recipe after {run['curve'][-1]['seconds']:.0f} s)")
-    book = next((r for r in runs if r["name"] == "book"), None)
-    book_at = reach(book["curve"], target) if book else None
-    rows, record = [], {}
-    for run in runs:
-        hit = reach(run["curve"], target)
-        last = run["curve"][-1]
-        speedup = f"{book_at[0] / hit[0]:.2f}x" if hit and book_at else "—"
-        rows.append([run["name"], f"{hit[0]:.0f}" if hit else "not reached", f"{hit[1]:,.0f}" if hit else "—", speedup,
-                     f"{last['val_loss']:.3f}", f"{last['val_loss'] * bpb:.3f}", f"{last['seconds']:.0f}",
-                     f"{run['tokens_per_sec']:,.0f}", f"{run['load'][0]:.1f} / {run['load'][1]:.1f}",
-                     sets_text(run["sets"])])  # fmt: skip
-        record[run["name"]] = {"seconds": hit[0] if hit else None, "tokens": hit[1] if hit else None,
-                               "speedup": book_at[0] / hit[0] if hit and book_at else None,
-                               "final_loss": last["val_loss"], "seconds_trained": last["seconds"]}  # fmt: skip
-    header = ["recipe", "s to target", "tokens to target", "× book", "final val loss", "bits/byte", "s trained",
-              "tokens/s", "load before / after", "settings"]  # fmt: skip
+        replicates = range(args.replicates if name in args.replicated.split(",") else 1)
+        for r in replicates:
+            sets = {**RECIPES[name], **({"runtime.replicate": r} if r else {})}
+            log(f"{name} (replicate {r}): {sets_text(sets)}")
+            run = train_recipe(name, sets, train_set, val_set, args.budget, args.eval_tokens)
+            run["sets"] = RECIPES[name]
+            if r or name not in ("book", "fast"):
+                run.pop("model")  # the samples are replicate 0's
+            runs.append(run)
+        if name == "book" and args.target is None:  # the loss every seed of the book's recipe reaches in the budget
+            target = max(run["curve"][-1]["val_loss"] for run in runs if run["name"] == "book")
+            log(f"target: {target:.4f} (the book's recipe after {args.budget:.0f} s, its worst seed)")
+    rows, record = summarize(runs, target, bpb)
+    header = ["recipe", "seeds", "s to target", "tokens to target", "× book", "beyond the seeds' spread",
+              "final val loss", "bits/byte", "s trained", "tokens/s", "load before / after", "settings"]  # fmt: skip
     table = markdown_table(header, rows)
     now = datetime.date.today().isoformat()
     machine = (
         f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
+    book = any(r["name"] == "book" for r in runs)
     lines = [
         "# Time to the book's validation loss (bench/bench_recipes.py)",
         "",
@@ -284,16 +330,21 @@ def main(argv: list[str] | None = None) -> dict:
         f"- tinyshakespeare: {len(train_ids):,} train / {len(val_ids):,} val GPT-2 tokens ({val_bytes:,} val bytes); "
         f"model: params.yaml's (mini unless -S model.* says otherwise)",
         f"- target: {target:.4f} nats per token = {target * bpb:.3f} bits per byte"
-        + (f", the book's recipe after {args.budget:.0f} s of training" if book else " (given)"),
+        + (
+            f": the book's recipe after {args.budget:.0f} s of training, the worst of its seeds" if book else " (given)"
+        ),
         f"- evaluation every {args.eval_tokens:,} training tokens over all {len(val_set)} validation windows "
-        "(not counted in the seconds); time to target interpolated between evaluations",
+        "(not counted in the seconds); time to target interpolated between evaluations; median (min–max) over "
+        "seeds (`runtime.replicate`: model init, data order, dropout); × book: the book's median time over the "
+        "recipe's; beyond the seeds' spread: every seed of the recipe is faster than every seed of the book's",
         "",
         table,
         "",
         "![curves](recipes.png)",
     ]
-    fast = next((r for r in runs if r["name"] == "fast"), None)
-    for run in filter(None, (book, fast)):
+    for run in runs:
+        if "model" not in run:
+            continue
         for temperature in (0.0, 1.0):
             kind = "greedy" if temperature == 0 else "sampled (temperature 1, top-k 25, seed 123)"
             text = sample(run["model"], "ROMEO:", temperature)
@@ -301,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with open(args.out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["recipe", "step", "seconds", "tokens", "val_loss"])
+        writer = csv.DictWriter(f, ["recipe", "replicate", "step", "seconds", "tokens", "val_loss"])
         writer.writeheader()
         for run in runs:
             writer.writerows(run["curve"])
@@ -310,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         doc = DOC.read_text(encoding="utf-8")
         if BEGIN in doc and END in doc:
             head, rest = doc.split(BEGIN, 1)
-            block = "\n".join([BEGIN, "", lines[2], lines[4], "", table, "", END])
+            block = "\n".join([BEGIN, "", *lines[2:7], "", table, "", END])
             DOC.write_text(head + block + rest.split(END, 1)[1], encoding="utf-8")
     print("\n".join(lines))
     return {"target": target, "record": record}
