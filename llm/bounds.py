@@ -44,8 +44,8 @@ MAX_BATCH = 256
 124M's full context of 1024 positions, so 256 rows may take 19 GB."""
 BATCH_SIZE = 16
 """The sequences `llm.generate.generate_batch` (and so `llm instruct --file`, the stages answering a test set)
-decodes at once unless told: beside MAX_BATCH, its one definition. At 16 rows a step of the mini model
-yields ... (bench/bench_generate.py)."""
+decodes at once unless told. 16 rows make 4-5x the tokens/s of one prompt after another at the mini and
+124M configs on 2 cores (docs/performance.md, Many prompts at once), for a KV cache of 16 rows."""
 
 
 def temperature_problem(value: float) -> str | None:
