@@ -136,9 +136,6 @@ class BatchKVCache:
         self.k = self.v = torch.empty(0, device=device, dtype=dtype)
         self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
     def _reserve(self, rows: int, length: int) -> None:
         """Storage for at least `rows` rows of `length` positions (what is held is kept); each dimension
         that must grow at least doubles, positions up to `max_len`."""
