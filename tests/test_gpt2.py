@@ -82,6 +82,7 @@ def test_logits_and_greedy_text_equal_transformers(tmp_path, shape, layout):
         "n_layers": layers,
         "drop_rate": 0.0,
         "qkv_bias": True,
+        "tie_embeddings": False,  # GPT-2's head is its wte; read in the book's layout: a copy of its own
     }
     ids = torch.randint(0, vocab, (2, context))
     assert (our_logits(model, ids) - hf_logits(ref, ids)).abs().max() <= 1e-4
