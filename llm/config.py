@@ -1,7 +1,7 @@
-"""The model's config without the model: its keys (the book's seven and `tie_embeddings`), the book's `GPT_CONFIG_124M` and the
-presets, the one check of a config (`model_config`), what follows from a config without building
-anything (`estimate_params`, `mask_bytes`), and the config of a run that starts from weights
-(`config_for_weights`). Torch-free: the settings parser (`llm.pipeline.params`) uses all of it,
+"""The model's config without the model: its keys (the book's seven and `tie_embeddings`), the
+book's `GPT_CONFIG_124M` and the presets, the one check of a config (`model_config`), what follows
+from a config without building anything (`estimate_params`, `mask_bytes`), and the config of a run
+that starts from weights (`config_for_weights`). Torch-free: the settings parser (`llm.pipeline.params`) uses all of it,
 `llm.model.GPTModel` builds from it.
 """
 

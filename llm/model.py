@@ -5,8 +5,9 @@ ours load into its code. Underneath, attention runs on `scaled_dot_product_atten
 no T x T score matrix kept for backward), LayerNorm and GELU on their fused kernels, and the
 model accepts a `KVCache` so generation costs one position's work per new token.
 
-The config `GPTModel(cfg)` takes (the book's seven keys and `tie_embeddings`, `GPT_CONFIG_124M`, the presets, `model_config`)
-lives in the torch-free `llm.config`, which the settings parser reads too; importable from here.
+The config `GPTModel(cfg)` takes (the book's seven keys and `tie_embeddings`, `GPT_CONFIG_124M`, the
+presets, `model_config`) lives in the torch-free `llm.config`, which the settings parser reads too;
+importable from here.
 """
 
 from __future__ import annotations
