@@ -46,6 +46,7 @@ from llm.errors import CheckpointError, ConfigError, LLMError, first_line
 from llm.files import atomic_path, atomic_write_bytes
 from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
 from llm.lora import lora_layers, merge_state
+from llm.config import stored_config
 from llm.model import MASK_SUFFIX, GPTModel, model_config
 
 WEIGHTS_NAME = "model.safetensors"  # the same file names as Hugging Face's
@@ -116,12 +117,14 @@ def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str
     A tied model (`tie_embeddings`) is written without `out_head.weight`, which is `tok_emb.weight`
     (safetensors refuses two names for one tensor, as Hugging Face's tied GPT-2 files leave out
     `lm_head.weight`); `read_checkpoint` puts it back. The config records whether the head is tied as
-    the model is, whatever its `cfg` says (a classifier's new head is not)."""
+    the model is, whatever its `cfg` says (a classifier's new head is not), and only when it is
+    (`llm.config.stored_config`: an untied model's config.json is the book's seven keys, as before)."""
     _no_adapters(model, "save_checkpoint")
     state = weights_state_dict(model)
     if model.tied:
         del state["out_head.weight"]
-    meta = {"format": _FORMAT, "model": {**model.cfg, "tie_embeddings": model.tied}, **(dict(extra) if extra else {})}
+    cfg = stored_config({**model.cfg, "tie_embeddings": model.tied})
+    meta = {"format": _FORMAT, "model": cfg, **(dict(extra) if extra else {})}
     return _write(Path(path), state, meta)
 
 
@@ -278,7 +281,7 @@ def save_adapter(
     meta = {
         "format": _ADAPTER_FORMAT,
         "lora": dict(lora),
-        "base": {"model": str(base), "path": relative, "sha256": base_sha256, "config": dict(base_config)},
+        "base": {"model": str(base), "path": relative, "sha256": base_sha256, "config": stored_config(base_config)},
         **(dict(extra) if extra else {}),
     }
     with atomic_path(path / ADAPTER_WEIGHTS) as tmp:

@@ -93,6 +93,13 @@ def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stored_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config as a checkpoint records it: a key after the book's only where it differs from the
+    book's value. The book's model keeps the book's seven keys in its config.json, as before the key
+    existed, so that code older than it reads the checkpoint too; `model_config` fills the key back in."""
+    return {k: v for k, v in cfg.items() if k not in OPTIONAL_KEYS or v != OPTIONAL_KEYS[k]}
+
+
 def estimate_params(cfg: Mapping[str, Any]) -> int:
     """The parameters of `llm.model.GPTModel(cfg)`, from its config alone (nothing allocated)."""
     v, c, d, n = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
