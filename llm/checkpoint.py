@@ -42,11 +42,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llm.bounds import MAX_LORA_ALPHA
+from llm.config import stored_config
 from llm.errors import CheckpointError, ConfigError, LLMError, first_line
 from llm.files import atomic_path, atomic_write_bytes
 from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
 from llm.lora import lora_layers, merge_state
-from llm.config import stored_config
 from llm.model import MASK_SUFFIX, GPTModel, model_config
 
 WEIGHTS_NAME = "model.safetensors"  # the same file names as Hugging Face's
