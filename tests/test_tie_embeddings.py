@@ -3,9 +3,10 @@
 goes: training (the gradient of both uses, a resume bit for bit in tests/test_resume.py), checkpoints
 (written once, re-tied on read), a classifier's new head and LoRA's merge (both untie), GPT-2 export and
 `model.init` from weights, the pretrain stage on one and two processes, `llm generate`, `llm serve`, and
-the instruction stage, which keeps a tied model tied."""
+the instruction and preference stages, which keep a tied model tied."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -76,6 +77,16 @@ def test_a_tied_model_holds_one_matrix_drawn_as_the_untied_ones_head():
     # the head still multiplies by the matrix: the same matmul weights and FLOPs as untied
     assert tied.num_params(matmul_only=True) == untied.num_params(matmul_only=True)
     assert flops_per_token(tied, 16) == flops_per_token(untied, 16)
+    # the head's init: the first loss near ln(vocab), as untied; the embedding's N(0, 1) would give logits
+    # about sqrt(emb_dim) times larger. The token embeddings start smaller than the positions' N(0, 1).
+    targets = IDS[:, 1:].flatten()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(m.eval()(IDS[:, :-1]).flatten(0, 1), targets).item()
+                  for m in (tied, untied)]  # fmt: skip
+        untied.out_head.weight.copy_(untied.tok_emb.weight)
+        normal = torch.nn.functional.cross_entropy(untied(IDS[:, :-1]).flatten(0, 1), targets).item()
+    assert all(abs(loss - math.log(v)) < 1 for loss in losses) and normal > math.log(v) + 3
+    assert tied.tok_emb.weight.std() < 0.2 < 0.9 < tied.pos_emb.weight.std()  # 1/sqrt(3 * 36) against 1
 
 
 def test_the_gradient_of_both_uses_reaches_the_one_matrix_and_a_step_keeps_the_tie():
@@ -250,8 +261,8 @@ def test_llm_generate_and_llm_serve_read_a_tied_checkpoint(tied_pretrain, capsys
         assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == _greedy(model, "Every", 5)
 
 
-def instruct_project(folder, **lora):
-    """tests/test_distributed.py's finetuning project, its 'pretrained' model tied."""
+def finetuning_project(folder, **lora):
+    """tests/test_distributed.py's finetuning project, its 'pretrained' model tied (DPO starts from it too)."""
     from tests.test_distributed import finetune_project
 
     project = finetune_project(folder, nproc=1, batch_size=4)
@@ -264,15 +275,18 @@ def instruct_project(folder, **lora):
     return project
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_instruction_stage_keeps_a_tied_model_tied_and_lora_on_its_head_unties_it(tmp_path, lora):
+@pytest.mark.parametrize(
+    "stage, lora", [("finetune_instruct", False), ("finetune_dpo", False), ("finetune_instruct", True)],
+    ids=["instruct", "dpo", "instruct-lora"],
+)  # fmt: skip
+def test_finetuning_keeps_a_tied_model_tied_and_lora_on_its_head_unties_it(tmp_path, stage, lora):
     from tests.test_distributed import run_module
 
     settings = {"rank": 2, "alpha": 4.0, "targets": ["attention", "head"]} if lora else {}
-    project = instruct_project(tmp_path / "p", **settings)
-    out = run_module("stages.finetune_instruct", project)
+    project = finetuning_project(tmp_path / "p", **settings)
+    out = run_module(f"stages.{stage}", project)
     assert out.returncode == 0, out.stderr[-3000:]
-    model_dir = project / "models" / "instruct"
+    model_dir = project / "models" / stage.removeprefix("finetune_")
     model = load_checkpoint(model_dir)
     assert model.tied is not lora
     assert json.loads((model_dir / CONFIG_NAME).read_text())["model"].get("tie_embeddings", False) is not lora
