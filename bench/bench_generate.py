@@ -19,7 +19,7 @@ must equal), interleaved in `--repeats` rounds as above, best run.
 
 Run from the repository root (the book's code is `tests/book_reference.py`, imported as a module):
 
-    .venv/bin/python -m bench.bench_generate               # full run (~8 min), writes bench/results/generate.md
+    .venv/bin/python -m bench.bench_generate               # full run (~10 min), writes bench/results/generate.md
     .venv/bin/python -m bench.bench_generate --new-tokens 5 --batches 1,2 --batch-new-tokens 3 --batch-configs mini \
         --out /tmp/generate.md                             # smoke test
 """

@@ -61,8 +61,9 @@ MAX_BATCH = 256
 124M's full context of 1024 positions, so 256 rows may take 19 GB."""
 BATCH_SIZE = 16
 """The sequences `llm.generate.generate_batch` (and so `llm instruct --file`, the stages answering a test set)
-decodes at once unless told: beside MAX_BATCH, its one definition. 16 rows decoded about 4x the tokens per
-second of the same prompts one by one, at 124M and mini on one thread (bench/results/generate_batched.md)."""
+decodes at once unless told: beside MAX_BATCH, its one definition. 16 rows decoded 4-5x the tokens per
+second of the same prompts one by one, at 124M and mini on one thread (bench/results/generate_batched.md,
+shown in docs/performance.md, Many prompts at once)."""
 
 
 def temperature_problem(value: float) -> str | None:

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llm.bounds import MAX_LORA_ALPHA
+from llm.config import stored_config
 from llm.errors import CheckpointError, ConfigError, LLMError, first_line
 from llm.files import atomic_path, atomic_write_bytes
 from llm.gpt2 import HF_BIN_NAME, HUB_IDS, book_to_hf, config_from_shapes, from_hf, gpt2_name, hub_download, is_hf_gpt2
@@ -67,9 +68,12 @@ class Checkpoint:
 
     def model(self, map_location: str | torch.device = "cpu", num_classes: int | None = None) -> GPTModel:
         """A GPTModel holding these weights, loaded strictly, in eval mode. `num_classes`: the
-        weights hold a classification head of that many outputs instead of the language-model head."""
-        model = GPTModel(self.cfg)
-        if num_classes is not None:
+        weights hold a classification head of that many outputs instead of the language-model head
+        (its own: a classifier is never tied)."""
+        if num_classes is None:
+            model = GPTModel(self.cfg)
+        else:
+            model = GPTModel({**self.cfg, "tie_embeddings": False})
             model.out_head = nn.Linear(self.cfg["emb_dim"], num_classes)
         load_weights(model, self.state, self.source)
         return model.to(map_location).eval()
@@ -108,10 +112,20 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(model: GPTModel, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write `path/model.safetensors` and `path/config.json` (the model config and `extra`)."""
+    """Write `path/model.safetensors` and `path/config.json` (the model config and `extra`).
+
+    A tied model (`tie_embeddings`) is written without `out_head.weight`, which is `tok_emb.weight`
+    (safetensors refuses two names for one tensor, as Hugging Face's tied GPT-2 files leave out
+    `lm_head.weight`); `read_checkpoint` puts it back. The config records whether the head is tied as
+    the model is, whatever its `cfg` says (a classifier's new head is not), and only when it is
+    (`llm.config.stored_config`: an untied model's config.json is the book's seven keys, as before)."""
     _no_adapters(model, "save_checkpoint")
-    meta = {"format": _FORMAT, "model": model.cfg, **(dict(extra) if extra else {})}
-    return _write(Path(path), weights_state_dict(model), meta)
+    state = weights_state_dict(model)
+    if model.tied:
+        del state["out_head.weight"]
+    cfg = stored_config({**model.cfg, "tie_embeddings": model.tied})
+    meta = {"format": _FORMAT, "model": cfg, **(dict(extra) if extra else {})}
+    return _write(Path(path), state, meta)
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
@@ -241,6 +255,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         cfg = _model_config(meta, config)
     else:
         cfg = _infer_config(state, weights)
+    if cfg["tie_embeddings"] and "out_head.weight" not in state:  # saved once (save_checkpoint): the book's two names
+        state["out_head.weight"] = state["tok_emb.weight"]
     return Checkpoint(state, cfg, meta or {}, weights)
 
 
@@ -265,7 +281,7 @@ def save_adapter(
     meta = {
         "format": _ADAPTER_FORMAT,
         "lora": dict(lora),
-        "base": {"model": str(base), "path": relative, "sha256": base_sha256, "config": dict(base_config)},
+        "base": {"model": str(base), "path": relative, "sha256": base_sha256, "config": stored_config(base_config)},
         **(dict(extra) if extra else {}),
     }
     with atomic_path(path / ADAPTER_WEIGHTS) as tmp:
@@ -352,8 +368,12 @@ def _read_adapter(directory: Path) -> Checkpoint:
         state = merge_state(checkpoint.state, adapter, meta["lora"]["alpha"], str(weights), meta["lora"]["rank"])
     except LLMError as exc:
         raise CheckpointError(str(exc)) from None
-    return Checkpoint(state, checkpoint.cfg, {"format": _FORMAT, "model": checkpoint.cfg, **_adapter_extras(meta)},
-                      weights)  # fmt: skip
+    cfg = checkpoint.cfg
+    if cfg["tie_embeddings"] and any(k.startswith("out_head.") for k in adapter):
+        # The head's adapter (or a new head) changed the head and not the token embedding, which stayed frozen:
+        # the merged model computes what was trained only with the two apart (llm.lora.merge_lora does the same).
+        cfg = {**cfg, "tie_embeddings": False}
+    return Checkpoint(state, cfg, {"format": _FORMAT, "model": cfg, **_adapter_extras(meta)}, weights)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPTModel:
@@ -363,7 +383,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_weights(model: GPTModel, state: Mapping[str, torch.Tensor], source: os.PathLike | str) -> None:
-    """Strict `load_state_dict` with a one-line error naming the first mismatching key."""
+    """Strict `load_state_dict` with a one-line error naming the first mismatching key. A tied model takes
+    a state with or without `out_head.weight` (it is `tok_emb.weight`), and refuses one whose head differs
+    from its embedding rather than keep either silently."""
+    if model.tied and "tok_emb.weight" in state:
+        head, emb = state.get("out_head.weight"), state["tok_emb.weight"]
+        if head is not None and (head.shape != emb.shape or not torch.equal(head, emb.to(head.device))):
+            raise CheckpointError(
+                f"{source}: out_head.weight differs from tok_emb.weight, but the model ties them "
+                "(tie_embeddings true): load it into an untied model"
+            )
+        state = {**state, "out_head.weight": emb}
     missing = [k for k in model.state_dict() if k not in state and not k.endswith(MASK_SUFFIX)]
     if missing:
         raise CheckpointError(f"{source} lacks {missing[0]!r} (and {len(missing) - 1} more keys)")
@@ -377,8 +407,9 @@ def load_weights(model: GPTModel, state: Mapping[str, torch.Tensor], source: os.
 
 
 def reconfigure(model: GPTModel, cfg: Mapping[str, Any]) -> GPTModel:
-    """`model`'s weights in a model of config `cfg`, which may differ in `drop_rate` or use the
-    first `context_length` positions of its position embedding (the shape stays otherwise)."""
+    """`model`'s weights in a model of config `cfg`, which may differ in `drop_rate`, use the
+    first `context_length` positions of its position embedding (the shape stays otherwise), tie a head
+    equal to the token embedding or give a tied head its own copy (`tie_embeddings`)."""
     cfg = model_config(cfg)
     if cfg == model.cfg:
         return model

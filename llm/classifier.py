@@ -119,6 +119,7 @@ def add_classification_head(model: GPTModel, num_classes: int = 2, trainable_blo
     for p in model.parameters():
         p.requires_grad = False
     model.out_head = nn.Linear(model.cfg["emb_dim"], num_classes).to(model.tok_emb.weight.device)
+    model.cfg = {**model.cfg, "tie_embeddings": False}  # a tied model's embedding stays; the new head is its own
     n_blocks = len(model.trf_blocks)
     k = n_blocks if trainable_blocks < 0 else min(trainable_blocks, n_blocks)
     for block in list(model.trf_blocks)[n_blocks - k :]:

@@ -1,7 +1,7 @@
-"""The model's config without the model: its seven keys, the book's `GPT_CONFIG_124M` and the
-presets, the one check of a config (`model_config`), what follows from a config without building
-anything (`estimate_params`, `mask_bytes`), and the config of a run that starts from weights
-(`config_for_weights`). Torch-free: the settings parser (`llm.pipeline.params`) uses all of it,
+"""The model's config without the model: its keys (the book's seven and `tie_embeddings`), the
+book's `GPT_CONFIG_124M` and the presets, the one check of a config (`model_config`), what follows
+from a config without building anything (`estimate_params`, `mask_bytes`), and the config of a run
+that starts from weights (`config_for_weights`). Torch-free: the settings parser (`llm.pipeline.params`) uses all of it,
 `llm.model.GPTModel` builds from it.
 """
 
@@ -14,7 +14,9 @@ from llm.errors import ConfigError
 
 # --- the model's config: the book's plain dict with seven keys, checked in one place ------------
 # `GPTModel(cfg)` takes the dict the book uses (`GPT_CONFIG_124M`); `model_config()` checks it and
-# fills nothing in silently, so a typo in a key is an error instead of a default.
+# fills nothing in silently, so a typo in a key is an error instead of a default. The one exception is
+# a key added after the book (OPTIONAL_KEYS): a config without it, the book's or an older checkpoint's,
+# means the book's model, and `model_config` writes the book's value in.
 MODEL_KEYS: dict[str, type] = {
     "vocab_size": int,
     "context_length": int,
@@ -23,7 +25,10 @@ MODEL_KEYS: dict[str, type] = {
     "n_layers": int,
     "drop_rate": float,
     "qkv_bias": bool,
+    "tie_embeddings": bool,  # true: out_head.weight is tok_emb.weight, as in GPT-2 (llm.model.GPTModel)
 }
+# Keys the book's config does not have, and the book's value of each: its own out_head.
+OPTIONAL_KEYS: dict[str, Any] = {"tie_embeddings": False}
 
 # Chapter 4's config: GPT-2 small's shape, but untied head, no qkv bias, context 1024.
 GPT_CONFIG_124M: dict[str, Any] = {
@@ -61,6 +66,7 @@ def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(cfg) - set(MODEL_KEYS))
     if unknown:
         raise ConfigError(f"unknown model config key {unknown[0]!r}; allowed: {', '.join(MODEL_KEYS)}")
+    cfg = {**OPTIONAL_KEYS, **cfg}
     missing = [k for k in MODEL_KEYS if k not in cfg]
     if missing:
         raise ConfigError(f"missing model config key {missing[0]!r}")
@@ -87,11 +93,19 @@ def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stored_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config as a checkpoint records it: a key after the book's only where it differs from the
+    book's value. The book's model keeps the book's seven keys in its config.json, as before the key
+    existed, so that code older than it reads the checkpoint too; `model_config` fills the key back in."""
+    return {k: v for k, v in cfg.items() if k not in OPTIONAL_KEYS or v != OPTIONAL_KEYS[k]}
+
+
 def estimate_params(cfg: Mapping[str, Any]) -> int:
     """The parameters of `llm.model.GPTModel(cfg)`, from its config alone (nothing allocated)."""
     v, c, d, n = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
     block = 12 * d * d + 10 * d + (3 * d if cfg["qkv_bias"] else 0)  # attention, feed-forward, two norms
-    return v * d + c * d + n * block + 2 * d + d * v  # embeddings, blocks, final norm, untied head
+    head = 0 if cfg.get("tie_embeddings") else d * v  # a tied head is the token embedding, counted once
+    return v * d + c * d + n * block + 2 * d + head  # embeddings, blocks, final norm, head
 
 
 def mask_bytes(cfg: Mapping[str, Any]) -> int:
@@ -100,18 +114,36 @@ def mask_bytes(cfg: Mapping[str, Any]) -> int:
 
 
 def config_for_weights(
-    weights_cfg: Mapping[str, Any], overrides: Mapping[str, Any], source: str
+    weights_cfg: Mapping[str, Any], overrides: Mapping[str, Any], source: str, head_is_embedding: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
     """The config for training on from weights of config `weights_cfg`, and notes for the user.
 
     `overrides` are the `model.*` keys params.yaml sets. The shape comes from the weights: a shape
     key set there that disagrees is an error, never silently dropped. `drop_rate` applies;
     `context_length` may shrink (the first positions of the position embedding are kept) but not grow.
+    `tie_embeddings` applies where the weights allow it: `head_is_embedding` says whether their head
+    equals their token embedding (GPT-2's does: the book copies wte into out_head). True ties such a
+    head and refuses any other (one of the two matrices would be thrown away); false gives a tied
+    head its own copy, with a note.
     """
     cfg, notes = dict(weights_cfg), []
     shape = ", ".join(f"{k} {weights_cfg[k]}" for k in ("emb_dim", "n_layers", "n_heads", "context_length"))
     notes.append(f"model.init {source}: the shape comes from the weights ({shape}); model.preset is not used")
     for key, value in overrides.items():
+        if key == "tie_embeddings":
+            tied = weights_cfg.get(key, False) or head_is_embedding
+            if value and not tied:
+                raise ConfigError(
+                    f"model.tie_embeddings = true, but {source}'s out_head differs from its tok_emb: tying would "
+                    "throw one of them away; set model.tie_embeddings to false"
+                )
+            if value and not weights_cfg.get(key, False):
+                notes.append(f"model.tie_embeddings: {source}'s head equals its token embedding: they train as one")
+            if not value and tied:
+                notes.append(f"model.tie_embeddings: false: {source}'s head is its token embedding; out_head "
+                             "trains on as a copy of its own (the book)")  # fmt: skip
+            cfg[key] = value
+            continue
         if key in SHAPE_KEYS and value != weights_cfg[key]:
             raise ConfigError(
                 f"model.{key} = {value!r} conflicts with {source}, which has {weights_cfg[key]!r}: "

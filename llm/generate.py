@@ -11,7 +11,8 @@ length, position and settings in a `BatchKVCache`, rows leave as they finish and
 their place between steps. Each row follows `generate`'s steps for its prompt alone; its logits are
 those of a forward of a different shape, equal to rounding (the last bits of a float32 sum depend on
 how the matrix product is split), so a greedy row can differ from `generate`'s where two tokens' logits
-tie to within that rounding (docs/performance.md measures how often: README, Performance).
+tie to within that rounding (how often: docs/performance.md, Many prompts at once). A row alone in the
+batch runs `generate`'s very forwards and gets its logits bit for bit.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The book's LLM-as-judge (chapter 7) through Ollama's HTTP API (`POST /api/chat`).
 
-`judge_responses` keeps up to PARALLEL requests in flight. An Ollama server as it ships answers one request
-per model at a time (`OLLAMA_NUM_PARALLEL` 1) and queues the others: the replies are then those of one
-request after another, and the time saved is only the requests' round trips. Started with
-`OLLAMA_NUM_PARALLEL=4` it decodes them together, faster, and a reply may then differ where two tokens'
-scores tie to within rounding, as a row of `llm.generate.Batch` may.
+`judge_responses` keeps up to PARALLEL requests in flight. How many of them an Ollama server decodes at once
+is its own setting (`OLLAMA_NUM_PARALLEL`): one at a time, the replies are those of one request after
+another and the time saved is only the requests' round trips; several at once, a reply may differ where two
+tokens' scores tie to within rounding, as a row of `llm.generate.Batch` may.
 """
 
 from __future__ import annotations

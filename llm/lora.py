@@ -196,8 +196,17 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer and put the plain `nn.Linear` back, in place (peft's
-    `merge_and_unload`): the model computes what it did, without the adapters' extra matmuls."""
+    `merge_and_unload`): the model computes what it did, without the adapters' extra matmuls.
+
+    A tied model's head (`tie_embeddings`: its weight is the token embedding's) gets its own copy first, and
+    the model's config says untied: merged into the shared matrix, the head's update would change the
+    token embedding too, which the adapter never trained (`LinearWithLoRA.merge()` alone would)."""
     for name, wrapper in lora_layers(model).items():
+        embedding = getattr(getattr(model, "tok_emb", None), "weight", None)
+        if name == "out_head" and wrapper.linear.weight is embedding:
+            weight = wrapper.linear.weight
+            wrapper.linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            model.cfg = {**model.cfg, "tie_embeddings": False}
         wrapper.merge()
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, wrapper.linear)

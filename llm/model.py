@@ -5,8 +5,9 @@ ours load into its code. Underneath, attention runs on `scaled_dot_product_atten
 no T x T score matrix kept for backward), LayerNorm and GELU on their fused kernels, and the
 model accepts a `KVCache` so generation costs one position's work per new token.
 
-The config `GPTModel(cfg)` takes (its seven keys, `GPT_CONFIG_124M`, the presets, `model_config`)
-lives in the torch-free `llm.config`, which the settings parser reads too; importable from here.
+The config `GPTModel(cfg)` takes (the book's seven keys and `tie_embeddings`, `GPT_CONFIG_124M`, the
+presets, `model_config`) lives in the torch-free `llm.config`, which the settings parser reads too;
+importable from here.
 """
 
 from __future__ import annotations
@@ -135,9 +136,6 @@ class BatchKVCache:
         self.lengths: list[int] = []
         self.k = self.v = torch.empty(0, device=device, dtype=dtype)
         self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
     def _reserve(self, rows: int, length: int) -> None:
         """Storage for at least `rows` rows of `length` positions (what is held is kept); each dimension
@@ -336,6 +334,15 @@ class GPTModel(nn.Module):
             block.att.layer_idx = i
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        if cfg["tie_embeddings"]:
+            # Tied (GPT-2's layout, not the book's): one [vocab, emb] matrix embeds the tokens and computes the
+            # logits. Every module above was built as untied, so an untied model draws torch's RNG exactly as
+            # the book's does; tied, the draws are the same and tok_emb's N(0, 1) draw is then dropped. The
+            # shared matrix keeps out_head's init (uniform, bound 1/sqrt(emb_dim)): with N(0, 1) rows the
+            # logits of the first step would have a standard deviation near sqrt(emb_dim) (the final norm's
+            # output has unit variance per feature), a loss far above ln(vocab). The price: token embeddings
+            # start about sqrt(3 * emb_dim) times smaller than the N(0, 1) position embedding.
+            self.tok_emb.weight = self.out_head.weight
         self._head_t: tuple[tuple, torch.Tensor] | None = None  # see _cached_logits; not in state_dict
 
     def forward(
@@ -405,6 +412,13 @@ class GPTModel(nn.Module):
         out = x @ self._head_t[1]
         return out if self.out_head.bias is None else out + self.out_head.bias
 
+    @property
+    def tied(self) -> bool:
+        """Whether the head's weight is the token embedding's Parameter (`tie_embeddings`), looking through
+        a LoRA adapter on the head. A new head (a classifier's) is never tied."""
+        head = getattr(self.out_head, "linear", self.out_head)  # llm.lora.LinearWithLoRA keeps the layer here
+        return head.weight is self.tok_emb.weight
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
@@ -418,11 +432,18 @@ class GPTModel(nn.Module):
         """All parameters, or only those used in matrix multiplies (for 6·N FLOPs/token): every matrix
         but the two embeddings, which are looked up, not multiplied. That is the linear layers'
         weights, and LoRA adapters' A and B once `llm.lora` has added them (the norms' scales and
-        shifts and the biases are vectors)."""
+        shifts and the biases are vectors). A tied head's matrix counts once, as a matmul weight."""
         if not matmul_only:
-            return sum(p.numel() for p in self.parameters())
-        lookups = {id(self.tok_emb.weight), id(self.pos_emb.weight)}
-        return sum(p.numel() for p in self.parameters() if p.dim() == 2 and id(p) not in lookups)
+            return sum(p.numel() for p in self.parameters())  # a tied head's matrix once
+        # By module, not by tensor: a tied head's matrix is tok_emb's too, and the head multiplies by it.
+        seen: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                continue
+            for p in module.parameters(recurse=False):
+                if p.dim() == 2:
+                    seen.add(id(p))
+        return sum(p.numel() for p in self.parameters() if id(p) in seen)
 
 
 def flops_per_token(model: GPTModel, seq_len: int) -> float:

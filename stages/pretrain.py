@@ -123,7 +123,9 @@ def initial_model(params) -> tuple[GPTModel, dict]:
         cfg = params.model.config()
         return GPTModel(cfg), cfg
     model = load_checkpoint(init)
-    cfg, notes = config_for_weights(model.cfg, params.model.overrides(), init)
+    head, emb = model.out_head.weight, model.tok_emb.weight  # GPT-2's head is its embedding (tie_embeddings)
+    same = head is emb or (head.shape == emb.shape and torch.equal(head, emb))
+    cfg, notes = config_for_weights(model.cfg, params.model.overrides(), init, head_is_embedding=same)
     for note in notes:
         print(note)
     if t.max_length > cfg["context_length"]:

@@ -23,7 +23,7 @@ def test_save_and_load_roundtrip(tmp_path):
     out = save_checkpoint(model, tmp_path / "ckpt", extra={"tokens_seen": 123})
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     meta = json.loads((out / CONFIG_NAME).read_text())
-    assert meta["model"] == model.cfg and meta["tokens_seen"] == 123
+    assert meta["model"] == tiny_cfg(qkv_bias=True) and meta["tokens_seen"] == 123  # the book's seven keys
     for path in (out, out / WEIGHTS_NAME):
         loaded = load_checkpoint(path)
         assert not loaded.training
@@ -138,7 +138,7 @@ def test_read_checkpoint_and_checkpoint_meta(tmp_path):
     model = GPTModel(tiny_cfg())
     ckpt = save_checkpoint(model, tmp_path / "c", extra={"instruct": {"prompt_style": "phi3"}})
     meta = checkpoint_meta(ckpt)
-    assert meta == {"format": "llm.GPTModel", "model": model.cfg, "instruct": {"prompt_style": "phi3"}}
+    assert meta == {"format": "llm.GPTModel", "model": tiny_cfg(), "instruct": {"prompt_style": "phi3"}}
     assert checkpoint_meta(ckpt / WEIGHTS_NAME) == meta  # a weights file finds the config beside it
     checkpoint = read_checkpoint(ckpt)
     assert (checkpoint.cfg, checkpoint.meta, checkpoint.source) == (model.cfg, meta, ckpt / WEIGHTS_NAME)
@@ -163,14 +163,15 @@ def test_a_classifier_head_loads_only_when_asked(tmp_path):
 
 
 def test_checkpoint_files_keep_their_bytes(tmp_path):
-    """The writer's output is pinned: config.json's text, and safetensors with the masks left out."""
+    """The writer's output is pinned: config.json's text (an untied model's: the book's seven keys, as before
+    model.tie_embeddings), and safetensors with the masks left out."""
     from safetensors import safe_open
 
     from llm.model import MASK_SUFFIX
 
     model = GPTModel(tiny_cfg(n_layers=1))
     ckpt = save_checkpoint(model, tmp_path / "c", extra={"training": {"tokens_seen": 7}})
-    cfg = ",\n".join(f'    "{k}": {json.dumps(v)}' for k, v in model.cfg.items())
+    cfg = ",\n".join(f'    "{k}": {json.dumps(v)}' for k, v in tiny_cfg(n_layers=1).items())
     expected = f'{{\n  "format": "llm.GPTModel",\n  "model": {{\n{cfg}\n  }},\n  "training": {{\n'
     expected += '    "tokens_seen": 7\n  }\n}\n'
     assert (ckpt / CONFIG_NAME).read_text() == expected

@@ -82,6 +82,7 @@ def test_logits_and_greedy_text_equal_transformers(tmp_path, shape, layout):
         "n_layers": layers,
         "drop_rate": 0.0,
         "qkv_bias": True,
+        "tie_embeddings": False,  # GPT-2's head is its wte; read in the book's layout: a copy of its own
     }
     ids = torch.randint(0, vocab, (2, context))
     assert (our_logits(model, ids) - hf_logits(ref, ids)).abs().max() <= 1e-4
@@ -124,9 +125,7 @@ def test_from_hf_converts_a_state_dict_and_its_config(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, qkv_bias, tied):
     torch.manual_seed(1)
-    model = GPTModel(tiny_cfg(vocab_size=211, qkv_bias=qkv_bias, n_heads=3, emb_dim=27)).eval()
-    if tied:
-        model.out_head.weight = model.tok_emb.weight
+    model = GPTModel(tiny_cfg(vocab_size=211, qkv_bias=qkv_bias, n_heads=3, emb_dim=27, tie_embeddings=tied)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -136,6 +135,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, qkv_bias, tied
     ids = torch.randint(0, 211, (2, 24))
     assert (hf_logits(ref, ids) - our_logits(model, ids)).abs().max() <= 1e-4
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
+    saved = load_file(out / "model.safetensors")
+    assert ("lm_head.weight" in saved) is not tied  # tied: the matrix once, as wte, as GPT-2's files hold it
     again = load_checkpoint(out)  # and back: our loader reads what it wrote
     assert (our_logits(again, ids) - our_logits(model, ids)).abs().max() == 0
 

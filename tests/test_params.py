@@ -134,6 +134,8 @@ def test_preset_and_overrides():
         ("train.max_length", 512, "train.max_length (512) must be <= the model's context_length (256)"),
         ("model.preset", "gpt5", "model.preset must be one of mini, gpt-config-124m, gpt2-small"),
         ("model.n_heads", 5, "divisible"),
+        ("model.tie_embeddings", "maybe", "model.tie_embeddings must be"),
+        ("model.tie_embeddings", None, "model.tie_embeddings must be"),
         ("train.precision", "fp16", "train.precision must be one of fp32, bf16-mixed; got 'fp16'"),
         ("train.lr_schedule", "linear", "train.lr_schedule must be one of constant, cosine; got 'linear'"),
         ("finetune_dpo.optimizer", "sgd", "finetune_dpo.optimizer must be one of adamw, muon; got 'sgd'"),

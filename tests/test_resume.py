@@ -47,9 +47,9 @@ def datasets(train_ids=None):
     return TokenWindowDataset(train_ids, 8, 8), TokenWindowDataset(token_ids(41, 1), 8, 8)
 
 
-def starting_model(seed=7):
+def starting_model(seed=7, tied=False):
     torch.manual_seed(seed)
-    return GPTModel(CFG)
+    return GPTModel({**CFG, "tie_embeddings": tied})
 
 
 def draw_at_epoch_end(model, epoch):
@@ -96,13 +96,13 @@ def outcome(model, history, rng):
 _FULL = {}
 
 
-def uninterrupted(accum):
+def uninterrupted(accum, tied=False):
     """The reference: a run with no state file at all."""
-    if accum not in _FULL:
-        trainer = make_trainer(settings(grad_accum_steps=accum))
+    if (accum, tied) not in _FULL:
+        trainer = make_trainer(settings(grad_accum_steps=accum), model=starting_model(tied=tied))
         history = trainer.fit()
-        _FULL[accum] = outcome(trainer.model, history, torch.get_rng_state())
-    return _FULL[accum]
+        _FULL[accum, tied] = outcome(trainer.model, history, torch.get_rng_state())
+    return _FULL[accum, tied]
 
 
 def assert_same(got, expected):
@@ -148,6 +148,24 @@ def test_resume_after_any_step_is_bit_identical(tmp_path, accum, how, k):
     assert calls["n"] == n - k  # no step done twice
     assert messages[0].startswith(f"resuming from {state}") and f"step {k}" in messages[0]
     assert_same(outcome(model, history, torch.get_rng_state()), expected)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_a_tied_model_resumes_bit_identical(tmp_path, k):
+    """model.tie_embeddings: the one matrix of head and embedding, and its optimizer state, resume bit for bit."""
+    expected = uninterrupted(1, tied=True)
+    state, s = tmp_path / "state.pt", settings()
+    first = make_trainer(s, state, model=starting_model(tied=True))
+    count_steps(first, at=k, action="stop")
+    with pytest.raises(TrainingInterrupted, match=f"interrupted at step {k}"):
+        first.fit()
+    model = starting_model(tied=True)
+    torch.manual_seed(12345)
+    second = make_trainer(s, state, model=model)
+    history = second.fit()
+    assert model.tied
+    assert_same(outcome(model, history, torch.get_rng_state()), expected)
+    assert not torch.equal(expected[0]["out_head.weight"], uninterrupted(1)[0]["out_head.weight"])  # not the untied run
 
 
 # --- 1. the resume state outlives the outputs' writes -----------------------------------------------

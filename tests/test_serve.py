@@ -416,6 +416,17 @@ def test_requests_at_once_are_decoded_together_each_as_it_is_alone(models, ckpt,
     assert max(rows) == 12 and len(rows) < sum(b["max_tokens"] for b in bodies)  # together, not in turn
 
 
+def test_by_default_32_requests_decode_together_and_32_wait():
+    """A class of twenty fits in one batch: the command's defaults are the app's (`Limits`)."""
+    from llm.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert (args.max_active, args.max_batch, args.max_queue) == (32, 32, 32)
+    assert (Limits().max_active, Limits().max_batch, Limits().max_queue) == (32, 32, 32)
+    scheduler = create_app({}).state.scheduler
+    assert (scheduler.max_active, scheduler.max_batch, scheduler.max_queue) == (32, 32, 32)
+
+
 def test_max_batch_bounds_the_rows_of_a_step(models, ckpt, monkeypatch):
     """`--max-batch 2`: five requests at once take turns two rows at a time, each still its text alone."""
     rows = _rows_per_step(monkeypatch)

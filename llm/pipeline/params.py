@@ -102,6 +102,9 @@ class ModelParams(Settings):
     n_layers: int | None = Field(None, gt=0)
     drop_rate: float | None = Field(None, ge=0, lt=1)
     qkv_bias: bool | None = None
+    tie_embeddings: bool = False
+    """false: the head is a matrix of its own (the book); true: out_head.weight is tok_emb.weight, as in
+    GPT-2. From weights, true needs a head equal to their embedding (GPT-2's); false unties a tied one."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelParams:

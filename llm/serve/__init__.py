@@ -14,8 +14,9 @@ Concurrency: a fair queue and continuous batching (`llm.serve.scheduler`). Every
 worker thread, first in, first out. The requests generating with one model are the rows of that model's
 batch (`llm.generate.Batch`): one step gives every row its next token in one forward, new requests join
 between steps (their prompts prefilled together) and finished ones leave, so N requests stream at once
-for little more than the cost of one. A classification step (a batch of 32 messages) and other models'
-steps queue between a batch's steps, so a long list to classify does not hold back a short completion.
+and share the cost of each step (16 clients get 3.8x the tokens/s of one: docs/serving.md, Under load).
+A classification step (a batch of 32 messages) and other models' steps queue between a batch's steps,
+so a long list to classify does not hold back a short completion.
 Each row follows `llm generate`'s steps for its prompt alone, with its own settings and seed: a lone request
 gets `llm generate`'s very logits; among others, its logits are equal to rounding, so a greedy answer can
 differ from `llm generate`'s where two tokens tie to within that rounding (measured: docs/performance.md).
