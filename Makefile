@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m bench.bench_train
 	$(BIN)/python -m bench.bench_generate
 	$(BIN)/python -m bench.bench_tokenize
+	$(BIN)/python -m bench.bench_recipes
 
 # One CUDA GPU: training and generation throughput at GPT_CONFIG_124M (bench/gpu_check.sh; exits 2 without CUDA).
 gpu-check: install
