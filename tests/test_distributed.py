@@ -39,12 +39,12 @@ B = 2  # the per-process batch; one process trains at 2 * B
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-4
 
 
-def settings(batch_size, compile=False):
+def settings(batch_size, compile=False, optimizer="adamw"):
     """16 windows = 2 steps of 2 x 4 examples per epoch, 2 epochs; accumulation, a schedule and clipping."""
     return LoopSettings(
         seed=7, num_epochs=2, batch_size=batch_size, lr=5e-3, weight_decay=0.1, eval_freq=1, eval_iter=2,
         warmup_steps=1, lr_schedule="cosine", min_lr=1e-4, grad_clip=1.0, grad_accum_steps=2,
-        precision="fp32", device="cpu", checkpoint_every=1, compile=compile,
+        precision="fp32", device="cpu", checkpoint_every=1, compile=compile, optimizer=optimizer,
     )  # fmt: skip
 
 
@@ -55,7 +55,7 @@ def datasets():
     return train, val
 
 
-def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=None, compile=False):
+def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=None, compile=False, optimizer="adamw"):
     """(history, final weights, trainer) of a run; its resume state (`state`, or in `out_dir`) and curve
     go to `out_dir`. `stop_after`: rank 0 asks to stop once step `stop_after` is recorded, as a signal
     would; the run then ends with TrainingInterrupted and its resume state saved (history None)."""
@@ -72,7 +72,7 @@ def train(batch_size, out_dir, drop_rate=0.0, stop_after=None, state=None, log=N
         if h.step[-1] == stop_after:
             trainer.request_stop()
 
-    s = settings(batch_size, compile)
+    s = settings(batch_size, compile, optimizer)
     trainer = Trainer(
         model, make_loaders(train_set, val_set, s), s, state_path=state or os.path.join(out_dir, "state.pt"),
         run_id="ddp", on_record=on_record, progress=False, log=(log.append if log is not None else lambda m: None),
@@ -109,6 +109,12 @@ def compiled(rank, tmp):
     """The shards scenario's run with `compile`, on a backend that needs no C++ compiler (see test_trainer.py)."""
     torch.compile = functools.partial(torch.compile, backend="aot_eager")
     history, weights, _ = train(B, os.path.join(tmp, "compiled", f"rank{rank}"), compile=True)
+    return {"history": history.__dict__, "weights": weights}
+
+
+def muon(rank, tmp):
+    """The shards scenario's run with `optimizer: muon` (Muon for the blocks' matrices, AdamW for the rest)."""
+    history, weights, _ = train(B, os.path.join(tmp, "muon", f"rank{rank}"), optimizer="muon")
     return {"history": history.__dict__, "weights": weights}
 
 
@@ -153,6 +159,7 @@ def uninterrupted(drop_rate):
 SCENARIOS = {
     "shards": shards,
     "compiled": compiled,
+    "muon": muon,
     "rng": first_forward_rng,
     "stop": interrupted(0.0),
     "resume-1": resumed(0.0, "one-state.pt"),
@@ -214,6 +221,15 @@ def test_compile_composes_with_ddp(two_processes):
             assert torch.allclose(compiled_rank["weights"][name], w, rtol=0, atol=WEIGHT_TOLERANCE), name
     state = torch.load(tmp / "compiled" / "rank0" / "state.pt", weights_only=True)
     assert not any("_orig_mod" in key or "module." in key for key in state["model"])
+
+
+def test_muon_on_two_processes_trains_like_one_at_twice_the_batch(tmp_path):
+    """`train.optimizer: muon` under DDP: the ranks' averaged gradients give every rank Muon's same update,
+    as one process at twice the batch."""
+    (rank0, rank1) = spawn(tmp_path, "muon")["muon"]
+    history, weights, _ = train(2 * B, tmp_path / "one-muon", optimizer="muon")
+    for r in (rank0, rank1):
+        same_run(r, history, weights)
 
 
 def test_shards_are_disjoint_equal_and_cover_the_epoch(two_processes):
