@@ -20,7 +20,7 @@ pipeline's loop (`llm.trainer.Trainer`) on the same windows of the same split:
 - the machine: runtime.threads (2) torch threads; the load average before and after each run is in the
   report: a number measured beside another job says so.
 
-    .venv/bin/python -m bench.bench_recipes                        # every recipe, 300 s budget
+    .venv/bin/python -m bench.bench_recipes                        # every recipe, 180 s budget
     .venv/bin/python -m bench.bench_recipes --recipes book,fast --budget 600
     .venv/bin/python -m bench.bench_recipes --target 5.9 --recipes muon   # against a known target
 
@@ -66,22 +66,27 @@ BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 # The single changes come first (the ablation), then `fast`, the recipe this benchmark chose: what paid.
 RECIPES: dict[str, dict[str, object]] = {
     "book": {},
-    "cosine": {"train.warmup_steps": 50, "train.lr_schedule": "cosine", "train.min_lr": 4e-5, "train.max_steps": 800},
-    "lr+batch": {"train.batch_size": 8, "train.lr": 2e-3},
+    "cosine": {"train.lr": 1e-3, "train.warmup_steps": 20, "train.lr_schedule": "cosine", "train.min_lr": 1e-4,
+               "train.max_steps": 390},
+    "lr+batch": {"train.batch_size": 8, "train.lr": 2e-3, "train.warmup_steps": 20, "train.lr_schedule": "cosine",
+                 "train.min_lr": 2e-4, "train.max_steps": 100},
     "bf16": {"train.precision": "bf16-mixed"},
+    "no dropout": {"model.drop_rate": 0.0},
     "tied": {"model.tie_embeddings": True},
     "muon": {"train.optimizer": "muon"},
     "compile": {"train.compile": True},
     "fast": {
         "train.batch_size": 8,
+        "train.optimizer": "muon",
         "train.lr": 2e-3,
         "train.warmup_steps": 20,
         "train.lr_schedule": "cosine",
         "train.min_lr": 2e-4,
-        "train.max_steps": 150,
+        "train.max_steps": 120,
         "train.precision": "bf16-mixed",
+        "model.drop_rate": 0.0,
     },
-}
+}  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -279,7 +284,7 @@ def summarize(runs: list[dict], target: float, bpb: float) -> tuple[list[list[st
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=300.0, help="training seconds of the book's recipe (default 300)")
+    ap.add_argument("--budget", type=float, default=180.0, help="training seconds of the book's recipe (default 180)")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (book first sets the target)")
     ap.add_argument("--replicates", type=int, default=3, help="seeds (runtime.replicate 0..N-1) of --replicated")
     ap.add_argument("--replicated", default="book,fast", help="the recipes run under every seed; others under one")
