@@ -47,7 +47,7 @@ class History:
     total_tokens: int = 0
     total_examples: int = 0
     train_seconds: float = 0.0  # wall time of the loop, evaluations included
-    eval_seconds: float = 0.0  # of which in evaluations (and the hooks after them)
+    eval_seconds: float = 0.0  # of which in evaluations (bench/bench_recipes.py counts training without them)
 
     def record(self, step: int, epoch: int, train_loss: float, val_loss: float, lr: float, extra: dict) -> None:
         """An evaluation point: the losses and extra metrics at `step`, with the totals so far."""
