@@ -1,7 +1,5 @@
 """Profiles (llm/pipeline/profiles.py, profiles/*.yaml): each is valid params over the committed params.yaml,
-becomes `-S` arguments that DVC reads back as the same values, and a bad one is one line. That each runs
-under DVC is tests/test_pipeline.py's (test_the_quick_profile_runs_the_whole_pipeline,
-test_the_shakespeare_profile_pretrains_on_tinyshakespeare)."""
+becomes `-S` arguments that read back as the same values, and a bad one is one line."""
 
 import shlex
 import subprocess
