@@ -403,4 +403,3 @@ def test_an_experiment_with_two_processes_is_recorded_like_any_other(repo):
     finally:
         sh(["git", "checkout", "-q", "--", "."], path, env)
         sh(["dvc", "checkout", "-q", "-f"], path, env)
-
