@@ -41,7 +41,7 @@ import yaml
 from llm.errors import LLMError, report_error
 from llm.pipeline.compare import load_gates
 from llm.pipeline.prcomment import write_comment
-from llm.pipeline.profiles import parse_set, with_profile  # noqa: F401 (parse_set: the CLI's -S check)
+from llm.pipeline.profiles import with_profile
 from llm.pipeline.validate import parse_yaml, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
