@@ -2,12 +2,17 @@
 evaluations around the target, every recipe is valid params (a `dvc exp run -S` line), the seeds' spread
 decides "beyond the spread", and a recipe trains with the pipeline's loop on the given windows."""
 
+import json
+
 import numpy as np
 import pytest
 
 from bench import bench_recipes as br
+from bench import sweep_recipes as sweep
 from llm.data import TokenWindowDataset
 from llm.pipeline.profiles import parse_set
+from llm.pipeline.validate import read_yaml
+from tests.conftest import ROOT
 
 
 def curve(*points):
@@ -67,3 +72,35 @@ def test_a_recipe_trains_on_the_windows_until_its_budget_or_max_steps():
     steps = [p["step"] for p in out["curve"]]
     assert steps == [0, 1, 2, 3] and out["curve"][-1]["tokens"] == 3 * 2 * 256
     assert all(p["seconds"] >= 0 for p in out["curve"]) and out["curve"][-1]["val_loss"] < 11.5
+
+
+def test_the_shakespeare_profile_trains_with_the_fast_recipe():
+    """docs/recipes.md: the Shakespeare profile is the benchmark's fast recipe on tinyshakespeare."""
+    profile = read_yaml(ROOT / "profiles" / "shakespeare.yaml")
+    flat = {f"{section}.{key}": value for section, values in profile.items() for key, value in values.items()}
+    assert {key: flat.get(key) for key in br.RECIPES["fast"]} == br.RECIPES["fast"]
+    assert flat["data.corpus"] == ["tinyshakespeare"]
+
+
+def test_the_fast_recipe_is_the_sweeps_chosen_candidate():
+    """bench/sweep_recipes.py is how `fast` was chosen: its candidates are valid params and `fast` is one of them."""
+    for sets in sweep.CANDIDATES.values():
+        br.recipe_params(sets)
+    assert sweep.CANDIDATES["b4-muon-6e-3"] == br.RECIPES["fast"]
+
+
+def test_the_sweep_report_is_rebuilt_from_its_records_and_a_rerun_replaces_the_earlier_one(tmp_path):
+    def record(name, final):
+        points = curve((0, 0, 11.0), (30, 50_000, 6.0), (60, 100_000, final))
+        return {"name": name, "sets": sweep.CANDIDATES[name], "curve": points, "load": (2.0, 2.0),
+                "tokens_per_sec": 1500.0, "date": "2026-12-07"}  # fmt: skip
+
+    jsonl = tmp_path / "sweep.jsonl"
+    lines = [record("b4-muon-6e-3", 5.9), record("b2-adamw-1e-3", 5.8), record("b4-muon-6e-3", 5.0)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    text = sweep.main(["--report-only", "--jsonl", str(jsonl), "--target", "5.5"])
+    rows = [line for line in text.splitlines() if line.startswith("| b")]
+    assert [row.split(" | ")[0] for row in rows] == ["| b2-adamw-1e-3", "| b4-muon-6e-3"]  # the sweep's order
+    assert rows[0].split(" | ")[1] == "not reached"
+    assert rows[1].split(" | ")[1] == "75,000" and "-S train.lr=0.006" in rows[1]  # the rerun's curve
+    assert (tmp_path / "sweep.md").read_text() == text
