@@ -73,3 +73,14 @@ def test_a_bad_profile_is_one_line_naming_its_file_and_key(tmp_path, text, messa
     with pytest.raises((ConfigError, LLMError), match=message) as info:
         load_profile("bad", tmp_path)
     assert "\n" not in str(info.value) and "bad.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [["quick", "--run", "--", "-n", "q1"], ["--run", "quick", "--", "-n", "q1"]])
+def test_run_runs_the_line_with_dvcs_own_arguments_after_the_separator(argv, monkeypatch):
+    """docs/recipes.md's `profiles quick --run -- -n quick`: --run is the script's, what follows `--` dvc's."""
+    from llm.pipeline import profiles
+
+    ran = []
+    monkeypatch.setattr(profiles.subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert profiles.main(argv) == 0
+    assert ran == [dvc_command("quick", ROOT, ["-n", "q1"])] and "--run" not in ran[0]

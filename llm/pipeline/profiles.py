@@ -111,12 +111,13 @@ def dvc_command(name: str, root: str | Path = ".", extra: list[str] = ()) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = OneLineParser(prog="profiles", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else argv
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    ap = OneLineParser(prog="profiles", usage="%(prog)s NAME [--run] [-- DVC_EXP_RUN_ARGS...]", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("name", help=f"a profile in {PROFILES}/ ({', '.join(profile_names()) or 'none here'})")
     ap.add_argument("--run", action="store_true", help="run the line instead of printing it")
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: dvc exp run's own arguments")
-    args = ap.parse_args(argv)
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    args = ap.parse_args(own)  # what follows `--` is dvc exp run's own: a target stage, -n NAME, more -S
     try:
         command = dvc_command(args.name, extra=extra)
     except LLMError as exc:
