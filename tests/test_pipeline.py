@@ -403,3 +403,41 @@ def test_an_experiment_with_two_processes_is_recorded_like_any_other(repo):
     finally:
         sh(["git", "checkout", "-q", "--", "."], path, env)
         sh(["dvc", "checkout", "-q", "-f"], path, env)
+
+
+def test_the_quick_profile_runs_the_whole_pipeline(repo):
+    """docs/recipes.md: `python -m llm.pipeline.profiles quick --run` is one `dvc exp run` of every stage with
+    the profile's values, recorded like any experiment's."""
+    path, env = repo
+    try:
+        out = sh([sys.executable, "-m", "llm.pipeline.profiles", "quick", "--run", "--", "-n", "quick"], path, env)
+        for stage in ("pretrain", "eval", "finetune_spam", "finetune_instruct", "finetune_dpo", "report"):
+            assert f"Running stage '{stage}'" in out.stdout, stage  # runtime.threads 2: every model stage reruns
+        assert "Data and pipelines are up to date" in sh(["dvc", "status"], path, env).stdout
+        shown = json.loads(sh(["dvc", "exp", "show", "--json"], path, env).stdout)
+        runs = [rev for rev in shown for exp in rev.get("experiments") or [] if exp.get("name") == "quick"]
+        assert runs, shown
+        params = yaml.safe_load((path / "params.yaml").read_text())
+        quick = yaml.safe_load((ROOT / "profiles/quick.yaml").read_text())
+        assert all(params[s][k] == v for s, values in quick.items() for k, v in values.items())
+    finally:
+        sh(["git", "checkout", "-q", "--", "."], path, env)
+        sh(["dvc", "checkout", "-q"], path, env)
+
+
+def test_the_shakespeare_profile_pretrains_on_tinyshakespeare(repo):
+    """The Shakespeare profile's line, cut to a few steps (`-S train.max_steps=3` after it), runs pretraining
+    on tinyshakespeare's tokens and evaluates the model: a later -S wins over the profile's."""
+    path, env = repo
+    args = ["shakespeare", "--run", "--", "eval", "-n", "bard", "-S", "train.max_steps=3", "-S", "train.eval_freq=1"]
+    try:
+        sh([sys.executable, "-m", "llm.pipeline.profiles", *args], path, env)
+        prepared = json.loads((path / "metrics/prepare_text.json").read_text())
+        assert prepared["train"]["tokens"] + prepared["val"]["tokens"] > 300_000, prepared  # 338,025 GPT-2 tokens
+        pretrain = json.loads((path / "metrics/pretrain.json").read_text())
+        assert pretrain["steps"] == 3 and pretrain["tokens_seen"] == 3 * 4 * 64  # the profile's batch of 4
+        params = yaml.safe_load((path / "params.yaml").read_text())
+        assert params["data"]["corpus"] == ["tinyshakespeare"] and params["train"]["precision"] == "bf16-mixed"
+    finally:
+        sh(["git", "checkout", "-q", "--", "."], path, env)
+        sh(["dvc", "checkout", "-q"], path, env)
