@@ -26,7 +26,7 @@ pipeline's loop (`llm.trainer.Trainer`) on the same windows of the same split:
 
 Writes bench/results/recipes.md (the tables, samples of the book's and the fast recipe's models),
 recipes.csv (every evaluation of every recipe) and recipes.png (the curves), and rewrites the record
-table in docs/training.md between its `recipes` markers.
+table in docs/recipes.md between its `recipes` markers. `fast-10min` (the stretch) runs only when named.
 """
 
 from __future__ import annotations
