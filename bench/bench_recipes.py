@@ -65,11 +65,10 @@ BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 # Each recipe: the `-S` values it sets over params.yaml. `book` sets nothing: the faithful default.
 # The single changes come first (the ablation), then `fast`, what paid put together: batch 4, Muon at its own
 # lr with warmup and a cosine decay, bf16, no dropout (docs/recipes.md "What paid"), chosen by measurement.
-FAST_LR = 6e-3  # the middle of 3e-3..8e-3, which reached the target in the same tokens (bench/results/recipes_sweep.md)
 FAST = {
     "train.batch_size": 4,
     "train.optimizer": "muon",
-    "train.lr": FAST_LR,
+    "train.lr": 6e-3,  # the middle of 3e-3..8e-3, which reach the target in the same tokens (recipes_sweep.md)
     "train.warmup_steps": 10,
     "train.lr_schedule": "cosine",
     "train.min_lr": 6e-4,
@@ -115,6 +114,12 @@ def shakespeare(train_ratio: float = 0.9) -> tuple[np.ndarray, np.ndarray, int]:
     ids = [np.array(tokenizer.encode(part, allowed_special={"<|endoftext|>"}), dtype=np.uint16)
            for part in (text[:split], text[split:])]  # fmt: skip
     return ids[0], ids[1], len(text[split:].encode("utf-8"))
+
+
+def windows(ids: np.ndarray) -> TokenWindowDataset:
+    """The windows every recipe trains and is evaluated on: train.max_length tokens, stride the same."""
+    window = recipe_params({}).train.max_length
+    return TokenWindowDataset(ids, window, window)
 
 
 def recipe_params(sets: dict[str, object]):
@@ -312,8 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench_recipes: the book's recipe runs first to set the target (or pass --target)")
     keep_freed_memory()
     train_ids, val_ids, val_bytes = shakespeare()
-    window = recipe_params({}).train.max_length
-    train_set, val_set = TokenWindowDataset(train_ids, window, window), TokenWindowDataset(val_ids, window, window)
+    train_set, val_set = windows(train_ids), windows(val_ids)
     log(f"tinyshakespeare: {len(train_ids):,} train / {len(val_ids):,} val tokens, {len(val_set)} val windows")
     bpb = len(val_ids) / val_bytes / math.log(2)  # nats per token -> bits per byte
     runs, target = [], args.target

@@ -3,7 +3,8 @@
 bench_recipes.py times a few recipes against the book's in one run; this script is how `fast` was chosen.
 Each candidate is bf16 and no dropout (both paid alone) with warmup and a cosine decay to a tenth of its lr
 over about 184,000 tokens, and varies the batch (2, 4, 8), the optimizer (AdamW, Muon) and the lr. One seed
-each. The comparison is in tokens to the target (the book's worst seed's loss after 180 s, 5.6795 by default),
+each. The comparison is in tokens to the target (the book's worst seed's loss after 180 s in the bench_recipes run
+the sweep followed, 5.6795 by default),
 which another job on the cores does not move; the seconds and tokens/s are given too, and the load says how
 far to trust them. Candidates run one after another and each appends its curve to a JSON-lines file, so a
 sweep can be stopped and extended; the report is rebuilt from that file:
@@ -70,7 +71,8 @@ def report(records: list[dict], target: float) -> str:
     return "\n".join([
         "# The search for the fast recipe (bench/sweep_recipes.py)",
         "",
-        f"- target: {target:.4f} nats per token (the book's recipe after 180 s, its worst seed: recipes.md)",
+        f"- target: {target:.4f} nats per token: the book's recipe after 180 s, its worst seed, in the bench_recipes "
+        "run the sweep followed (recipes.md holds the latest run's target)",
         f"- {', '.join(sorted({r['date'] for r in records}))}; {br.cpu_name()}, 2 cores, the bench's 2 torch threads",
         "- one seed each; tinyshakespeare, the model, windows and evaluation of bench_recipes.py; read the tokens "
         "to target (what the load does not move) before the seconds",
@@ -92,14 +94,11 @@ def main(argv: list[str] | None = None) -> str:
     if unknown:
         raise SystemExit(f"sweep_recipes: unknown candidate {unknown[0]!r}; known: {', '.join(CANDIDATES)}")
     if not args.report_only:
-        from llm.data import TokenWindowDataset
         from llm.runtime import keep_freed_memory
 
         keep_freed_memory()
         train_ids, val_ids, _ = br.shakespeare()
-        window = br.recipe_params({}).train.max_length
-        train_set = TokenWindowDataset(train_ids, window, window)
-        val_set = TokenWindowDataset(val_ids, window, window)
+        train_set, val_set = br.windows(train_ids), br.windows(val_ids)
         for name in names:
             run = br.train_recipe(name, CANDIDATES[name], train_set, val_set, args.budget, 16_384)
             record = {k: run[k] for k in ("name", "sets", "curve", "load", "tokens_per_sec")}
